@@ -1,0 +1,160 @@
+"""``nestopt overhead``: what one optimizer step costs, as a ratio to torch's fastest.
+
+The model is synthetic: ``n_params`` parameters laid out as square 1024x1024 weight matrices with
+bias vectors (the last matrix trimmed to hit the count), gradients drawn once and kept fixed, so
+only ``optimizer.step()`` is timed. The references, ``AdamW(fused=True)`` and ``SGD(foreach=True)``,
+are measured in the same process, interleaved with the others round by round; each number is the
+median over rounds of the mean step time in a round.
+
+Memory: ``state floats/param`` counts the optimizer's state tensors (what a checkpoint carries);
+``peak MB`` is the growth of the process's peak memory during the steps: on CUDA
+``torch.cuda.max_memory_allocated``; on CPU the kernel's resident high-water mark, reset before
+each optimizer (Linux; ``-`` where that is not available).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..optim import registry as opt_registry
+
+REFERENCES: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
+    "torch AdamW(fused=True)": lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True),
+    "torch SGD(foreach=True)": lambda p: torch.optim.SGD(p, lr=1e-3, foreach=True),
+}
+
+
+@dataclass
+class Row:
+    name: str
+    ms: float
+    state_floats_per_param: float
+    peak_mb: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "ms_per_step": self.ms, "state_floats_per_param": self.state_floats_per_param,
+                "peak_mb": self.peak_mb}
+
+
+def synthetic_params(n_params: int, device: str = "cpu", seed: int = 0) -> list[torch.Tensor]:
+    """Parameters (with ``.grad`` filled) totalling exactly ``n_params`` elements."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    shapes: list[tuple[int, ...]] = []
+    left = n_params
+    while left > 0:
+        if left >= 1024 * 1024 + 1024:
+            shapes += [(1024, 1024), (1024,)]
+            left -= 1024 * 1024 + 1024
+        else:
+            shapes.append((left,))
+            left = 0
+    params = []
+    for shape in shapes:
+        p = torch.randn(shape, generator=g).mul_(0.02).to(device).requires_grad_()
+        p.grad = torch.randn(shape, generator=g).mul_(1e-3).to(device)
+        params.append(p)
+    return params
+
+
+def _state_elems(opt: torch.optim.Optimizer) -> int:
+    return sum(v.numel() for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.numel() > 1)
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(field)
+
+
+def _fix_malloc() -> None:
+    """Ask glibc to return freed blocks above 64 KB to the system, so peak RSS per optimizer is
+    not hidden by memory freed by the one before (no effect outside glibc)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: also turns off its dynamic growth
+    except (OSError, AttributeError):
+        pass
+
+
+def measure(names: Sequence[str] | None = None, n_params: int = 10_000_000, steps: int = 10, rounds: int = 3,
+            warmup: int = 3, device: str = "cpu") -> list[Row]:
+    """Rows for the references and each registered optimizer in ``names`` (default: all)."""
+    _fix_malloc()
+    builders: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = dict(REFERENCES)
+    losses: dict[str, bool] = {}
+    for n in (opt_registry.names() if names is None else names):
+        spec = opt_registry.get(n)
+        builders[n] = lambda p, spec=spec: spec.make(p)
+        losses[n] = spec.needs_loss
+    base = synthetic_params(n_params, device)
+    cuda = device.startswith("cuda")
+    loss_value = torch.tensor(1.0, device=device)
+    times: dict[str, list[float]] = {n: [] for n in builders}
+    state: dict[str, float] = {}
+    peaks: dict[str, float | None] = {}
+    for rnd in range(rounds):
+        for name, build in builders.items():
+            params = [p.detach().clone().requires_grad_() for p in base]
+            for p, b in zip(params, base):
+                p.grad = b.grad.clone()
+            gc.collect()
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+            have_peak = (not cuda) and _reset_peak()
+            rss0 = _rss_kb("VmRSS") if have_peak else 0
+            opt = build(params)
+            closure = (lambda: loss_value) if losses.get(name) else None
+            for _ in range(warmup if rnd == 0 else 1):
+                opt.step(closure) if closure else opt.step()
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                opt.step(closure) if closure else opt.step()
+            if cuda:
+                torch.cuda.synchronize()
+            times[name].append(1e3 * (time.perf_counter() - t0) / steps)
+            if rnd == 0:
+                state[name] = _state_elems(opt) / n_params
+                if cuda:
+                    peaks[name] = (torch.cuda.max_memory_allocated() - before) / 2**20
+                elif have_peak:
+                    peaks[name] = (_rss_kb("VmHWM") - rss0) / 1024
+                else:
+                    peaks[name] = None
+            del opt, params
+    return [Row(n, statistics.median(times[n]), state[n], peaks[n]) for n in builders]
+
+
+def format_table(rows: list[Row], n_params: int, device: str) -> str:
+    ref = {r.name: r.ms for r in rows}
+    adamw, sgd = ref["torch AdamW(fused=True)"], ref["torch SGD(foreach=True)"]
+    out = [f"optimizer step on a synthetic {n_params / 1e6:g}M-parameter model ({device}, "
+           f"{torch.get_num_threads()} threads)",
+           f"{'optimizer':28s} {'ms/step':>9s} {'x AdamW(fused)':>15s} {'x SGD(foreach)':>15s} "
+           f"{'state floats/param':>19s} {'peak MB':>8s}"]
+    for r in rows:
+        peak = "-" if r.peak_mb is None else f"{r.peak_mb:.0f}"
+        out.append(f"{r.name:28s} {r.ms:9.2f} {r.ms / adamw:15.2f} {r.ms / sgd:15.2f} "
+                   f"{r.state_floats_per_param:19.2f} {peak:>8s}")
+    return "\n".join(out)

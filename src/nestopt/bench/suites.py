@@ -1,0 +1,61 @@
+"""Benchmark suites and the job plan.
+
+``quick`` (a few minutes on 2 cores): seven tasks, 2 seeds. ``full``: every registered task,
+3 seeds. Both run every available optimizer; tuned baselines over their whole grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .. import tasks as task_registry
+from .._checks import check_int, unknown_name
+from ..optim import registry as opt_registry
+from .runner import Job
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    tasks: tuple[str, ...]
+    seeds: int
+
+
+SUITES: dict[str, Suite] = {
+    "quick": Suite("quick", ("quad-asym", "quad-cond1e2", "rosenbrock", "digits-logreg", "digits-mlp",
+                             "diabetes-mlp", "trading-multihorizon"), seeds=2),
+    "full": Suite("full", tuple(task_registry.names()), seeds=3),
+}
+
+
+def suite(name: str) -> Suite:
+    if name not in SUITES:
+        raise unknown_name("suite", name, SUITES)
+    return SUITES[name]
+
+
+def plan(tasks: Sequence[str], optimizers: Sequence[str], seeds: int, steps: int | None = None) -> list[Job]:
+    """All jobs for the given tasks and optimizers. ``adamw`` is always added (it sets the
+    targets); a tuned optimizer runs its whole grid; ``steps`` overrides every task's budget."""
+    check_int("seeds", seeds, lo=1)
+    if steps is not None:
+        check_int("steps", steps, lo=1)
+    for t in tasks:
+        if t not in task_registry.names():
+            raise unknown_name("task", t, task_registry.names())
+    available = opt_registry.names()
+    for o in optimizers:
+        if o not in available:
+            raise unknown_name("optimizer", o, available)
+    names = list(dict.fromkeys(["adamw", *optimizers]))
+    jobs = []
+    for t in tasks:
+        budget = steps if steps is not None else task_registry.get(t).default_steps
+        for o in names:
+            spec = opt_registry.get(o)
+            lrs = list(spec.lr_grid) if spec.tune else [spec.default_lr]
+            if o == "adamw" and spec.default_lr not in lrs:
+                lrs.append(spec.default_lr)
+            jobs += [Job(t, o, float(lr), s, budget) for lr in lrs for s in range(seeds)]
+    return jobs

@@ -1,0 +1,228 @@
+"""The ``nestopt`` command line.
+
+    nestopt bench --suite quick|full [--tasks T,..] [--optimizers O,..] [--seeds N] [--steps N]
+                  [--workers N] --out DIR
+    nestopt tasks
+    nestopt optimizers
+    nestopt overhead [--params 10M] [--optimizers O,..] [--steps N] [--rounds N] [--device cpu|cuda]
+
+Bad input prints one line naming the problem (and the valid names) and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own errors: usage line + exit 2
+        self.print_usage(sys.stderr)
+        raise UsageError(message)
+
+
+def _names(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _count(text: str) -> int:
+    t = text.strip().lower().replace("_", "")
+    mult = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}.get(t[-1:], 1)
+    try:
+        n = float(t[:-1] if mult > 1 else t) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: expected a number such as 10M, 500k or 1e6")
+    return int(n)
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="nestopt", description="Nested and learned optimization for PyTorch.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    b = sub.add_parser("bench", help="time-to-target benchmark against tuned baselines")
+    b.add_argument("--suite", default="quick", help="quick (minutes) or full (all tasks, 3 seeds)")
+    b.add_argument("--tasks", help="comma-separated task names (default: the suite's)")
+    b.add_argument("--optimizers", help="comma-separated optimizer names (default: all available)")
+    b.add_argument("--seeds", type=_int, help="seeds per configuration (default: the suite's)")
+    b.add_argument("--steps", type=_int, help="step budget for every task (default: each task's own)")
+    b.add_argument("--workers", type=_int, help="worker processes (default: one per core)")
+    b.add_argument("--out", required=True, help="output folder for results.json, report.md and figures")
+
+    sub.add_parser("tasks", help="list the registered tasks, task families and games")
+    sub.add_parser("optimizers", help="list the registered optimizers")
+
+    o = sub.add_parser("overhead", help="optimizer step time and memory vs torch AdamW(fused) and SGD(foreach)")
+    o.add_argument("--params", type=_count, default=10_000_000, help="parameter count, e.g. 10M (default)")
+    o.add_argument("--optimizers", help="comma-separated optimizer names (default: all available)")
+    o.add_argument("--steps", type=_int, default=10, help="timed steps per round (default 10)")
+    o.add_argument("--rounds", type=_int, default=3, help="interleaved rounds (default 3)")
+    o.add_argument("--device", default="cpu", help="cpu or cuda")
+    o.add_argument("--json", dest="json_out", help="also write the rows to this JSON file")
+    return p
+
+
+def _writable_dir(path: str) -> Path:
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".nestopt-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--out {path!r} is not a writable folder: {e.strerror or e}")
+    return out
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from . import tasks as task_registry
+    from .bench import run_bench, suite
+    from .optim import registry as opt_registry
+
+    try:
+        s = suite(args.suite)
+    except KeyError as e:
+        raise UsageError(str(e.args[0]))
+    tasks = _names(args.tasks) or list(s.tasks)
+    optimizers = _names(args.optimizers) or opt_registry.names()
+    seeds = s.seeds if args.seeds is None else args.seeds
+    for t in tasks:
+        if t not in task_registry.names():
+            raise UsageError(f"unknown task {t!r}; valid names: {', '.join(task_registry.names())}")
+    for o in optimizers:
+        if o not in opt_registry.names():
+            known = opt_registry.names(available_only=False)
+            hint = " (installed? pip install 'nestopt[peers]')" if o in known else ""
+            raise UsageError(f"unknown optimizer {o!r}{hint}; valid names: {', '.join(opt_registry.names())}")
+    if seeds < 1:
+        raise UsageError(f"--seeds {seeds} is invalid: must be a positive integer")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps {args.steps} is invalid: must be a positive integer")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers {args.workers} is invalid: must be a positive integer")
+    out = _writable_dir(args.out)
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    t0 = time.perf_counter()
+    state = {"diverged": 0}
+    with Progress(TextColumn("[bold]bench[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=False) as progress:
+        bar = progress.add_task(s.name if not args.tasks else "custom", total=None)
+
+        def on_start(n: int) -> None:
+            progress.update(bar, total=n)
+
+        def on_done(rec: dict) -> None:
+            state["diverged"] += rec["diverged"]
+            progress.update(bar, advance=1, description=f"{rec['task']} / {rec['optimizer']} (diverged runs: {state['diverged']})")
+
+        doc = run_bench(tasks=tasks, optimizers=optimizers, seeds=seeds, out=out, steps=args.steps,
+                        workers=args.workers,
+                        suite_name=args.suite if not (args.tasks or args.optimizers or args.seeds or args.steps) else f"custom ({args.suite} defaults)",
+                        on_start=on_start, on_done=on_done)
+    wall = time.perf_counter() - t0
+    scores = doc["summary"]["scores"]["time"]
+    best = sorted(scores.items(), key=lambda kv: -kv[1])
+    console.print(f"{len(doc['runs'])} runs in {wall:.1f} s; wrote {out / 'results.json'}, {out / 'report.md'} and figures")
+    for name, sc in best:
+        console.print(f"  {name:24s} score {sc:.3f}")
+    if not doc["complete"]:
+        console.print("[yellow]interrupted: the files hold the runs finished before Ctrl-C[/]")
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    from . import tasks as T
+
+    print(f"{'task':22s} {'kind':15s} {'steps':>6s} {'batch':>6s}  description")
+    for n in T.names():
+        t = T.get(n)
+        print(f"{n:22s} {t.kind:15s} {t.default_steps:6d} {t.batch_size:6d}  {t.description}")
+    print("\ntask families (nestopt.tasks.family(name).sample(seed)):")
+    for n in T.family_names():
+        print(f"  {n:20s} {T.family(n).description}")
+    print("\ntwo-player games (nestopt.tasks.get_game(name)):")
+    for n in T.game_names():
+        print(f"  {n:20s} {T.get_game(n).description}")
+    return 0
+
+
+def _cmd_optimizers(args: argparse.Namespace) -> int:
+    from .optim import registry
+
+    print(f"{'optimizer':20s} {'origin':7s} {'default lr':>10s} {'tuned on':>9s} {'non-finite':>10s}  description")
+    for spec in registry.specs(available_only=False):
+        grid = f"{len(spec.lr_grid)} rates" if spec.tune else "-"
+        flag = "" if spec.available() else f"  [not installed: needs {spec.requires}]"
+        print(f"{spec.name:20s} {spec.origin:7s} {spec.default_lr:10.3g} {grid:>9s} {spec.nonfinite:>10s}  "
+              f"{spec.description}{flag}")
+    return 0
+
+
+def _cmd_overhead(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .bench.overhead import format_table, measure
+    from .optim import registry
+
+    if args.params < 1:
+        raise UsageError(f"--params {args.params} is invalid: must be a positive count")
+    if args.steps < 1 or args.rounds < 1:
+        raise UsageError("--steps and --rounds must be positive integers")
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        raise UsageError(f"--device {args.device!r} is invalid: expected cpu or cuda")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device!r} is invalid: torch sees no CUDA device here")
+    names = _names(args.optimizers) or registry.names()
+    for n in names:
+        if n not in registry.names():
+            raise UsageError(f"unknown optimizer {n!r}; valid names: {', '.join(registry.names())}")
+    rows = measure(names, n_params=args.params, steps=args.steps, rounds=args.rounds, device=args.device)
+    print(format_table(rows, args.params, args.device))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps([r.as_dict() for r in rows], indent=1))
+    return 0
+
+
+COMMANDS = {"bench": _cmd_bench, "tasks": _cmd_tasks, "optimizers": _cmd_optimizers, "overhead": _cmd_overhead}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UsageError as e:
+        print(f"nestopt: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("nestopt: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

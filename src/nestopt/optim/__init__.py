@@ -1,0 +1,9 @@
+"""Optimizers, and the registry that the benchmark and the conformance tests read.
+
+``registry.names()`` lists what is available; ``registry.get(name).make(params, lr)`` builds one.
+"""
+
+from . import registry
+from .registry import OptimizerSpec, get, names, register
+
+__all__ = ["OptimizerSpec", "get", "names", "register", "registry"]

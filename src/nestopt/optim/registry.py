@@ -1,0 +1,139 @@
+"""The optimizer registry: what ``nestopt bench``, ``nestopt overhead`` and the conformance tests
+iterate over. An optimizer joins everything with one call::
+
+    >>> from nestopt.optim import registry
+    >>> registry.register(registry.OptimizerSpec(
+    ...     name="my-sgd", build=lambda params, lr: torch.optim.SGD(params, lr=lr),
+    ...     default_lr=0.1, description="plain SGD"))          # doctest: +SKIP
+
+A spec says how to build the optimizer at a learning rate, its default rate, the grid the bench
+tunes it on (if it is a tuned baseline), whether ``step`` needs the loss (a closure), and its rule
+for non-finite gradients: ``"skip"`` (parameters and state stay as they were, which the
+conformance tests check bitwise) or ``"propagate"`` (torch's own optimizers: a NaN gradient
+reaches the parameters; use a guard).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from .._checks import unknown_name
+
+Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
+
+LR_GRID_ADAM = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+LR_GRID_SGD = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """How to build and use one optimizer.
+
+    Attributes:
+        name: registry key (lowercase, dashes).
+        build: ``build(params, lr) -> torch.optim.Optimizer``.
+        default_lr: the learning rate used untuned.
+        lr_grid: rates the bench tries when ``tune`` is set.
+        tune: the bench reports this optimizer at its best grid rate ("<name>-tuned").
+        needs_loss: ``step`` must receive the loss (closure or ``loss=``).
+        nonfinite: ``"skip"`` or ``"propagate"`` (see module docstring).
+        train_eval_modes: the optimizer has ``train()``/``eval()`` (schedule-free) that the bench
+            calls around evaluation.
+        requires: module that must be importable for the optimizer to be available.
+        origin: ``"torch"``, ``"peer"`` (third-party) or ``"nestopt"``.
+    """
+
+    name: str
+    build: Callable[..., torch.optim.Optimizer]
+    default_lr: float
+    description: str = ""
+    lr_grid: tuple[float, ...] = ()
+    tune: bool = False
+    needs_loss: bool = False
+    nonfinite: Literal["skip", "propagate"] = "propagate"
+    group_independent: bool = True
+    train_eval_modes: bool = False
+    requires: str | None = None
+    origin: Literal["torch", "peer", "nestopt"] = "nestopt"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def available(self) -> bool:
+        return self.requires is None or importlib.util.find_spec(self.requires) is not None
+
+    def make(self, params: Params, lr: float | None = None) -> torch.optim.Optimizer:
+        if not self.available():
+            raise RuntimeError(f"optimizer {self.name!r} needs the package {self.requires!r}: "
+                               f"pip install 'nestopt[peers]'")
+        return self.build(params, lr=self.default_lr if lr is None else lr)
+
+
+_REGISTRY: dict[str, OptimizerSpec] = {}
+
+
+def register(spec: OptimizerSpec) -> OptimizerSpec:
+    """Add ``spec``; a ``ValueError`` if its name is taken."""
+    if spec.name in _REGISTRY:
+        raise ValueError(f"name={spec.name!r} is invalid: an optimizer of that name is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get(name: str) -> OptimizerSpec:
+    """The spec called ``name``; ``KeyError`` lists the valid names."""
+    if name not in _REGISTRY:
+        raise unknown_name("optimizer", name, _REGISTRY)
+    return _REGISTRY[name]
+
+
+def names(*, available_only: bool = True) -> list[str]:
+    """Registered names in registration order (by default only those whose packages are installed)."""
+    return [n for n, s in _REGISTRY.items() if s.available() or not available_only]
+
+
+def specs(*, available_only: bool = True) -> list[OptimizerSpec]:
+    return [_REGISTRY[n] for n in names(available_only=available_only)]
+
+
+# -- baselines ---------------------------------------------------------------------------------
+
+register(OptimizerSpec(
+    "sgd", lambda p, lr: torch.optim.SGD(p, lr=lr), default_lr=0.1, lr_grid=LR_GRID_SGD, tune=True,
+    origin="torch", description="torch.optim.SGD"))
+register(OptimizerSpec(
+    "sgd-momentum", lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9), default_lr=0.01,
+    lr_grid=tuple(x / 10 for x in LR_GRID_SGD), tune=True, origin="torch",
+    description="torch.optim.SGD(momentum=0.9)"))
+register(OptimizerSpec(
+    "adam", lambda p, lr: torch.optim.Adam(p, lr=lr), default_lr=1e-3, lr_grid=LR_GRID_ADAM, tune=True,
+    origin="torch", description="torch.optim.Adam"))
+register(OptimizerSpec(
+    "adamw", lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=0.01), default_lr=1e-3,
+    lr_grid=LR_GRID_ADAM, tune=True, origin="torch",
+    description="torch.optim.AdamW(weight_decay=0.01); always tuned and at its default in the bench"))
+
+
+def _prodigy(params: Params, lr: float) -> torch.optim.Optimizer:
+    from prodigyopt import Prodigy
+
+    return Prodigy(params, lr=lr)
+
+
+def _schedulefree(params: Params, lr: float) -> torch.optim.Optimizer:
+    from schedulefree import AdamWScheduleFree
+
+    opt = AdamWScheduleFree(params, lr=lr)
+    opt.train()
+    return opt
+
+
+register(OptimizerSpec(
+    "prodigy", _prodigy, default_lr=1.0, requires="prodigyopt", origin="peer",
+    description="Prodigy (parameter-free Adam, prodigyopt), lr=1 as its authors advise"))
+register(OptimizerSpec(
+    "schedulefree-adamw", _schedulefree, default_lr=2.5e-3, requires="schedulefree", origin="peer",
+    train_eval_modes=True, description="schedule-free AdamW (schedulefree), its default lr"))

@@ -1,0 +1,83 @@
+"""The task suite: a registry of named tasks, task families, and two-player games.
+
+    >>> import nestopt.tasks as T
+    >>> "digits-mlp" in T.names()
+    True
+    >>> task = T.get("quad-asym")
+    >>> family = T.family("quadratic"); variant = family.sample(3)
+
+``get(name)`` builds a fresh task object each call (data behind it is cached per process).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .._checks import unknown_name
+from .analytic import AnalyticTask, AxisQuadratic, Point, RotatedQuadratic, Rosenbrock, ScalarQuadratic
+from .base import Task, TaskFamily, generator
+from .charlm import CharLMTask
+from .families import DigitsMLPFamily, QuadraticFamily, TeacherMLPFamily, TradingFamily
+from .games import BilinearGame, Game, game_names, get_game
+from .supervised import ArrayTask, diabetes_mlp, digits_cnn, digits_logreg, digits_mlp
+from .trading import HORIZON_BARS, HORIZON_NAMES, MarketConfig, TradingTask, auc
+
+_TASKS: dict[str, Callable[[], Task]] = {
+    "quad-scalar": ScalarQuadratic,
+    "quad-sym": lambda: AxisQuadratic(c=1.0),
+    "quad-asym": lambda: AxisQuadratic(c=100.0),
+    "quad-cond1e2": lambda: RotatedQuadratic(cond=1e2),
+    "quad-cond1e4": lambda: RotatedQuadratic(cond=1e4),
+    "rosenbrock": Rosenbrock,
+    "digits-logreg": digits_logreg,
+    "digits-mlp": digits_mlp,
+    "digits-cnn": digits_cnn,
+    "diabetes-mlp": diabetes_mlp,
+    "charlm-transformer": CharLMTask,
+    "trading-multihorizon": TradingTask,
+}
+
+_FAMILIES: dict[str, Callable[[], TaskFamily]] = {
+    "quadratic": QuadraticFamily,
+    "teacher-mlp": TeacherMLPFamily,
+    "digits-mlp": DigitsMLPFamily,
+    "trading": TradingFamily,
+}
+
+
+def names() -> list[str]:
+    """Names of the registered tasks, in registration order."""
+    return list(_TASKS)
+
+
+def get(name: str) -> Task:
+    """A fresh instance of the task called ``name`` (``KeyError`` lists the valid names)."""
+    if name not in _TASKS:
+        raise unknown_name("task", name, _TASKS)
+    return _TASKS[name]()
+
+
+def register(name: str, factory: Callable[[], Task]) -> None:
+    """Add a task to the registry (a ``ValueError`` if the name is taken)."""
+    if name in _TASKS:
+        raise ValueError(f"name={name!r} is invalid: a task of that name is already registered")
+    _TASKS[name] = factory
+
+
+def family_names() -> list[str]:
+    return list(_FAMILIES)
+
+
+def family(name: str) -> TaskFamily:
+    """The task family called ``name`` (``KeyError`` lists the valid names)."""
+    if name not in _FAMILIES:
+        raise unknown_name("task family", name, _FAMILIES)
+    return _FAMILIES[name]()
+
+
+__all__ = [
+    "AnalyticTask", "ArrayTask", "AxisQuadratic", "BilinearGame", "CharLMTask", "Game", "HORIZON_BARS",
+    "HORIZON_NAMES", "MarketConfig", "Point", "RotatedQuadratic", "Rosenbrock", "ScalarQuadratic", "Task",
+    "TaskFamily", "TradingTask", "auc", "diabetes_mlp", "digits_cnn", "digits_logreg", "digits_mlp", "family",
+    "family_names", "game_names", "generator", "get", "get_game", "names", "register",
+]

@@ -1,0 +1,167 @@
+"""Supervised tasks on data that ships with scikit-learn (nothing is downloaded).
+
+- ``digits-logreg``: multinomial logistic regression on the 8x8 digits;
+- ``digits-mlp``: a 2-layer MLP (64 -> 64 -> 10, ReLU) on digits;
+- ``digits-cnn``: a small CNN (two 3x3 convolutions, then a linear layer) on digits;
+- ``diabetes-mlp``: a regression MLP (10 -> 32 -> 1, tanh) on the diabetes data, MSE on a
+  standardised target.
+
+Every split is fixed (a stratified shuffle seeded by a constant), inputs are standardised with
+training statistics only, and minibatches are drawn with replacement from a generator seeded by
+the run seed.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .base import Sampler, Task, evaluate_classifier, generator
+
+_SPLIT_SEED = 20240601
+
+
+def _split(n: int, n_val: int) -> tuple[np.ndarray, np.ndarray]:
+    perm = np.random.default_rng(_SPLIT_SEED).permutation(n)
+    return perm[n_val:], perm[:n_val]
+
+
+@functools.lru_cache(maxsize=None)
+def digits_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_train, y_train, x_val, y_val)``: 1,297 / 500 digits, pixels standardised to the
+    training mean and standard deviation (one scalar each, so images keep their shape)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = d.data.astype(np.float32)
+    y = d.target.astype(np.int64)
+    tr, va = _split(len(x), 500)
+    mu, sd = x[tr].mean(), x[tr].std()
+    x = (x - mu) / sd
+    return (torch.from_numpy(x[tr]), torch.from_numpy(y[tr]),
+            torch.from_numpy(x[va]), torch.from_numpy(y[va]))
+
+
+@functools.lru_cache(maxsize=None)
+def diabetes_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_train, y_train, x_val, y_val)``: 342 / 100 patients, features and target
+    standardised with training statistics."""
+    from sklearn.datasets import load_diabetes
+
+    d = load_diabetes()
+    x = d.data.astype(np.float32)
+    y = d.target.astype(np.float32)
+    tr, va = _split(len(x), 100)
+    mu, sd = x[tr].mean(0), x[tr].std(0)
+    ymu, ysd = y[tr].mean(), y[tr].std()
+    x = (x - mu) / sd
+    y = (y - ymu) / ysd
+    return (torch.from_numpy(x[tr]), torch.from_numpy(y[tr]),
+            torch.from_numpy(x[va]), torch.from_numpy(y[va]))
+
+
+class ArrayTask(Task):
+    """A task over in-memory tensors ``(x_train, y_train, x_val, y_val)`` and a model builder."""
+
+    def __init__(self, name: str, data: Callable[[], tuple[torch.Tensor, ...]],
+                 build: Callable[[], nn.Module], *, classification: bool, steps: int,
+                 batch_size: int, description: str, kind: str) -> None:
+        self.name = name
+        self._data = data
+        self._build = build
+        self.classification = classification
+        self.has_accuracy = classification
+        self.default_steps = steps
+        self.batch_size = batch_size
+        self.description = description
+        self.kind = kind
+
+    def data(self) -> tuple[torch.Tensor, ...]:
+        return self._data()
+
+    def init(self, seed: int) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self._build()
+
+    def sampler(self, seed: int) -> Sampler:
+        x, y = self.data()[:2]
+        g = generator(seed, stream=3)
+        n, b = len(x), self.batch_size
+
+        def next_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+            idx = torch.randint(n, (b,), generator=g)
+            return x[idx], y[idx]
+
+        return next_batch
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        out = model(x)
+        if self.classification:
+            return nn.functional.cross_entropy(out, y)
+        return nn.functional.mse_loss(out.squeeze(-1), y)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        xv, yv = self.data()[2:]
+        if self.classification:
+            return evaluate_classifier(model, xv, yv)
+        was = model.training
+        model.eval()
+        loss = nn.functional.mse_loss(model(xv).squeeze(-1), yv)
+        model.train(was)
+        return {"val_loss": float(loss)}
+
+
+class DigitsCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1, stride=2)
+        self.head = nn.Linear(16 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.view(-1, 1, 8, 8)
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        return self.head(x.flatten(1))
+
+
+def digits_logreg() -> ArrayTask:
+    return ArrayTask("digits-logreg", digits_data, lambda: nn.Linear(64, 10), classification=True,
+                     steps=300, batch_size=64, kind="classification",
+                     description="multinomial logistic regression on sklearn digits")
+
+
+def digits_mlp(width: int = 64, depth: int = 1, activation: type[nn.Module] = nn.ReLU,
+               name: str = "digits-mlp", steps: int = 500, batch_size: int = 64) -> ArrayTask:
+    def build() -> nn.Module:
+        layers: list[nn.Module] = []
+        d = 64
+        for _ in range(depth):
+            layers += [nn.Linear(d, width), activation()]
+            d = width
+        layers.append(nn.Linear(d, 10))
+        return nn.Sequential(*layers)
+
+    return ArrayTask(name, digits_data, build, classification=True, steps=steps,
+                     batch_size=batch_size, kind="classification",
+                     description=f"MLP 64-{'-'.join([str(width)] * depth)}-10 ({activation.__name__}) on digits")
+
+
+def digits_cnn() -> ArrayTask:
+    return ArrayTask("digits-cnn", digits_data, DigitsCNN, classification=True, steps=400,
+                     batch_size=64, kind="classification",
+                     description="CNN conv3x3(8)-conv3x3/2(16)-linear on 8x8 digits")
+
+
+def diabetes_mlp() -> ArrayTask:
+    return ArrayTask("diabetes-mlp", diabetes_data,
+                     lambda: nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 1)),
+                     classification=False, steps=400, batch_size=32, kind="regression",
+                     description="regression MLP 10-32-1 (tanh) on sklearn diabetes, MSE")

@@ -46,6 +46,14 @@ class OptimizerSpec:
             calls around evaluation.
         requires: module that must be importable for the optimizer to be available.
         origin: ``"torch"``, ``"peer"`` (third-party) or ``"nestopt"``.
+        conformance_lr: a rate at which the conformance tests' analytic problems (an asymmetric
+            quadratic with curvatures 2 and 200, and Rosenbrock) are stable; default ``default_lr``.
+        group_independent: each param group's update depends only on that group (so two groups
+            step exactly as two separate optimizers would); False for rules that pool statistics.
+        limits: documented limitations the conformance tests check as such; ``"group-lrs"``: it
+            refuses param groups with different non-zero learning rates (it raises);
+            ``"lr-zero-averages"``: at lr 0 its iterate ``state["z"]`` stops but the averaged
+            weights keep moving toward it (schedule-free's weighting uses the largest lr seen).
     """
 
     name: str
@@ -60,6 +68,8 @@ class OptimizerSpec:
     train_eval_modes: bool = False
     requires: str | None = None
     origin: Literal["torch", "peer", "nestopt"] = "nestopt"
+    conformance_lr: float | None = None
+    limits: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     def available(self) -> bool:
@@ -103,18 +113,18 @@ def specs(*, available_only: bool = True) -> list[OptimizerSpec]:
 
 register(OptimizerSpec(
     "sgd", lambda p, lr: torch.optim.SGD(p, lr=lr), default_lr=0.1, lr_grid=LR_GRID_SGD, tune=True,
-    origin="torch", description="torch.optim.SGD"))
+    origin="torch", conformance_lr=1e-3, description="torch.optim.SGD"))
 register(OptimizerSpec(
     "sgd-momentum", lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9), default_lr=0.01,
-    lr_grid=tuple(x / 10 for x in LR_GRID_SGD), tune=True, origin="torch",
+    lr_grid=tuple(x / 10 for x in LR_GRID_SGD), tune=True, origin="torch", conformance_lr=2e-4,
     description="torch.optim.SGD(momentum=0.9)"))
 register(OptimizerSpec(
-    "adam", lambda p, lr: torch.optim.Adam(p, lr=lr), default_lr=1e-3, lr_grid=LR_GRID_ADAM, tune=True,
-    origin="torch", description="torch.optim.Adam"))
+    "adam", lambda p, lr: torch.optim.Adam(p, lr=lr, fused=True), default_lr=1e-3, lr_grid=LR_GRID_ADAM,
+    tune=True, origin="torch", conformance_lr=0.05, description="torch.optim.Adam(fused=True)"))
 register(OptimizerSpec(
-    "adamw", lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=0.01), default_lr=1e-3,
-    lr_grid=LR_GRID_ADAM, tune=True, origin="torch",
-    description="torch.optim.AdamW(weight_decay=0.01); always tuned and at its default in the bench"))
+    "adamw", lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=0.01, fused=True), default_lr=1e-3,
+    lr_grid=LR_GRID_ADAM, tune=True, origin="torch", conformance_lr=0.05,
+    description="torch.optim.AdamW(weight_decay=0.01, fused=True); tuned and at its default in the bench"))
 
 
 def _prodigy(params: Params, lr: float) -> torch.optim.Optimizer:
@@ -132,8 +142,9 @@ def _schedulefree(params: Params, lr: float) -> torch.optim.Optimizer:
 
 
 register(OptimizerSpec(
-    "prodigy", _prodigy, default_lr=1.0, requires="prodigyopt", origin="peer",
+    "prodigy", _prodigy, default_lr=1.0, requires="prodigyopt", origin="peer", group_independent=False,
+    limits=("group-lrs",),
     description="Prodigy (parameter-free Adam, prodigyopt), lr=1 as its authors advise"))
 register(OptimizerSpec(
     "schedulefree-adamw", _schedulefree, default_lr=2.5e-3, requires="schedulefree", origin="peer",
-    train_eval_modes=True, description="schedule-free AdamW (schedulefree), its default lr"))
+    train_eval_modes=True, conformance_lr=0.05, limits=("lr-zero-averages",), description="schedule-free AdamW (schedulefree), its default lr"))

@@ -83,6 +83,6 @@ class TradingFamily(TaskFamily):
     def sample(self, seed: int) -> Task:
         rng = np.random.default_rng(seed)
         base = float(rng.uniform(0.7e-3, 1.5e-3))
-        cfg = MarketConfig(n_bars=40_000, a_fast=float(rng.uniform(3e-4, 9e-4)), a_slow=float(rng.uniform(1e-5, 6e-5)),
+        cfg = MarketConfig(a_fast=float(rng.uniform(3e-4, 9e-4)), a_slow=float(rng.uniform(1e-5, 6e-5)),
                            vol=(base, 1.5 * base, 3.0 * base), seed=int(seed) + 10_000)
         return TradingTask(cfg, name=f"trading[a_fast={cfg.a_fast:.1e},a_slow={cfg.a_slow:.1e}]")

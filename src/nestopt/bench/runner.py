@@ -20,7 +20,6 @@ import os
 import signal
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -183,25 +182,25 @@ def run_jobs(jobs: Sequence[Job], *, workers: int | None = None,
 
     # Longest first keeps both cores busy at the end.
     order = sorted(jobs, key=lambda j: -j.steps * _cost_hint(j.task))
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_worker_init)
-    pending: set[Future] = set()
+    pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init)
     try:
-        pending = {pool.submit(run_job, job) for job in order}
-        while pending:
-            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-            for fut in done:
-                rec = fut.result()
-                records.append(rec)
-                if on_done:
-                    on_done(rec)
+        results = pool.imap_unordered(run_job, order, chunksize=1)
+        for _ in range(len(order)):
+            while True:
+                try:
+                    rec = results.next(timeout=0.5)  # a timed wait keeps Ctrl-C responsive
+                    break
+                except mp.TimeoutError:
+                    continue
+            records.append(rec)
+            if on_done:
+                on_done(rec)
     except KeyboardInterrupt:
-        for fut in pending:
-            fut.cancel()
-        for proc in list(getattr(pool, "_processes", {}).values()):
-            proc.terminate()
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.terminate()
+        pool.join()
         return records, True
-    pool.shutdown(wait=True)
+    pool.close()
+    pool.join()
     return records, False
 
 

@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nestopt.bench import validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def nestopt(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nestopt.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_bench_micro_suite_smoke(tmp_path):
+    out = tmp_path / "out"
+    r = nestopt("bench", "--tasks", "quad-asym,digits-logreg", "--optimizers", "sgd,adam", "--seeds", "1",
+                "--steps", "20", "--workers", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((out / "results.json").read_text())
+    assert validate(doc) == []
+    assert doc["complete"] and len(doc["runs"]) == 2 * (7 + 7 + 7)  # tasks x (adamw, sgd, adam grids)
+    run = doc["runs"][0]
+    for key in ("task", "optimizer", "seed", "final_train_loss", "final_val_loss", "steps_to_target",
+                "ms_per_step", "diverged", "curve"):
+        assert key in run
+    assert len(list(out.glob("*.png"))) >= 3
+    assert "## Scores" in (out / "report.md").read_text()
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["bench", "--tasks", "no-such-task", "--out", "{tmp}"], ["unknown task 'no-such-task'", "digits-mlp"]),
+    (["bench", "--optimizers", "no-such-opt", "--out", "{tmp}"], ["unknown optimizer 'no-such-opt'", "adamw"]),
+    (["bench", "--steps", "0", "--out", "{tmp}"], ["--steps 0"]),
+    (["bench", "--steps", "-5", "--out", "{tmp}"], ["--steps -5"]),
+    (["bench", "--seeds", "0", "--out", "{tmp}"], ["--seeds 0"]),
+    (["bench", "--suite", "huge", "--out", "{tmp}"], ["unknown suite 'huge'", "quick"]),
+    (["bench", "--steps", "ten", "--out", "{tmp}"], ["invalid integer 'ten'"]),
+    (["bench"], ["--out"]),
+    (["bench", "--out", "{file}/sub"], ["not a writable folder"]),
+    (["overhead", "--params", "0"], ["--params 0"]),
+    (["overhead", "--optimizers", "nope"], ["unknown optimizer 'nope'"]),
+    (["frobnicate"], ["invalid choice"]),
+])
+def test_bad_input_exits_2_with_a_clear_message(tmp_path, args, expect):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    args = [a.replace("{tmp}", str(tmp_path / "o")).replace("{file}", str(blocker)) for a in args]
+    r = nestopt(*args, timeout=120)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    for e in expect:
+        assert e in r.stderr
+
+
+def test_listings():
+    r = nestopt("tasks")
+    assert r.returncode == 0 and "trading-multihorizon" in r.stdout and "bilinear" in r.stdout
+    r = nestopt("optimizers")
+    assert r.returncode == 0 and "adamw" in r.stdout and "propagate" in r.stdout
+
+
+def test_overhead_prints_ratio_table(tmp_path):
+    r = nestopt("overhead", "--params", "300k", "--steps", "2", "--rounds", "1", "--json", str(tmp_path / "o.json"))
+    assert r.returncode == 0, r.stderr
+    assert "x AdamW(fused)" in r.stdout and "x SGD(foreach)" in r.stdout
+    rows = json.loads((tmp_path / "o.json").read_text())
+    names = [row["name"] for row in rows]
+    assert names[:2] == ["torch AdamW(fused=True)", "torch SGD(foreach=True)"] and "adamw" in names
+    ref = {row["name"]: row for row in rows}
+    assert ref["torch AdamW(fused=True)"]["state_floats_per_param"] == pytest.approx(2.0)
+    assert ref["torch SGD(foreach=True)"]["state_floats_per_param"] == 0.0
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGINT delivery")
+def test_ctrl_c_writes_the_results_gathered_so_far(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "nestopt.cli", "bench", "--tasks", "charlm-transformer",
+                             "--optimizers", "sgd", "--seeds", "2", "--steps", "200", "--workers", "2",
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    time.sleep(15)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["complete"] is False
+    assert 0 < len(doc["runs"]) < 28
+    assert validate(doc) == []
+    assert "Interrupted" in (out / "report.md").read_text()
+    assert "Traceback" not in err

@@ -41,7 +41,7 @@ def _run(spec, model, loss_fn, steps, lr=None, groups=None):
     def closure():
         opt.zero_grad(set_to_none=True)
         loss = loss_fn()
-        loss.backward()
+        loss.backward(create_graph=spec.create_graph)
         return loss
 
     for _ in range(steps):
@@ -91,7 +91,7 @@ def test_state_dict_round_trip_in_lockstep(spec):
         def closure():
             opt.zero_grad(set_to_none=True)
             loss = nn.functional.mse_loss(model(x), y)
-            loss.backward()
+            loss.backward(create_graph=spec.create_graph)
             return loss
         return closure
 
@@ -140,7 +140,7 @@ def test_two_param_groups_with_different_learning_rates(spec):
             for o in (opt0, opt2):
                 o.zero_grad(set_to_none=True)
             loss = nn.functional.mse_loss(ref(x), y)
-            loss.backward()
+            loss.backward(create_graph=spec.create_graph)
             for o in (opt0, opt2):
                 if spec.needs_loss:
                     o.step(lambda: loss)
@@ -160,7 +160,7 @@ def test_lr_scheduler_drives_the_learning_rate(spec):
     def closure():
         opt.zero_grad(set_to_none=True)
         loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
+        loss.backward(create_graph=spec.create_graph)
         return loss
 
     for i in range(3):
@@ -204,7 +204,7 @@ def test_step_with_closure_returns_the_loss(spec):
     def closure():
         opt.zero_grad(set_to_none=True)
         loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
+        loss.backward(create_graph=spec.create_graph)
         seen.append(loss.detach().clone())
         return loss
 
@@ -224,7 +224,7 @@ def test_nonfinite_gradient_follows_the_declared_rule(spec, bad):
     def closure():
         opt.zero_grad(set_to_none=True)
         loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
+        loss.backward(create_graph=spec.create_graph)
         next(model.parameters()).grad.view(-1)[0] = bad
         return loss
 

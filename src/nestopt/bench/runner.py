@@ -97,7 +97,7 @@ def run_job(job: Job) -> dict[str, Any]:
             def closure() -> torch.Tensor:
                 opt.zero_grad(set_to_none=True)
                 loss = task.loss(model, batch)
-                loss.backward()
+                loss.backward(create_graph=spec.create_graph)
                 return loss
 
             if spec.needs_loss:

@@ -50,6 +50,7 @@ class OptimizerSpec:
             quadratic with curvatures 2 and 200, and Rosenbrock) are stable; default ``default_lr``.
         group_independent: each param group's update depends only on that group (so two groups
             step exactly as two separate optimizers would); False for rules that pool statistics.
+        create_graph: the closure must call ``loss.backward(create_graph=True)`` (second order).
         limits: documented limitations the conformance tests check as such; ``"group-lrs"``: it
             refuses param groups with different non-zero learning rates (it raises);
             ``"lr-zero-averages"``: at lr 0 its iterate ``state["z"]`` stops but the averaged
@@ -69,6 +70,7 @@ class OptimizerSpec:
     requires: str | None = None
     origin: Literal["torch", "peer", "nestopt"] = "nestopt"
     conformance_lr: float | None = None
+    create_graph: bool = False
     limits: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -148,3 +150,34 @@ register(OptimizerSpec(
 register(OptimizerSpec(
     "schedulefree-adamw", _schedulefree, default_lr=2.5e-3, requires="schedulefree", origin="peer",
     train_eval_modes=True, conformance_lr=0.05, limits=("lr-zero-averages",), description="schedule-free AdamW (schedulefree), its default lr"))
+
+
+# -- Polyak step sizes (nestopt.optim.polyak) ----------------------------------------------------
+
+
+def _polyak(**kw: Any) -> Callable[..., torch.optim.Optimizer]:
+    from .polyak import Polyak
+
+    return lambda params, lr: Polyak(params, lr=lr, **kw)
+
+
+def _polyak_adam(params: Params, lr: float) -> torch.optim.Optimizer:
+    from .polyak import PolyakAdam
+
+    return PolyakAdam(params, lr=lr)
+
+
+_POLYAK = {"needs_loss": True, "nonfinite": "skip", "default_lr": 1.0, "origin": "nestopt"}
+register(OptimizerSpec("polyak", _polyak(), group_independent=False, **_POLYAK,
+                       description="Polyak step (f - f*)/||g||^2, one step size for all parameters (the note's rule)"))
+register(OptimizerSpec("polyak-tensor", _polyak(scope="tensor"), group_independent=False, **_POLYAK,
+                       description="Polyak, one step per tensor, gap shared in proportion to ||g_i||"))
+register(OptimizerSpec("polyak-group", _polyak(scope="group"), group_independent=False, **_POLYAK,
+                       description="Polyak, one step per param group, gap shared in proportion to ||g_i||"))
+register(OptimizerSpec("polyak-rms", _polyak(precondition="rms"), group_independent=False, **_POLYAK,
+                       description="Polyak magnitude on D^-1 g, D = sqrt of a squared-gradient average"))
+register(OptimizerSpec("polyak-hutchinson", _polyak(precondition="hutchinson"), group_independent=False,
+                       create_graph=True, **_POLYAK,
+                       description="Polyak magnitude on D^-1 g, D = Hutchinson Hessian-diagonal estimate"))
+register(OptimizerSpec("polyak-adam", _polyak_adam, group_independent=False, **_POLYAK,
+                       description="hybrid: Polyak magnitude, Adam direction m_hat/(sqrt(v_hat)+eps)"))

@@ -1,0 +1,349 @@
+r"""Polyak step sizes: ``p <- p - lr * eta * u`` with ``eta`` set so the first-order model of the
+loss drops exactly to the target value ``f_star``.
+
+With direction ``u`` and gradient ``g`` the linear model predicts a decrease of ``eta * g^T u``, so
+
+.. math::  \eta = \frac{f(p) - f^\star}{g^\top u}
+
+- ``u = g`` gives the classical rule ``eta = (f - f*) / ||g||^2`` (``precondition=None``);
+- ``u = D^{-1} g`` gives the diagonally preconditioned step ``(f - f*) D^{-1} g / (g^T D^{-1} g)``
+  with ``D`` the root of a squared-gradient average (``"rms"``), a Hutchinson estimate of the
+  Hessian diagonal (``"hutchinson"``), or a function returning it (for known curvature);
+- :class:`PolyakAdam` uses Adam's direction ``u = m_hat / (sqrt(v_hat) + eps)`` with the Polyak
+  magnitude (the hybrid).
+
+**Scope** says how many step sizes there are. ``"global"`` is one ``eta`` for all parameters (the
+research note's rule). ``"tensor"`` and ``"group"`` split the parameters into pieces (tensors, or
+param groups, which is how a user expresses layers) with one ``eta_i`` each. Giving every piece
+the *whole* gap, as the note's fix does, makes the linear model predict a drop of ``k (f - f*)``
+for ``k`` pieces: a ``k``-fold overshoot of the target. So the gap is *shared*:
+``eta_i = w_i (f - f*) / s_i`` with ``s_i = g_i^T u_i`` and ``sum_i w_i = 1``, which keeps the
+predicted drop at exactly ``f - f*``. Shares (``share=``):
+
+- ``"norm"`` (default): ``w_i`` proportional to ``sqrt(s_i)`` (``||g_i||`` for ``u = g``). Each
+  piece's step length becomes ``(f - f*) / sum_j ||g_j||``, independent of its own gradient
+  scale, so a piece with a small gradient is not starved. Measured: see ``nestopt study polyak``.
+- ``"equal"``: ``w_i = 1/k``;
+- ``"whole"``: ``w_i = 1`` (the note's per-tensor fix; overshoots ``k``-fold, kept for the study);
+- ``"global"``: ``w_i`` proportional to ``s_i``, which reproduces the global rule.
+
+**Safety.** A non-finite loss or gradient, a zero gradient (``s = 0``), or a loss at or below
+``f_star`` takes no step and leaves every parameter and buffer untouched; each case is counted in
+the param group's ``"polyak"`` dict (``nonfinite``, ``zero_grad``, ``at_target``, ``steps``, and
+the last step size ``eta``). ``max_lr`` caps ``eta`` (the rule has no cap of its own: with
+``f_star`` below the true minimum it grows without bound as the gradient vanishes).
+
+Usage::
+
+    opt = Polyak(model.parameters())                   # lr is a multiplier, default 1
+    def closure():
+        opt.zero_grad(); loss = loss_fn(model(x), y); loss.backward(); return loss
+    opt.step(closure)                                   # or: loss.backward(); opt.step(loss=loss)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from .._checks import check_choice, check_int, check_number
+
+SCOPES = ("global", "tensor", "group")
+SHARES = ("norm", "equal", "whole", "global")
+PRECONDITIONS = (None, "rms", "hutchinson")
+
+DiagFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _counters() -> dict[str, float]:
+    return {"steps": 0, "nonfinite": 0, "zero_grad": 0, "at_target": 0, "eta": 0.0}
+
+
+class Polyak(Optimizer):
+    """Polyak step size optimizer (see the module docstring for the update).
+
+    Args:
+        params: parameters or param-group dicts.
+        lr: multiplier on the Polyak step (1 = the rule itself); what a scheduler drives.
+        scope: ``"global"``, ``"tensor"`` or ``"group"``: one step size in all, per tensor, or per group.
+        share: how pieces share the loss gap when ``scope`` is not global: ``"norm"``, ``"equal"``,
+            ``"whole"`` or ``"global"``.
+        f_star: the loss value aimed at (a lower bound on the loss; 0 for non-negative losses).
+        max_lr: cap on ``eta`` (``None``: no cap).
+        eps: added to ``g^T u`` in the denominator (0 keeps the rule exact).
+        momentum: heavy-ball coefficient on the step, in ``[0, 1)``.
+        precondition: ``None``, ``"rms"``, ``"hutchinson"``, or a function mapping a parameter
+            to its diagonal ``D`` (same shape; used by magnitude).
+        beta2: averaging coefficient for the ``"rms"`` and ``"hutchinson"`` diagonals (bias-corrected).
+        precond_eps: added to ``D``.
+        seed: seeds the Hutchinson probe vectors (they are a function of seed and step).
+
+    ``"hutchinson"`` needs Hessian-vector products, so the closure must call
+    ``loss.backward(create_graph=True)``; it draws one Rademacher vector per step (exact when the
+    Hessian is diagonal, since then ``z * (H z) = diag(H)``). Negative
+    curvature estimates are used by magnitude (``|D|``).
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1.0, *, scope: str = "global", share: str = "norm",
+                 f_star: float = 0.0, max_lr: float | None = None, eps: float = 0.0, momentum: float = 0.0,
+                 precondition: str | DiagFn | None = None, beta2: float = 0.999, precond_eps: float = 1e-8,
+                 seed: int = 0) -> None:
+        check_number("lr", lr, lo=0.0)
+        check_choice("scope", scope, SCOPES)
+        check_choice("share", share, SHARES)
+        check_number("f_star", f_star)
+        if max_lr is not None:
+            check_number("max_lr", max_lr, lo=0.0, lo_open=True)
+        check_number("eps", eps, lo=0.0)
+        check_number("momentum", momentum, lo=0.0, hi=1.0, hi_open=True)
+        if not callable(precondition):
+            check_choice("precondition", precondition, PRECONDITIONS)
+        check_number("beta2", beta2, lo=0.0, hi=1.0, hi_open=True)
+        check_number("precond_eps", precond_eps, lo=0.0)
+        check_int("seed", seed, lo=0)
+        self.scope = scope
+        self.share = share
+        self.precondition = precondition
+        defaults = {"lr": lr, "f_star": f_star, "max_lr": max_lr, "eps": eps, "momentum": momentum,
+                    "beta2": beta2, "precond_eps": precond_eps, "seed": seed}
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            group.setdefault("polyak", _counters())
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self.param_groups[-1].setdefault("polyak", _counters())
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _direction(self, params: list[torch.Tensor], grads: list[torch.Tensor], group: dict[str, Any],
+                   hvps: dict[torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
+        """``u`` for each parameter (updates running statistics; only called on a step taken)."""
+        pre = self.precondition
+        if pre is None:
+            return grads
+        if callable(pre):
+            return [g / (pre(p).abs() + group["precond_eps"]) for p, g in zip(params, grads)]
+        beta2 = group["beta2"]
+        out = []
+        for p, g in zip(params, grads):
+            st = self.state[p]
+            if "diag" not in st:
+                st["diag"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["diag_step"] = 0
+            st["diag_step"] += 1
+            sample = g.square() if pre == "rms" else hvps[p]
+            st["diag"].mul_(beta2).add_(sample, alpha=1 - beta2)
+            d = st["diag"] / (1 - beta2 ** st["diag_step"])
+            d = d.sqrt() if pre == "rms" else d.abs()
+            out.append(g / d.add_(group["precond_eps"]))
+        return out
+
+    def _hvps(self, params: list[torch.Tensor], grads: list[torch.Tensor], step: int, seed: int) -> list[torch.Tensor]:
+        if not all(g.requires_grad for g in grads):
+            raise RuntimeError("precondition='hutchinson' needs Hessian-vector products: the closure must call "
+                               "loss.backward(create_graph=True)")
+        # Probe vectors are a pure function of (seed, step, position): no RNG state to checkpoint,
+        # and a run resumed from a state_dict draws the same probes as an uninterrupted one.
+        zs = []
+        for i, g in enumerate(grads):
+            gen = torch.Generator(device=g.device)
+            gen.manual_seed((seed * 1_000_003 + step * 8_191 + i) % (2**63 - 1))
+            z = torch.randint(0, 2, g.shape, generator=gen, device=g.device).to(g.dtype)
+            zs.append(z.mul_(2).sub_(1))
+        with torch.enable_grad():
+            hv = torch.autograd.grad(grads, params, zs, allow_unused=True)
+        return [z * (h if h is not None else torch.zeros_like(z)) for z, h in zip(zs, hv)]
+
+    def _pieces(self) -> list[list[tuple[dict[str, Any], torch.Tensor]]]:
+        items = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if self.scope == "global":
+            return [items] if items else []
+        if self.scope == "tensor":
+            return [[it] for it in items]
+        return [[(g, p) for p in g["params"] if p.grad is not None] for g in self.param_groups
+                if any(p.grad is not None for p in g["params"])]
+
+    def _shares(self, s: list[float]) -> list[float]:
+        k = len(s)
+        if self.scope == "global" or k == 1:
+            return [1.0] * k
+        if self.share == "whole":
+            return [1.0] * k
+        if self.share == "equal":
+            return [1.0 / k] * k
+        if self.share == "global":
+            tot = sum(s)
+            return [x / tot for x in s]
+        roots = [math.sqrt(max(x, 0.0)) for x in s]
+        tot = sum(roots)
+        return [r / tot for r in roots]
+
+    # -- the step -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None, *, loss: torch.Tensor | float | None = None):
+        """One Polyak step. Needs the loss: ``step(closure)`` or ``step(loss=...)`` after ``backward``."""
+        if closure is None and loss is None:
+            raise ValueError(f"{type(self).__name__}.step needs the loss: call step(closure) or step(loss=value)")
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        assert loss is not None
+        pieces = self._pieces()
+        if not pieces:
+            return loss
+        if self.scope == "global" and self.precondition is None and not self._uses_momentum() \
+                and type(self)._direction is Polyak._direction:
+            self._global_sgd_step(pieces[0], loss)
+        else:
+            self._general_step(pieces, loss)
+        return loss
+
+    def _uses_momentum(self) -> bool:
+        return any(g["momentum"] > 0 for g in self.param_groups)
+
+    def _count(self, key: str) -> None:
+        for g in self.param_groups:
+            g["polyak"][key] += 1
+
+    def _global_sgd_step(self, items: list[tuple[dict[str, Any], torch.Tensor]], loss: torch.Tensor | float) -> None:
+        """The hot path: one norm pass over the gradients, one host sync, one fused update."""
+        grads = [p.grad for _, p in items]
+        gsq = torch.stack(torch._foreach_norm(grads)).square().sum()
+        loss_t = loss.detach() if torch.is_tensor(loss) else torch.tensor(float(loss))
+        loss_v, gsq_v = torch.stack([loss_t.to(gsq.device, gsq.dtype).reshape(()), gsq]).tolist()
+        group0 = items[0][0]
+        f_star, eps, max_lr = group0["f_star"], group0["eps"], group0["max_lr"]
+        if not (math.isfinite(loss_v) and math.isfinite(gsq_v)):
+            return self._count("nonfinite")
+        if loss_v <= f_star:
+            return self._count("at_target")
+        if gsq_v + eps <= 0.0:
+            return self._count("zero_grad")
+        eta = (loss_v - f_star) / (gsq_v + eps)
+        if max_lr is not None:
+            eta = min(eta, max_lr)
+        for group in self.param_groups:
+            ps = [p for p in group["params"] if p.grad is not None]
+            if ps:
+                torch._foreach_add_(ps, [p.grad for p in ps], alpha=-group["lr"] * eta)
+            group["polyak"]["steps"] += 1
+            group["polyak"]["eta"] = eta
+
+    def _general_step(self, pieces: list[list[tuple[dict[str, Any], torch.Tensor]]], loss: torch.Tensor | float) -> None:
+        items = [it for piece in pieces for it in piece]
+        grads = [p.grad for _, p in items]
+        loss_t = loss.detach() if torch.is_tensor(loss) else torch.tensor(float(loss))
+        norms = torch.stack([n.to(loss_t.device, torch.float64) for n in torch._foreach_norm(grads)])
+        check = torch.stack([loss_t.to(torch.float64).reshape(()), norms.sum()]).tolist()
+        group0 = items[0][0]
+        if not all(math.isfinite(v) for v in check):
+            return self._count("nonfinite")
+        loss_v = check[0]
+        if loss_v <= group0["f_star"]:
+            return self._count("at_target")
+        if check[1] == 0.0:
+            return self._count("zero_grad")
+        # Directions, per group (preconditioners read group settings), then s_i = g_i^T u_i.
+        hvps: dict[torch.Tensor, torch.Tensor] = {}
+        if self.precondition == "hutchinson":  # one pass for all groups: they share one graph
+            params = [p for _, p in items]
+            step = self.state[params[0]].get("diag_step", 0) + 1
+            hvps = dict(zip(params, self._hvps(params, grads, step, group0["seed"])))
+        u: dict[torch.Tensor, torch.Tensor] = {}
+        for group in self.param_groups:
+            ps = [p for p in group["params"] if p.grad is not None]
+            if ps:
+                for p, d in zip(ps, self._direction(ps, [p.grad for p in ps], group, hvps)):
+                    u[p] = d
+        s_t = torch.stack([sum(torch.dot(p.grad.flatten(), u[p].flatten()).to(torch.float64) for _, p in piece)
+                           for piece in pieces])
+        s = s_t.tolist()
+        shares = self._shares(s)
+        gap = loss_v - group0["f_star"]
+        stepped = False
+        for piece, s_i, w_i in zip(pieces, s, shares):
+            group_eps = piece[0][0]["eps"]
+            if not math.isfinite(s_i) or s_i + group_eps <= 0.0:
+                eta = 0.0
+            else:
+                eta = w_i * gap / (s_i + group_eps)
+                cap = piece[0][0]["max_lr"]
+                if cap is not None:
+                    eta = min(eta, cap)
+                stepped = True
+            for group, p in piece:
+                mu = group["momentum"]
+                upd = u[p] if eta == 0.0 else u[p] * eta
+                if mu > 0:
+                    st = self.state[p]
+                    buf = st.get("momentum_buffer")
+                    if buf is None:
+                        buf = st["momentum_buffer"] = (upd if eta != 0.0 else torch.zeros_like(p)).clone()
+                    else:
+                        buf.mul_(mu)
+                        if eta != 0.0:
+                            buf.add_(upd)
+                    p.add_(buf, alpha=-group["lr"])
+                elif eta != 0.0:
+                    p.add_(upd, alpha=-group["lr"])
+            for group in {id(g): g for g, _ in piece}.values():
+                group["polyak"]["eta"] = eta
+        if not stepped:
+            return self._count("zero_grad")
+        for group in self.param_groups:
+            group["polyak"]["steps"] += 1
+
+
+class PolyakAdam(Polyak):
+    """The hybrid: Adam's direction ``m_hat / (sqrt(v_hat) + eps_adam)`` with the Polyak magnitude
+    ``eta = (f - f*) / (g^T u)``. A piece whose direction does not descend (``g^T u <= 0``, possible
+    early with momentum) takes no step that iteration, while its moments still update.
+
+    Args: as :class:`Polyak` (no ``precondition``, no ``momentum``: the first moment is Adam's),
+    plus ``betas`` and ``adam_eps``.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1.0, *, betas: tuple[float, float] = (0.9, 0.999),
+                 adam_eps: float = 1e-8, **kwargs: Any) -> None:
+        for bad in ("precondition", "momentum"):
+            if bad in kwargs:
+                raise ValueError(f"{bad}={kwargs[bad]!r} is invalid for PolyakAdam: its direction is Adam's")
+        if not (isinstance(betas, tuple | list) and len(betas) == 2):
+            raise ValueError(f"betas={betas!r} is invalid: expected a pair (beta1, beta2)")
+        check_number("betas[0]", betas[0], lo=0.0, hi=1.0, hi_open=True)
+        check_number("betas[1]", betas[1], lo=0.0, hi=1.0, hi_open=True)
+        check_number("adam_eps", adam_eps, lo=0.0, lo_open=True)
+        super().__init__(params, lr, **kwargs)
+        for group in self.param_groups:
+            group["betas"] = tuple(betas)
+            group["adam_eps"] = adam_eps
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        g = self.param_groups[-1]
+        if self.param_groups and "betas" in self.param_groups[0]:
+            g.setdefault("betas", self.param_groups[0]["betas"])
+            g.setdefault("adam_eps", self.param_groups[0]["adam_eps"])
+
+    def _direction(self, params: list[torch.Tensor], grads: list[torch.Tensor], group: dict[str, Any],
+                   hvps: dict[torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
+        b1, b2 = group["betas"]
+        out = []
+        for p, g in zip(params, grads):
+            st = self.state[p]
+            if "exp_avg" not in st:
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["step"] = torch.zeros((), dtype=torch.float64)
+            st["step"] += 1
+            t = float(st["step"])
+            st["exp_avg"].lerp_(g, 1 - b1)
+            st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (st["exp_avg_sq"] / (1 - b2**t)).sqrt_().add_(group["adam_eps"])
+            out.append(st["exp_avg"] / (1 - b1**t) / denom)
+        return out
+

@@ -29,6 +29,7 @@ def test_divergence_is_recorded_and_the_bench_goes_on(tmp_path):
     sgd = {r["lr"]: r for r in doc["runs"] if r["optimizer"] == "sgd"}
     assert sgd[1.0]["diverged"] and sgd[1.0]["final_val_loss"] is None
     assert sgd[1.0]["diverged_step"] is not None and sgd[1.0]["steps_done"] < 40
+    assert not sgd[1e-3]["nonfinite_params"]
     assert not sgd[1e-3]["diverged"] and sgd[1e-3]["final_val_loss"] is not None
     assert len(doc["runs"]) == len(plan(["quad-asym"], ["sgd"], 1, 40))
     assert doc["complete"]
@@ -65,6 +66,7 @@ def _record(task, opt, lr, seed, vals, steps=None):
             "final_train_loss": final, "final_val_loss": final, "best_val_loss": min(v for v in vals if v is not None),
             "final_val_accuracy": None, "steps_to_target": None, "time_to_target_s": None, "ms_per_step": 1.0,
             "diverged": final is None, "diverged_step": None, "steps_done": steps[-1], "wall_s": 0.1, "error": None,
+            "nonfinite_params": False,
             "metrics": {}, "curve": {"step": steps, "train_loss": vals, "val_loss": vals,
                                      "time_s": [s / 1000 for s in steps]}}
 

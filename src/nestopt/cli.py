@@ -2,6 +2,7 @@
 
     nestopt bench --suite quick|full [--tasks T,..] [--optimizers O,..] [--seeds N] [--steps N]
                   [--workers N] --out DIR
+    nestopt study polyak --out DIR
     nestopt tasks
     nestopt optimizers
     nestopt overhead [--params 10M] [--optimizers O,..] [--steps N] [--rounds N] [--device cpu|cuda]
@@ -66,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=_int, help="step budget for every task (default: each task's own)")
     b.add_argument("--workers", type=_int, help="worker processes (default: one per core)")
     b.add_argument("--out", required=True, help="output folder for results.json, report.md and figures")
+
+    st = sub.add_parser("study", help="run a study that tests a source document's claims")
+    st.add_argument("name", help="polyak")
+    st.add_argument("--out", required=True, help="output folder for report.md, results.json and figures")
 
     sub.add_parser("tasks", help="list the registered tasks, task families and games")
     sub.add_parser("optimizers", help="list the registered optimizers")
@@ -208,7 +213,26 @@ def _cmd_overhead(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"bench": _cmd_bench, "tasks": _cmd_tasks, "optimizers": _cmd_optimizers, "overhead": _cmd_overhead}
+STUDIES = ("polyak",)
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    if args.name not in STUDIES:
+        raise UsageError(f"unknown study {args.name!r}; valid names: {', '.join(STUDIES)}")
+    out = _writable_dir(args.out)
+    t0 = time.perf_counter()
+    if args.name == "polyak":
+        from .studies.polyak import run_study
+
+        doc = run_study(out)
+        for key, items in doc["verdicts"].items():
+            for it in items:
+                print(f"{key}  {it['verdict']:10s} {it['claim']}")
+    print(f"study {args.name}: {time.perf_counter() - t0:.0f} s; wrote {out / 'report.md'}, {out / 'results.json'} and figures")
+    return 0
+
+
+COMMANDS = {"bench": _cmd_bench, "study": _cmd_study, "tasks": _cmd_tasks, "optimizers": _cmd_optimizers, "overhead": _cmd_overhead}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,6 +11,7 @@ time-to-target counts training time only.
 Divergence: a run stops and is marked ``diverged`` when a training or validation loss is not
 finite, the validation loss exceeds ``DIVERGE_FACTOR`` times its initial value, or the optimizer
 raises (the message is kept in ``error``); the benchmark goes on with the next job.
+``nonfinite_params`` records whether any parameter ended NaN or infinite.
 """
 
 from __future__ import annotations
@@ -145,6 +146,7 @@ def run_job(job: Job) -> dict[str, Any]:
         "steps_done": steps_done,
         "wall_s": time.perf_counter() - t_start,
         "error": error,
+        "nonfinite_params": not all(bool(torch.isfinite(p).all()) for p in model.parameters()),
         "metrics": extra,
         "curve": curve,
     }

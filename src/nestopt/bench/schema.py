@@ -27,6 +27,7 @@ Run record (all keys required; a loss that was not finite, or was not reached, i
     diverged_step          int|null
     steps_done, wall_s     int, number
     error                  str|null     what the optimizer raised, if it did (run counted diverged)
+    nonfinite_params       bool         a parameter ended NaN or infinite
     metrics                object       the task's other final validation metrics (AUCs, ...)
     curve                  object       arrays step, train_loss, val_loss, time_s (same length)
 """
@@ -44,7 +45,7 @@ RUN = {"task": str, "optimizer": str, "lr": NUM, "seed": int, "steps": int,
        "best_val_loss": (*NUM, type(None)), "final_val_accuracy": (*NUM, type(None)),
        "steps_to_target": (int, type(None)), "time_to_target_s": (*NUM, type(None)),
        "ms_per_step": NUM, "diverged": bool, "diverged_step": (int, type(None)), "steps_done": int,
-       "wall_s": NUM, "error": (str, type(None)), "metrics": dict, "curve": dict}
+       "wall_s": NUM, "error": (str, type(None)), "nonfinite_params": bool, "metrics": dict, "curve": dict}
 CURVE = ("step", "train_loss", "val_loss", "time_s")
 SUMMARY = ("targets", "chosen_lr", "table", "ratios", "profile", "scores")
 

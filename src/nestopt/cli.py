@@ -130,16 +130,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     t0 = time.perf_counter()
-    state = {"diverged": 0}
+    state = {"diverged": 0, "done": 0, "total": 0}
     with Progress(TextColumn("[bold]bench[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
         bar = progress.add_task(s.name if not args.tasks else "custom", total=None)
 
         def on_start(n: int) -> None:
+            state["total"] = n
             progress.update(bar, total=n)
 
         def on_done(rec: dict) -> None:
             state["diverged"] += rec["diverged"]
+            state["done"] += 1
+            if not console.is_terminal and state["done"] % max(1, state["total"] // 10) == 0:
+                # no live bar in a log file: a line every tenth of the way instead
+                console.print(f"bench: {state['done']}/{state['total']} runs, {time.perf_counter() - t0:.0f} s, "
+                              f"diverged runs so far: {state['diverged']}")
             progress.update(bar, advance=1, description=f"{rec['task']} / {rec['optimizer']} (diverged runs: {state['diverged']})")
 
         doc = run_bench(tasks=tasks, optimizers=optimizers, seeds=seeds, out=out, steps=args.steps,

@@ -9,12 +9,14 @@ median over rounds of the mean step time in a round.
 Memory: ``state floats/param`` counts the optimizer's state tensors (what a checkpoint carries);
 ``peak MB`` is the growth of the process's peak memory during the steps: on CUDA
 ``torch.cuda.max_memory_allocated``; on CPU the kernel's resident high-water mark, reset before
-each optimizer (Linux; ``-`` where that is not available).
+each optimizer (Linux; ``-`` where that is not available). Optimizers that need second-order
+closures (``create_graph``) are listed but not measured: fixed gradients carry no graph.
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 import gc
 import statistics
 import time
@@ -41,8 +43,9 @@ class Row:
     peak_mb: float | None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "ms_per_step": self.ms, "state_floats_per_param": self.state_floats_per_param,
-                "peak_mb": self.peak_mb}
+        measured = not math.isnan(self.ms)
+        return {"name": self.name, "ms_per_step": self.ms if measured else None,
+                "state_floats_per_param": self.state_floats_per_param if measured else None, "peak_mb": self.peak_mb}
 
 
 def synthetic_params(n_params: int, device: str = "cpu", seed: int = 0) -> list[torch.Tensor]:
@@ -100,8 +103,12 @@ def measure(names: Sequence[str] | None = None, n_params: int = 10_000_000, step
     _fix_malloc()
     builders: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = dict(REFERENCES)
     losses: dict[str, bool] = {}
+    skipped: list[str] = []
     for n in (opt_registry.names() if names is None else names):
         spec = opt_registry.get(n)
+        if spec.create_graph:  # second order: fixed gradients carry no graph to differentiate
+            skipped.append(n)
+            continue
         builders[n] = lambda p, spec=spec: spec.make(p)
         losses[n] = spec.needs_loss
     base = synthetic_params(n_params, device)
@@ -143,7 +150,8 @@ def measure(names: Sequence[str] | None = None, n_params: int = 10_000_000, step
                 else:
                     peaks[name] = None
             del opt, params
-    return [Row(n, statistics.median(times[n]), state[n], peaks[n]) for n in builders]
+    rows = [Row(n, statistics.median(times[n]), state[n], peaks[n]) for n in builders]
+    return rows + [Row(n, math.nan, math.nan, None) for n in skipped]
 
 
 def format_table(rows: list[Row], n_params: int, device: str) -> str:
@@ -154,6 +162,9 @@ def format_table(rows: list[Row], n_params: int, device: str) -> str:
            f"{'optimizer':28s} {'ms/step':>9s} {'x AdamW(fused)':>15s} {'x SGD(foreach)':>15s} "
            f"{'state floats/param':>19s} {'peak MB':>8s}"]
     for r in rows:
+        if math.isnan(r.ms):
+            out.append(f"{r.name:28s} {'not measured: needs a second-order closure (create_graph=True)':>60s}")
+            continue
         peak = "-" if r.peak_mb is None else f"{r.peak_mb:.0f}"
         out.append(f"{r.name:28s} {r.ms:9.2f} {r.ms / adamw:15.2f} {r.ms / sgd:15.2f} "
                    f"{r.state_floats_per_param:19.2f} {peak:>8s}")

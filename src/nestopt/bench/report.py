@@ -76,6 +76,9 @@ def write_report(doc: dict[str, Any], out: Path, figures: list[str]) -> None:
         tg = s["targets"].get(t)
         lines.append(f"| {t} | {_fmt(tg['val_loss']) if tg else 'none (AdamW diverged everywhere)'} | "
                      f"{_fmt(tg['adamw_lr']) if tg else '-'} |")
+    edges = sorted(k.replace("|", ": ") for k, c in s["chosen_lr"].items() if c.get("at_grid_edge"))
+    if edges:
+        lines += ["", "Chosen at the edge of its grid (the best rate may lie outside it): " + ", ".join(edges) + "."]
     for t in tasks:
         lines += ["", f"## {t}", "",
                   "| entry | lr | final val loss (mean ± sd) | final train loss | val acc | steps to target "

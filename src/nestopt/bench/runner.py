@@ -20,6 +20,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -152,9 +153,16 @@ def run_job(job: Job) -> dict[str, Any]:
     }
 
 
+def quiet_create_graph_warning() -> None:
+    """torch warns that ``backward(create_graph=True)`` makes a parameter/gradient cycle; every
+    closure here starts with ``zero_grad(set_to_none=True)``, which breaks it."""
+    warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
+
+
 def _worker_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     torch.set_num_threads(1)
+    quiet_create_graph_warning()
 
 
 def default_workers() -> int:
@@ -170,6 +178,7 @@ def run_jobs(jobs: Sequence[Job], *, workers: int | None = None,
     workers = default_workers() if workers is None else workers
     records: list[dict[str, Any]] = []
     if workers <= 1:
+        quiet_create_graph_warning()
         try:
             for job in jobs:
                 rec = run_job(job)

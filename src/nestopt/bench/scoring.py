@@ -51,7 +51,9 @@ def choose_rates(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[st
             continue
         scores = {lr: _worst_final(runs) for lr, runs in by_lr.items()}
         best = min(sorted(scores), key=lambda lr: scores[lr])
-        out[key] = {"lr": best, "worst_final": scores[best], "by_lr": {str(k): _json(v) for k, v in sorted(scores.items())}}
+        grid = sorted(scores)
+        out[key] = {"lr": best, "worst_final": scores[best], "at_grid_edge": best in (grid[0], grid[-1]),
+                    "by_lr": {str(k): _json(v) for k, v in sorted(scores.items())}}
     return out
 
 

@@ -26,8 +26,8 @@ from .._checks import unknown_name
 
 Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
-LR_GRID_ADAM = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
-LR_GRID_SGD = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+LR_GRID_ADAM = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+LR_GRID_SGD = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)
 
 
 @dataclass(frozen=True)

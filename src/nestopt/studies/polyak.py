@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ..bench.runner import quiet_create_graph_warning
 from .polyak_experiments import VARIANTS, Run, experiments, run_all
 
 
@@ -271,11 +272,13 @@ CLAIM_TEXT = {
 }
 
 
-def run_study(out: str | Path) -> dict[str, Any]:
+def run_study(out: str | Path, variants: list[str] | None = None) -> dict[str, Any]:
+    """Run everything (or only ``variants``, which must include ``"global"``), write the outputs."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    runs = run_all()
+    quiet_create_graph_warning()
+    runs = run_all(variants=variants)
     v = verdicts(runs)
     figures = _figures(runs, out)
     wall = time.perf_counter() - t0
@@ -284,7 +287,7 @@ def run_study(out: str | Path) -> dict[str, Any]:
              "Command: `nestopt study polyak --out DIR` "
              f"({wall:.0f} s here). Each experiment runs every variant in float64 and float32 from the note's "
              "start point; AdamW (weight decay 0) is shown at the best rate of a 7-point grid. Variants:", ""]
-    lines += [f"- `{x.key}`: {x.label}" for x in VARIANTS]
+    lines += [f"- `{x.key}`: {x.label}" for x in VARIANTS if variants is None or x.key in variants]
     lines += ["", "## Verdicts", "", "| experiment | claim (the note's \"Expected\") | verdict | evidence |", "|---|---|---|---|"]
     for key, items in v.items():
         for it in items:

@@ -235,13 +235,15 @@ def measure(exp: Experiment, r: Run) -> dict[str, Any]:
     return m
 
 
-def run_all(dtypes: tuple[torch.dtype, ...] = (torch.float64, torch.float32)) -> list[Run]:
+def run_all(dtypes: tuple[torch.dtype, ...] = (torch.float64, torch.float32),
+            variants: list[str] | None = None) -> list[Run]:
     """Every experiment x variant x dtype; AdamW at the best rate of its grid (lowest final loss,
-    ties broken by fewer steps to 1e-6)."""
+    ties broken by fewer steps to 1e-6). ``variants`` restricts the variants (by key)."""
     out = []
+    chosen = [v for v in VARIANTS if variants is None or v.key in variants]
     for dtype in dtypes:
         for exp in experiments(dtype):
-            for v in VARIANTS:
+            for v in chosen:
                 if v.needs == "hessian" and exp.hessian_diag is None:
                     continue
                 if v.lr_grid:

@@ -127,9 +127,10 @@ def test_schema_validator_reports_problems():
 
 
 def test_plan_always_includes_tuned_adamw_and_its_default():
-    jobs = plan(["quad-asym"], ["sgd"], seeds=2, steps=10)
-    adamw_lrs = {j.lr for j in jobs if j.optimizer == "adamw"}
-    assert len(adamw_lrs) >= 5 and registry.get("adamw").default_lr in adamw_lrs
+    for stride in (1, 2):
+        jobs = plan(["quad-asym"], ["sgd"], seeds=2, steps=10, grid_stride=stride)
+        adamw_lrs = {j.lr for j in jobs if j.optimizer == "adamw"}
+        assert len(adamw_lrs) >= 5 and registry.get("adamw").default_lr in adamw_lrs
     assert {j.seed for j in jobs} == {0, 1}
     with pytest.raises(KeyError, match="valid names"):
         plan(["nope"], [], 1)

@@ -149,7 +149,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             progress.update(bar, advance=1, description=f"{rec['task']} / {rec['optimizer']} (diverged runs: {state['diverged']})")
 
         doc = run_bench(tasks=tasks, optimizers=optimizers, seeds=seeds, out=out, steps=args.steps,
-                        workers=args.workers,
+                        workers=args.workers, grid_stride=s.grid_stride,
                         suite_name=args.suite if not (args.tasks or args.optimizers or args.seeds or args.steps) else f"custom ({args.suite} defaults)",
                         on_start=on_start, on_done=on_done)
     wall = time.perf_counter() - t0

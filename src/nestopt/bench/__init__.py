@@ -29,13 +29,13 @@ from .suites import SUITES, plan, suite
 
 
 def run_bench(*, tasks: Sequence[str], optimizers: Sequence[str], seeds: int, out: str | Path,
-              steps: int | None = None, workers: int | None = None, suite_name: str = "custom",
+              steps: int | None = None, workers: int | None = None, suite_name: str = "custom", grid_stride: int = 1,
               command: str | None = None, on_start: Callable[[int], None] | None = None,
               on_done: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Plan, run, score and write a benchmark. Returns the results document (``complete`` is
     False if it was interrupted; what finished is still scored and written)."""
     out = Path(out)
-    jobs = plan(tasks, optimizers, seeds, steps)
+    jobs = plan(tasks, optimizers, seeds, steps, grid_stride)
     workers = default_workers() if workers is None else workers
     if on_start:
         on_start(len(jobs))
@@ -49,7 +49,7 @@ def run_bench(*, tasks: Sequence[str], optimizers: Sequence[str], seeds: int, ou
         "environment": {"nestopt": __version__, "torch": torch.__version__, "python": platform.python_version(),
                         "platform": platform.platform(terse=True), "cores": os.cpu_count(), "workers": workers},
         "config": {"suite": suite_name, "tasks": list(tasks), "optimizers": list(dict.fromkeys(["adamw", *optimizers])),
-                   "seeds": seeds, "steps": steps, "command": command or " ".join(["nestopt", *sys.argv[1:]])},
+                   "seeds": seeds, "steps": steps, "grid_stride": grid_stride, "command": command or " ".join(["nestopt", *sys.argv[1:]])},
         "runs": records,
         "summary": summarize(records),
     }

@@ -1,0 +1,170 @@
+"""Diagnostics of a model on a batch: the research note's robustness and compressibility signals.
+
+Each is a function of a model and a batch (inputs ``x``, labels ``y`` where needed), run under
+``torch.no_grad`` in eval mode and restoring the model's mode:
+
+- ``activation_sparsity``: fraction of activations with ``|a| < threshold`` (0.1), over the outputs
+  of the activation modules (ReLU, GELU, ...), via forward hooks;
+- ``weight_compressibility``: fraction of weights (tensors of 2 or more dims) with ``|w| < threshold``;
+- ``pruned_accuracy``: accuracy after global magnitude pruning of those weights at given fractions
+  (on a copy; the model is untouched);
+- ``prediction_confidence``: mean of the largest softmax probability;
+- ``class_separation``: mean over classes of ``||mu_c - mu|| / sigma_c^2`` on the penultimate
+  features (``sigma_c^2`` the mean squared distance to the class mean);
+- ``feature_utilization``: fraction of penultimate features whose standard deviation exceeds 0.1;
+- ``gradient_norm``: global norm of the current ``.grad`` tensors.
+
+``DiagnosticsCallback(model, x, y, every=100)`` samples all of them every ``every`` steps and
+records the time it spends (``callback.seconds``), so its overhead can be reported against the
+training time.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+ACTIVATIONS = (nn.ReLU, nn.GELU, nn.Tanh, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Sigmoid, nn.Softplus)
+
+
+@contextmanager
+def _eval(model: nn.Module) -> Iterator[None]:
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was)
+
+
+def activation_sparsity(model: nn.Module, x: torch.Tensor, threshold: float = 0.1) -> float:
+    small, total = 0, 0
+    acts = [m for m in model.modules() if isinstance(m, ACTIVATIONS)]
+    if not acts:
+        raise ValueError("model has no activation modules (nn.ReLU, nn.GELU, ...) to hook; "
+                         "activation_sparsity needs them as modules, not functional calls")
+
+    def hook(_m: nn.Module, _i: Any, out: torch.Tensor) -> None:
+        nonlocal small, total
+        small += int((out.abs() < threshold).sum())
+        total += out.numel()
+
+    handles = [m.register_forward_hook(hook) for m in acts]
+    try:
+        with _eval(model):
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return small / max(total, 1)
+
+
+def _weights(model: nn.Module) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if p.dim() >= 2]
+
+
+def weight_compressibility(model: nn.Module, threshold: float = 0.1) -> float:
+    ws = _weights(model)
+    return sum(int((w.detach().abs() < threshold).sum()) for w in ws) / max(sum(w.numel() for w in ws), 1)
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with _eval(model):
+        return float((model(x).argmax(-1) == y).float().mean())
+
+
+def pruned_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                    fractions: tuple[float, ...] = (0.5, 0.8)) -> dict[float, float]:
+    out = {}
+    mags = torch.cat([w.detach().abs().flatten() for w in _weights(model)])
+    for frac in fractions:
+        if not 0.0 <= frac < 1.0:
+            raise ValueError(f"fractions={fractions!r} is invalid: each must be in [0, 1)")
+        pruned = copy.deepcopy(model)
+        k = int(frac * mags.numel())
+        cut = torch.kthvalue(mags, k).values if k > 0 else torch.tensor(-1.0)
+        with torch.no_grad():
+            for w in _weights(pruned):
+                w.mul_((w.abs() > cut).to(w.dtype))
+        out[frac] = accuracy(pruned, x, y)
+    return out
+
+
+def prediction_confidence(model: nn.Module, x: torch.Tensor) -> float:
+    with _eval(model):
+        return float(torch.softmax(model(x), -1).max(-1).values.mean())
+
+
+def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Inputs of the model's last ``nn.Linear`` (flattened), captured by a forward hook."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("model has no nn.Linear layer whose input could serve as its features")
+    feats: list[torch.Tensor] = []
+    handle = linears[-1].register_forward_hook(lambda _m, inp, _o: feats.append(inp[0].flatten(1)))
+    try:
+        with _eval(model):
+            model(x)
+    finally:
+        handle.remove()
+    return feats[0]
+
+
+def class_separation(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    f = penultimate_features(model, x).double()
+    mu = f.mean(0)
+    vals = []
+    for c in torch.unique(y):
+        fc = f[y == c]
+        if len(fc) < 2:
+            continue
+        mc = fc.mean(0)
+        var = ((fc - mc) ** 2).sum(1).mean()
+        vals.append(float((mc - mu).norm() / var.clamp_min(1e-12)))
+    return sum(vals) / max(len(vals), 1)
+
+
+def feature_utilization(model: nn.Module, x: torch.Tensor, threshold: float = 0.1) -> float:
+    f = penultimate_features(model, x)
+    return float((f.std(0) > threshold).float().mean())
+
+
+def gradient_norm(model: nn.Module) -> float:
+    gs = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gs]))) if gs else 0.0
+
+
+def all_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    pr = pruned_accuracy(model, x, y)
+    return {"activation_sparsity": activation_sparsity(model, x), "weight_compressibility": weight_compressibility(model),
+            "accuracy": accuracy(model, x, y), "pruned_accuracy_50": pr[0.5], "pruned_accuracy_80": pr[0.8],
+            "confidence": prediction_confidence(model, x), "class_separation": class_separation(model, x, y),
+            "feature_utilization": feature_utilization(model, x), "gradient_norm": gradient_norm(model)}
+
+
+class DiagnosticsCallback:
+    """Every ``every`` steps, compute :func:`all_metrics` on a fixed batch; keep the history and
+    the seconds spent (``seconds``) so the overhead can be measured."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, every: int = 100) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every={every!r} is invalid: expected a positive integer")
+        self.model, self.x, self.y, self.every = model, x, y, every
+        self.history: list[dict[str, float]] = []
+        self.seconds = 0.0
+
+    def __call__(self, step: int) -> dict[str, float] | None:
+        if step % self.every:
+            return None
+        t0 = time.perf_counter()
+        m = {"step": float(step), **all_metrics(self.model, self.x, self.y)}
+        self.seconds += time.perf_counter() - t0
+        self.history.append(m)
+        return m

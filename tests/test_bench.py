@@ -146,3 +146,28 @@ def test_bench_outputs_curves_profile_and_report(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "adamw-tuned" in report and "adamw-default" in report and "sgd-momentum-tuned" in report
     assert all(math.isfinite(v) for v in doc["summary"]["scores"]["time"].values())
+
+
+@pytest.fixture
+def scheduled_optimizer():
+    from nestopt.schedule import constant
+
+    spec = registry.register(registry.OptimizerSpec(
+        "test-frozen-by-schedule", lambda p, lr: torch.optim.SGD(p, lr=lr), default_lr=0.1,
+        schedule=lambda lr, steps: constant(0.0)))
+    yield spec
+    registry._REGISTRY.pop(spec.name)
+
+
+def test_the_bench_drives_an_optimizer_with_its_schedule(scheduled_optimizer):
+    rec = run_job(Job("quad-asym", "test-frozen-by-schedule", 0.1, 0, 10))
+    assert rec["curve"]["val_loss"][-1] == rec["curve"]["val_loss"][0]  # lr 0 from the first step
+
+
+def test_the_large_lr_recipe_joins_the_bench():
+    spec = registry.get("sgd-largelr")
+    assert spec.tune and spec.clip_norm == 1.0 and spec.schedule is not None
+    s = spec.schedule(0.3, 100)
+    assert s(0) == pytest.approx(0.01) and s(5) == pytest.approx(0.3) and s(100) == pytest.approx(1e-5)
+    rec = run_job(Job("digits-logreg", "sgd-largelr", 0.3, 0, 40))
+    assert not rec["diverged"] and rec["final_val_loss"] < rec["curve"]["val_loss"][0]

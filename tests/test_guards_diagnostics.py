@@ -176,3 +176,15 @@ def test_callback_samples_every_n_steps_and_times_itself():
     assert cb.seconds > 0
     with pytest.raises(ValueError, match="every=0"):
         D.DiagnosticsCallback(net, x, y, every=0)
+
+
+def test_large_lr_study_smoke(tmp_path):
+    from nestopt.studies.large_lr import run_study, spurious_digits
+
+    d = spurious_digits()
+    assert 0.93 < float((d["cue_train"] == d["y_train"]).float().mean()) < 0.97
+    assert float((d["cue_test"] == d["y_test"]).float().mean()) < 0.2
+    doc = run_study(tmp_path, seeds=1, epochs=1, grid=(0.01, 0.3))
+    assert {v["verdict"] for v in doc["verdicts"]} <= {"holds", "does not hold", "mixed"}
+    assert len(doc["runs"]) == 4 and doc["diagnostics_overhead"] >= 0
+    assert (tmp_path / "metrics_vs_lr.png").exists() and "## Verdicts" in (tmp_path / "report.md").read_text()

@@ -2,7 +2,7 @@
 
     nestopt bench --suite quick|full [--tasks T,..] [--optimizers O,..] [--seeds N] [--steps N]
                   [--workers N] --out DIR
-    nestopt study polyak --out DIR
+    nestopt study polyak|large-lr --out DIR
     nestopt tasks
     nestopt optimizers
     nestopt overhead [--params 10M] [--optimizers O,..] [--steps N] [--rounds N] [--device cpu|cuda]
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="output folder for results.json, report.md and figures")
 
     st = sub.add_parser("study", help="run a study that tests a source document's claims")
-    st.add_argument("name", help="polyak")
+    st.add_argument("name", help="polyak or large-lr")
     st.add_argument("--out", required=True, help="output folder for report.md, results.json and figures")
 
     sub.add_parser("tasks", help="list the registered tasks, task families and games")
@@ -131,26 +131,31 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     t0 = time.perf_counter()
     state = {"diverged": 0, "done": 0, "total": 0}
-    with Progress(TextColumn("[bold]bench[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=False) as progress:
-        bar = progress.add_task(s.name if not args.tasks else "custom", total=None)
+    live = console.is_terminal
+    progress = Progress(TextColumn("[bold]bench[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=console, transient=False, disable=not live)
+    suite_label = args.suite if not (args.tasks or args.optimizers or args.seeds or args.steps) \
+        else f"custom ({args.suite} defaults)"
+    with progress:
+        bar = progress.add_task(suite_label, total=None)
 
         def on_start(n: int) -> None:
             state["total"] = n
             progress.update(bar, total=n)
+            if not live:
+                print(f"bench: {n} runs on {args.workers or 'all'} worker(s)", file=sys.stderr, flush=True)
 
         def on_done(rec: dict) -> None:
             state["diverged"] += rec["diverged"]
             state["done"] += 1
-            if not console.is_terminal and state["done"] % max(1, state["total"] // 10) == 0:
-                # no live bar in a log file: a line every tenth of the way instead
-                console.print(f"bench: {state['done']}/{state['total']} runs, {time.perf_counter() - t0:.0f} s, "
-                              f"diverged runs so far: {state['diverged']}")
             progress.update(bar, advance=1, description=f"{rec['task']} / {rec['optimizer']} (diverged runs: {state['diverged']})")
+            if not live and state["done"] % max(1, state["total"] // 10) == 0:
+                # no live bar in a log file: a plain line every tenth of the way instead
+                print(f"bench: {state['done']}/{state['total']} runs, {time.perf_counter() - t0:.0f} s, "
+                      f"diverged runs so far: {state['diverged']}", file=sys.stderr, flush=True)
 
         doc = run_bench(tasks=tasks, optimizers=optimizers, seeds=seeds, out=out, steps=args.steps,
-                        workers=args.workers, grid_stride=s.grid_stride,
-                        suite_name=args.suite if not (args.tasks or args.optimizers or args.seeds or args.steps) else f"custom ({args.suite} defaults)",
+                        workers=args.workers, grid_stride=s.grid_stride, suite_name=suite_label,
                         on_start=on_start, on_done=on_done)
     wall = time.perf_counter() - t0
     scores = doc["summary"]["scores"]["time"]
@@ -219,7 +224,7 @@ def _cmd_overhead(args: argparse.Namespace) -> int:
     return 0
 
 
-STUDIES = ("polyak",)
+STUDIES = ("polyak", "large-lr")
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
@@ -234,6 +239,12 @@ def _cmd_study(args: argparse.Namespace) -> int:
         for key, items in doc["verdicts"].items():
             for it in items:
                 print(f"{key}  {it['verdict']:10s} {it['claim']}")
+    elif args.name == "large-lr":
+        from .studies.large_lr import run_study as run_large_lr
+
+        doc = run_large_lr(out)
+        for it in doc["verdicts"]:
+            print(f"{it['arm']:9s}  {it['verdict']:13s} {it['claim']}")
     print(f"study {args.name}: {time.perf_counter() - t0:.0f} s; wrote {out / 'report.md'}, {out / 'results.json'} and figures")
     return 0
 

@@ -67,6 +67,12 @@ def run_job(job: Job) -> dict[str, Any]:
     spec = opt_registry.get(job.optimizer)
     model = task.init(job.seed)
     opt = spec.make(model.parameters(), lr=job.lr)
+    scheduler = None
+    if spec.schedule is not None:
+        from ..schedule import LargeLRScheduler
+
+        scheduler = LargeLRScheduler(opt, spec.schedule(job.lr, job.steps))
+    params = [p for p in model.parameters() if p.requires_grad]
     next_batch = task.sampler(job.seed)
     eval_every = max(1, job.steps // CURVE_POINTS)
 
@@ -100,6 +106,8 @@ def run_job(job: Job) -> dict[str, Any]:
                 opt.zero_grad(set_to_none=True)
                 loss = task.loss(model, batch)
                 loss.backward(create_graph=spec.create_graph)
+                if spec.clip_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, spec.clip_norm)
                 return loss
 
             if spec.needs_loss:
@@ -107,6 +115,8 @@ def run_job(job: Job) -> dict[str, Any]:
             else:
                 loss = closure()
                 opt.step()
+            if scheduler is not None:
+                scheduler.step()
             lv = float(loss.detach())
             train_time += time.perf_counter() - t0
             steps_done = step + 1

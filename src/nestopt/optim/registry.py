@@ -51,6 +51,9 @@ class OptimizerSpec:
         group_independent: each param group's update depends only on that group (so two groups
             step exactly as two separate optimizers would); False for rules that pool statistics.
         create_graph: the closure must call ``loss.backward(create_graph=True)`` (second order).
+        schedule: ``schedule(lr, total_steps) -> Schedule``: the bench drives the optimizer with it
+            through a :class:`~nestopt.schedule.LargeLRScheduler`, one step per optimizer step.
+        clip_norm: the bench clips the global gradient norm to this before each step.
         limits: documented limitations the conformance tests check as such; ``"group-lrs"``: it
             refuses param groups with different non-zero learning rates (it raises);
             ``"lr-zero-averages"``: at lr 0 its iterate ``state["z"]`` stops but the averaged
@@ -71,6 +74,8 @@ class OptimizerSpec:
     origin: Literal["torch", "peer", "nestopt"] = "nestopt"
     conformance_lr: float | None = None
     create_graph: bool = False
+    schedule: Callable[[float, int], Any] | None = None
+    clip_norm: float | None = None
     limits: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -181,3 +186,20 @@ register(OptimizerSpec("polyak-hutchinson", _polyak(precondition="hutchinson"), 
                        description="Polyak magnitude on D^-1 g, D = Hutchinson Hessian-diagonal estimate"))
 register(OptimizerSpec("polyak-adam", _polyak_adam, group_independent=False, **_POLYAK,
                        description="hybrid: Polyak magnitude, Adam direction m_hat/(sqrt(v_hat)+eps)"))
+
+
+# -- the large-learning-rate recipe (nestopt.schedule) -------------------------------------------
+
+
+def _large_lr_schedule(lr: float, total_steps: int) -> Any:
+    from ..schedule import LargeLRConfig
+
+    return LargeLRConfig().schedule(base_lr=lr, total=total_steps)
+
+
+register(OptimizerSpec(
+    "sgd-largelr", lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9, weight_decay=5e-4), default_lr=0.3,
+    lr_grid=(0.01, 0.03, 0.1, 0.3, 0.5, 0.8, 1.0), tune=True, origin="nestopt", schedule=_large_lr_schedule,
+    clip_norm=1.0, conformance_lr=2e-4,
+    description="the large-LR recipe: SGD(momentum 0.9, wd 5e-4), warmup 0.01->lr over 5% of the budget, "
+                "cosine to 1e-5, clip 1.0 (no label smoothing: the task owns its loss)"))

@@ -8,7 +8,8 @@
 
 from .functions import (Constant, Cosine, Exponential, Join, Linear, Schedule, StepDecay, constant, cosine,
                         exponential, join, linear, step_decay, warmup_then)
+from .grid import GridResult, grid_search
 from .large_lr import LargeLRConfig, LargeLRScheduler
 
-__all__ = ["Constant", "Cosine", "Exponential", "Join", "LargeLRConfig", "LargeLRScheduler", "Linear", "Schedule",
+__all__ = ["GridResult", "grid_search", "Constant", "Cosine", "Exponential", "Join", "LargeLRConfig", "LargeLRScheduler", "Linear", "Schedule",
            "StepDecay", "constant", "cosine", "exponential", "join", "linear", "step_decay", "warmup_then"]

@@ -95,19 +95,20 @@ class LargeLRConfig:
         except ValueError as e:
             raise ValueError(f"{prefix}{e}") from None
 
-    def schedule(self, base_lr: float | None = None, total_epochs: float | None = None) -> Schedule:
-        """The recipe's schedule in epochs: warmup, then the chosen decay (``base_lr`` and
-        ``total_epochs`` override the config's, e.g. for a grid or another budget)."""
+    def schedule(self, base_lr: float | None = None, total: float | None = None) -> Schedule:
+        """The recipe's schedule: warmup, then the chosen decay, in epochs. ``base_lr`` overrides
+        the config's (for a grid); ``total`` stretches the whole recipe (warmup and decay
+        milestones in proportion) to another length, e.g. a step budget."""
         base = self.base_lr if base_lr is None else check_number("base_lr", base_lr, lo=0.0, lo_open=True)
-        total = self.total_epochs if total_epochs is None else total_epochs
-        warm = min(float(self.warmup_epochs), 0.5 * total) if total_epochs is not None else float(self.warmup_epochs)
-        rest = total - warm
+        k = 1.0 if total is None else check_number("total", total, lo=0.0, lo_open=True) / self.total_epochs
+        warm = self.warmup_epochs * k
+        rest = self.total_epochs * k - warm
         start = min(self.warmup_start_lr, base)
         low = min(self.min_lr, base)
         if self.decay == "cosine":
             decay: Schedule = cosine(base, low, rest)
         elif self.decay == "step":
-            decay = step_decay(base, [e - warm for e in self.decay_epochs if e > warm], self.decay_factor)
+            decay = step_decay(base, [e * k - warm for e in self.decay_epochs if e * k > warm], self.decay_factor)
         elif self.decay == "exponential":
             decay = exponential(base, self.decay_factor, every=max(rest / 3.0, 1e-9), min_value=low)
         else:

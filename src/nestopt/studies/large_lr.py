@@ -31,6 +31,7 @@ from torch import nn
 
 from .. import diagnostics as D
 from ..schedule import LargeLRConfig, LargeLRScheduler, grid_search
+from ._common import finite
 
 CUE_POSITIONS = [(0, 1), (0, 4), (0, 7), (2, 9), (5, 9), (8, 9), (9, 6), (9, 3), (7, 0), (4, 0)]
 METRICS = ("conflicting_accuracy", "accuracy", "activation_sparsity", "weight_compressibility",
@@ -276,15 +277,6 @@ def run_study(out: str | Path, seeds: int = 3, epochs: int = 20, grid: tuple[flo
     doc = {"wall_s": wall, "grid": grid, "seeds": seeds, "epochs": epochs, "verdicts": v,
            "grid_search": {"best_lr": best.best_lr, "scores": {str(k): s for k, s in best.scores.items()}},
            "diagnostics_overhead": overhead, "runs": runs}
-    (out / "results.json").write_text(json.dumps(_finite(doc), indent=1, allow_nan=False))
+    (out / "results.json").write_text(json.dumps(finite(doc), indent=1, allow_nan=False))
     return doc
 
-
-def _finite(x: Any) -> Any:
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_finite(v) for v in x]
-    return x

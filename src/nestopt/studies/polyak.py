@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..bench.runner import quiet_create_graph_warning
+from ._common import finite
 from .polyak_experiments import VARIANTS, Run, experiments, run_all
 
 
@@ -303,16 +304,6 @@ def run_study(out: str | Path, variants: list[str] | None = None) -> dict[str, A
            "runs": [{"experiment": r.experiment, "variant": r.variant, "dtype": r.dtype, "lr": r.lr, "error": r.error,
                      "metrics": {k: val for k, val in r.metrics.items() if k != "grad_ratio"},
                      "loss": [x if math.isfinite(x) else None for x in r.loss]} for r in runs]}
-    (out / "results.json").write_text(json.dumps(_finite(doc), indent=1, allow_nan=False))
+    (out / "results.json").write_text(json.dumps(finite(doc), indent=1, allow_nan=False))
     return doc
 
-
-def _finite(x: Any) -> Any:
-    """Non-finite floats become null (strict JSON)."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_finite(v) for v in x]
-    return x

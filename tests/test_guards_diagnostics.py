@@ -188,3 +188,18 @@ def test_large_lr_study_smoke(tmp_path):
     assert {v["verdict"] for v in doc["verdicts"]} <= {"holds", "does not hold", "mixed"}
     assert len(doc["runs"]) == 4 and doc["diagnostics_overhead"] >= 0
     assert (tmp_path / "metrics_vs_lr.png").exists() and "## Verdicts" in (tmp_path / "report.md").read_text()
+
+
+def test_all_metrics_in_one_pass_equals_the_separate_functions():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8), nn.GELU(), nn.Linear(8, 3))
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    before = [p.detach().clone() for p in net.parameters()]
+    m = D.all_metrics(net, x, y)
+    pr = D.pruned_accuracy(net, x, y)
+    assert m["activation_sparsity"] == pytest.approx(D.activation_sparsity(net, x))
+    assert m["confidence"] == pytest.approx(D.prediction_confidence(net, x))
+    assert m["class_separation"] == pytest.approx(D.class_separation(net, x, y))
+    assert m["feature_utilization"] == pytest.approx(D.feature_utilization(net, x))
+    assert (m["pruned_accuracy_50"], m["pruned_accuracy_80"]) == (pr[0.5], pr[0.8])
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before))  # pruning was undone

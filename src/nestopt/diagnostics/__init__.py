@@ -118,7 +118,11 @@ def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def class_separation(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    f = penultimate_features(model, x).double()
+    return _separation(penultimate_features(model, x), y)
+
+
+def _separation(features: torch.Tensor, y: torch.Tensor) -> float:
+    f = features.double()
     mu = f.mean(0)
     vals = []
     for c in torch.unique(y):
@@ -141,12 +145,56 @@ def gradient_norm(model: nn.Module) -> float:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gs]))) if gs else 0.0
 
 
-def all_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    pr = pruned_accuracy(model, x, y)
-    return {"activation_sparsity": activation_sparsity(model, x), "weight_compressibility": weight_compressibility(model),
-            "accuracy": accuracy(model, x, y), "pruned_accuracy_50": pr[0.5], "pruned_accuracy_80": pr[0.8],
-            "confidence": prediction_confidence(model, x), "class_separation": class_separation(model, x, y),
-            "feature_utilization": feature_utilization(model, x), "gradient_norm": gradient_norm(model)}
+def all_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threshold: float = 0.1,
+                fractions: tuple[float, float] = (0.5, 0.8)) -> dict[str, float]:
+    """Every diagnostic from one hooked forward pass, plus one pass per pruning fraction (pruned
+    in place and restored, no copy). Same values as the separate functions, at a third of the cost."""
+    acts = [m for m in model.modules() if isinstance(m, ACTIVATIONS)]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    small, total = 0, 0
+    feats: list[torch.Tensor] = []
+
+    def act_hook(_m: nn.Module, _i: Any, out: torch.Tensor) -> None:
+        nonlocal small, total
+        small += int((out.abs() < threshold).sum())
+        total += out.numel()
+
+    handles = [m.register_forward_hook(act_hook) for m in acts]
+    if linears:
+        handles.append(linears[-1].register_forward_hook(lambda _m, inp, _o: feats.append(inp[0].flatten(1))))
+    try:
+        with _eval(model):
+            logits = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {"activation_sparsity": small / total if total else float("nan"),
+           "weight_compressibility": weight_compressibility(model, threshold),
+           "accuracy": float((logits.argmax(-1) == y).float().mean()),
+           "confidence": float(torch.softmax(logits, -1).max(-1).values.mean()),
+           "gradient_norm": gradient_norm(model)}
+    if feats:
+        out["class_separation"] = _separation(feats[0], y)
+        out["feature_utilization"] = float((feats[0].std(0) > threshold).float().mean())
+    ws = _weights(model)
+    mags = torch.cat([w.detach().abs().flatten() for w in ws])
+    saved = [w.detach().clone() for w in ws]
+    try:
+        for frac in fractions:
+            k = int(frac * mags.numel())
+            cut = torch.kthvalue(mags, k).values if k > 0 else torch.tensor(-1.0)
+            with torch.no_grad():
+                for w in ws:
+                    w.mul_((w.abs() > cut).to(w.dtype))
+            out[f"pruned_accuracy_{round(100 * frac)}"] = accuracy(model, x, y)
+            with torch.no_grad():
+                for w, s in zip(ws, saved):
+                    w.copy_(s)
+    finally:
+        with torch.no_grad():
+            for w, s in zip(ws, saved):
+                w.copy_(s)
+    return out
 
 
 class DiagnosticsCallback:

@@ -121,6 +121,11 @@ def train(data: dict[str, torch.Tensor], lr: float, seed: int, recipe: bool, epo
     if diverged or not all(torch.isfinite(p).all() for p in model.parameters()):
         rec["diverged"] = True
         return rec
+    # A run that ends at chance accuracy on its own training data has collapsed: counted with the
+    # diverged ones, not averaged into the metrics of models that learned something.
+    if D.accuracy(model, x, y) < 0.2:
+        rec["diverged"] = rec["collapsed"] = True
+        return rec
     xt, yt, ct = data["x_test"], data["y_test"], data["cue_test"]
     conf = ct != yt
     pruned = D.pruned_accuracy(model, xt, yt)
@@ -177,15 +182,18 @@ def verdicts(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     (lr <= 0.03) learning rates over non-diverged runs, and the Spearman correlation with log lr.
     Rule: holds if the difference exceeds the claim's margin and the correlation is above 0.3;
     does not hold if the difference is below minus the margin or the correlation below -0.3;
-    mixed otherwise (or when one side has no run that trained). Class separation is judged as a
-    ratio (holds at 2x or more, does not hold below 1x)."""
+    mixed otherwise. If every large-rate run failed (diverged, or collapsed to chance accuracy)
+    the claim does not hold for that arm. Class separation is judged as a ratio (holds at 2x or
+    more, does not hold below 1x)."""
     out = []
     for claim, metric, margin in CLAIMS:
         for recipe in (True, False):
             sm = _summary(runs, recipe, metric)
             small, large, rho = sm["small"], sm["large"], sm["spearman"]
-            if small is None or large is None:
-                verdict, evidence = "mixed", "no trained run on one side (all diverged)"
+            if large is None and small is not None:
+                verdict, evidence = "does not hold", "every run at lr >= 0.3 failed (diverged or collapsed to chance)"
+            elif small is None or large is None:
+                verdict, evidence = "mixed", "every run at lr <= 0.03 failed (diverged or collapsed to chance)"
             elif margin is None:
                 ratio = large / small if small else math.inf
                 verdict = "holds" if ratio >= 2 else ("does not hold" if ratio < 1 else "mixed")
@@ -256,8 +264,9 @@ def run_study(out: str | Path, seeds: int = 3, epochs: int = 20, grid: tuple[flo
              "| claim | arm | verdict | evidence |", "|---|---|---|---|"]
     lines += [f"| {x['claim']} | {x['arm']} | **{x['verdict']}** | {x['evidence']} |" for x in v]
     lines += ["", verdicts.__doc__.split("\n\n")[0].replace("\n    ", " ") if verdicts.__doc__ else "", "",
-              "## Metrics against learning rate (mean over seeds; `div` = runs that diverged)", ""]
-    head = ["arm", "lr", "div"] + list(METRICS)
+              "## Metrics against learning rate (mean over seeds; `failed` = runs that diverged or collapsed "
+              "to chance accuracy on their training data, left out of the means)", ""]
+    head = ["arm", "lr", "failed"] + list(METRICS)
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for recipe in (True, False):
         for lr in grid:

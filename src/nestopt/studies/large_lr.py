@@ -234,7 +234,7 @@ def _figures(runs: list[dict[str, Any]], grid: list[float], out: Path) -> list[s
         ax.set_title(metric.replace("_", " "))
         ax.set_xlabel("learning rate")
     axes[0][0].legend()
-    fig.suptitle("spurious-cue digits: test metrics against learning rate (mean ± sd over seeds; diverged runs left out)")
+    fig.suptitle("spurious-cue digits: test metrics against learning rate (mean ± sd over seeds; failed runs left out)")
     fig.tight_layout()
     fig.savefig(out / "metrics_vs_lr.png", dpi=100)
     plt.close(fig)

@@ -95,8 +95,11 @@ def test_trading_task_exposes_heads_losses_and_aucs():
 
 
 def test_trading_split_holds_out_whole_assets():
-    d = T.trading.market_data(T.MarketConfig())
-    assert len(d["x_val"]) > 0.4 * len(d["x_train"])
+    cfg = T.MarketConfig()
+    d = T.trading.market_data(cfg)
+    per_asset = len(d["x_train"]) // cfg.n_train_assets  # 16 training assets, 8 validation assets
+    thin = cfg.val_stride // cfg.stride
+    assert len(d["x_val"]) == (cfg.n_assets - cfg.n_train_assets) * -(-per_asset // thin)
     # Standardised with training statistics only.
     assert torch.allclose(d["x_train"].mean(0), torch.zeros(d["x_train"].shape[1]), atol=1e-4)
 

@@ -216,10 +216,13 @@ class Polyak(Optimizer):
 
     def _step(self, items: list[tuple[dict[str, Any], torch.Tensor]], loss: torch.Tensor | float) -> None:
         grads = [p.grad for _, p in items]
-        sq = _sq_norms(grads)  # ||g_p||^2: one read of the gradients
+        sq, order = _sq_norms(grads)  # ||g_p||^2: one read of the gradients
         loss_t = loss.detach() if torch.is_tensor(loss) else torch.tensor(float(loss))
-        host = torch.cat([loss_t.to(sq.device, torch.float64).reshape(1), sq]).tolist()  # the host sync
-        loss_v, sq_v = host[0], host[1:]
+        host = torch.cat([loss_t.reshape(1).to(sq.device, torch.float64), sq]).tolist()  # the host sync
+        loss_v = host[0]
+        sq_v = [0.0] * len(grads)
+        for j, i in enumerate(order):
+            sq_v[i] = host[1 + j]
         group0 = items[0][0]
         if not (math.isfinite(loss_v) and all(map(math.isfinite, sq_v))):
             return self._count("nonfinite")
@@ -275,6 +278,8 @@ class Polyak(Optimizer):
 
 def _by_group(items: list[tuple[dict[str, Any], torch.Tensor]], idx: Iterable[int]) -> list[tuple[dict[str, Any], list[int]]]:
     """``idx`` split by param group, in order."""
+    if items and items[0][0] is items[-1][0]:  # one group (the common case): no split needed
+        return [(items[0][0], list(idx))]
     out: dict[int, tuple[dict[str, Any], list[int]]] = {}
     for i in idx:
         g = items[i][0]
@@ -282,18 +287,30 @@ def _by_group(items: list[tuple[dict[str, Any], torch.Tensor]], idx: Iterable[in
     return list(out.values())
 
 
-def _sq_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Squared norms in float64. On CPU a BLAS dot per tensor reads each once and beats
-    ``_foreach_norm`` (measured 2.2 vs 2.9 ms on 10M floats); elsewhere the fused multi-tensor norm."""
-    if tensors[0].device.type == "cpu":
-        flat = [t.reshape(-1) for t in tensors]
+_BIG = 1 << 15
+
+
+def _sq_norms(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """Squared norms in float64, in the order ``order`` (indices into ``tensors``). One fused
+    multi-tensor norm for small tensors (one call, not one per tensor); on CPU a BLAS dot for each
+    large tensor, which reads it once and beats the multi-tensor norm there (measured 2.2 vs 2.9 ms
+    on 10M floats)."""
+    cpu = tensors[0].device.type == "cpu"
+    big = [i for i, t in enumerate(tensors) if cpu and t.numel() >= _BIG]
+    small = [i for i, t in enumerate(tensors) if not (cpu and t.numel() >= _BIG)]
+    parts = []
+    if small:
+        norms = torch._foreach_norm([tensors[i] for i in small])
+        if any(n.dtype != norms[0].dtype for n in norms):  # mixed precision: cast each (rare)
+            norms = [n.to(torch.float64) for n in norms]
+        parts.append(torch.stack(norms).to(torch.float64).square())
+    if big:
+        flat = [tensors[i].reshape(-1) for i in big]
         dots = [torch.dot(f, f) for f in flat]
-    else:
-        dots = torch._foreach_norm(tensors)
-    if any(d.dtype != dots[0].dtype for d in dots):  # mixed precision: cast each (rare, slower)
-        dots = [d.to(torch.float64) for d in dots]
-    out = torch.stack(dots).to(torch.float64)
-    return out if tensors[0].device.type == "cpu" else out.square()
+        if any(d.dtype != dots[0].dtype for d in dots):
+            dots = [d.to(torch.float64) for d in dots]
+        parts.append(torch.stack(dots).to(torch.float64))
+    return (torch.cat(parts) if len(parts) > 1 else parts[0]), small + big
 
 
 class PolyakAdam(Polyak):

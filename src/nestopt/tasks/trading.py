@@ -11,8 +11,8 @@ returns over six windows (10 minutes to 7 days) and realised volatility over two
 measured up to ``t`` only. Labels: for each horizon ``h`` in 10m, 1h, 4h, 1d, 3d, 7d, 14d, whether
 the return over the next ``h`` bars is positive.
 
-The data are 24 independent assets of 20,000 bars (about 139 days) each, sampled every 4th bar;
-16 assets train and 8 validate, so no label window crosses the split and the validation set
+The data are 24 independent assets of 20,000 bars (about 139 days) each, sampled every 4th bar
+(every 16th for validation); 16 assets train and 8 validate, so no label window crosses the split and the validation set
 comes from the same market. (Paths much shorter than the 14-day horizon make every long-horizon
 label of an asset nearly the same coin flip; we measured that and lengthened the paths.) A
 logistic regression on these features reaches validation AUCs of about 0.60, 0.63, 0.57, 0.54,
@@ -47,6 +47,7 @@ class MarketConfig:
     n_assets: int = 24
     n_train_assets: int = 16
     stride: int = 4
+    val_stride: int = 16
     regime_stay: float = 3_000.0
     a_fast: float = 6e-4
     a_slow: float = 3e-5
@@ -109,28 +110,27 @@ def market_data(config: MarketConfig = MarketConfig()) -> dict[str, torch.Tensor
     k = config.n_train_assets
     x_tr = np.concatenate([p[0] for p in parts[:k]])
     y_tr = np.concatenate([p[1] for p in parts[:k]])
-    x_va = np.concatenate([p[0] for p in parts[k:]])
-    y_va = np.concatenate([p[1] for p in parts[k:]])
+    # Validation every val_stride-th sample: neighbouring bars carry nearly the same labels, and a
+    # 4x smaller set makes each evaluation 4x cheaper (the bench evaluates 50 times a run).
+    x_va = np.concatenate([p[0][::config.val_stride // config.stride] for p in parts[k:]])
+    y_va = np.concatenate([p[1][::config.val_stride // config.stride] for p in parts[k:]])
     mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-12
     return {"x_train": torch.from_numpy(((x_tr - mu) / sd).astype(np.float32)), "y_train": torch.from_numpy(y_tr),
             "x_val": torch.from_numpy(((x_va - mu) / sd).astype(np.float32)), "y_val": torch.from_numpy(y_va)}
 
 
 def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """Area under the ROC curve by the rank-sum formula (ties get average ranks)."""
+    """Area under the ROC curve by the rank-sum formula (ties get average ranks); one sort."""
     s = scores.detach().double().flatten()
     y = labels.detach().flatten() > 0.5
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    order = torch.argsort(s)
-    ranks = torch.empty_like(s)
-    ranks[order] = torch.arange(1, len(s) + 1, dtype=s.dtype)
-    uniq, inverse, counts = torch.unique(s, return_inverse=True, return_counts=True)
-    if len(uniq) < len(s):  # average ranks over ties
-        sums = torch.zeros(len(uniq), dtype=s.dtype).index_add_(0, inverse, ranks)
-        ranks = (sums / counts)[inverse]
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    s_sorted, order = torch.sort(s)
+    _, counts = torch.unique_consecutive(s_sorted, return_counts=True)
+    ends = torch.cumsum(counts, 0).double()
+    ranks = torch.repeat_interleave(ends - (counts.double() - 1) / 2, counts)  # average rank of each tie run
+    return float((ranks[y[order]].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 class MultiHorizonModel(nn.Module):

@@ -68,7 +68,7 @@ def _mlp(p: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
 def experiments(dtype: torch.dtype) -> list[Experiment]:
     lx, ly = _linear_data(dtype)
     mx, my, student = _mlp_data(dtype)
-    m2, m1 = float((lx.double() ** 2).mean()), float(lx.double().mean())
+    m2 = float((lx.double() ** 2).mean())
     return [
         Experiment("exp1", "f(x) = (x-3)^2, scalar", ["x"], [[10.0]], lambda p: ((p[0] - 3) ** 2).sum(), 60,
                    solution=[3.0], hessian_diag=[2.0]),

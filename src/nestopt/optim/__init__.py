@@ -4,6 +4,7 @@
 """
 
 from . import registry
+from .polyak import Polyak, PolyakAdam
 from .registry import OptimizerSpec, get, names, register
 
-__all__ = ["OptimizerSpec", "get", "names", "register", "registry"]
+__all__ = ["OptimizerSpec", "Polyak", "PolyakAdam", "get", "names", "register", "registry"]

@@ -98,6 +98,11 @@ def _writable_dir(path: str) -> Path:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    import signal
+
+    # A shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT:
+    # make sure Ctrl-C (or kill -INT) always reaches us, so partial results get written.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from . import tasks as task_registry
     from .bench import run_bench, suite
     from .optim import registry as opt_registry

@@ -11,6 +11,7 @@ Each piece is a frozen dataclass (so a schedule pickles, prints and compares by 
 
 from __future__ import annotations
 
+import abc
 import bisect
 import math
 from collections.abc import Sequence
@@ -19,11 +20,12 @@ from dataclasses import dataclass
 from .._checks import check_number
 
 
-class Schedule:
+class Schedule(abc.ABC):
     """Base class: ``schedule(t)`` is the value at step (or epoch) ``t >= 0``."""
 
-    def __call__(self, t: float) -> float:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __call__(self, t: float) -> float:
+        """The value at ``t``."""
 
 
 def _t(t: float) -> float:

@@ -17,6 +17,7 @@ point its source names) and ``f_star`` (the minimum value, 0 for all of these).
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Sequence
 
@@ -52,11 +53,13 @@ class AnalyticTask(Task):
     start: tuple[float, ...] = ()
     f_star: float = 0.0
 
+    @abc.abstractmethod
     def f(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The loss at ``x``."""
 
+    @abc.abstractmethod
     def grad(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The gradient at ``x``, in closed form."""
 
     # -- Task interface ---------------------------------------------------------------------
     def start_tensor(self) -> torch.Tensor:

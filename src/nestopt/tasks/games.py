@@ -34,8 +34,8 @@ class Game(abc.ABC):
         """One scalar loss per player; player ``i`` minimises ``losses[i]``."""
 
     def distance(self, players: list[nn.Module]) -> float:
-        """Euclidean distance of the joint parameters to the equilibrium."""
-        raise NotImplementedError(f"{type(self).__name__} has no known equilibrium")
+        """Euclidean distance of the joint parameters to the equilibrium (games that know one)."""
+        raise ValueError(f"{type(self).__name__} has no known equilibrium to measure a distance to")
 
 
 class Vector(nn.Module):

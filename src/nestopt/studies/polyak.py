@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..bench.runner import quiet_create_graph_warning
 from ._common import finite
@@ -163,7 +164,7 @@ def _table(runs: list[Run], exp: str) -> list[str]:
     return lines
 
 
-def _figures(runs: list[Run], out: Path) -> list[str]:
+def _figures(runs: list[Run], out: Path, exps: dict[str, Any]) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,7 +173,6 @@ def _figures(runs: list[Run], out: Path) -> list[str]:
     cmap = plt.get_cmap("tab10")
     colors = {v.key: cmap(i % 10) for i, v in enumerate(VARIANTS)}
     names = []
-    exps = {e.key: e for e in experiments(__import__("torch").float64)}
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     for ax, key in zip(axes, ("exp2", "exp3", "exp4")):
@@ -281,9 +281,9 @@ def run_study(out: str | Path, variants: list[str] | None = None) -> dict[str, A
     quiet_create_graph_warning()
     runs = run_all(variants=variants)
     v = verdicts(runs)
-    figures = _figures(runs, out)
+    exps = {e.key: e for e in experiments(torch.float64)}
+    figures = _figures(runs, out, exps)
     wall = time.perf_counter() - t0
-    exps = {e.key: e for e in experiments(__import__("torch").float64)}
     lines = ["# Polyak step sizes: the note's experiments, run", "",
              "Command: `nestopt study polyak --out DIR` "
              f"({wall:.0f} s here). Each experiment runs every variant in float64 and float32 from the note's "

@@ -203,3 +203,36 @@ register(OptimizerSpec(
     clip_norm=1.0, conformance_lr=2e-4,
     description="the large-LR recipe: SGD(momentum 0.9, wd 5e-4), warmup 0.01->lr over 5% of the budget, "
                 "cosine to 1e-5, clip 1.0 (no label smoothing: the task owns its loss)"))
+
+
+# -- online learning-rate learners: hypergradient descent and the nested optimizer ----------------
+
+
+def _hd_adam(params: Params, lr: float) -> torch.optim.Optimizer:
+    from .hypergradient import HypergradientAdam
+
+    return HypergradientAdam(params, lr=lr, weight_decay=0.01)
+
+
+def _hd_sgd(params: Params, lr: float) -> torch.optim.Optimizer:
+    from .hypergradient import HypergradientSGD
+
+    return HypergradientSGD(params, lr=lr)
+
+
+def _nested_adamw(params: Params, lr: float) -> torch.optim.Optimizer:
+    from .nested import NestedOptimizer
+
+    return NestedOptimizer(params, torch.optim.AdamW, lr=lr, weight_decay=0.01, fused=True)
+
+
+register(OptimizerSpec(
+    "adamw-hd", _hd_adam, default_lr=1e-3, nonfinite="skip", conformance_lr=0.05, origin="nestopt",
+    description="hypergradient descent on AdamW's rate (Baydin et al. 2018, multiplicative rule, beta 0.02)"))
+register(OptimizerSpec(
+    "sgd-hd", _hd_sgd, default_lr=0.01, nonfinite="skip", conformance_lr=1e-3, origin="nestopt",
+    description="hypergradient descent on SGD's rate (Baydin et al. 2018, multiplicative rule, beta 0.02)"))
+register(OptimizerSpec(
+    "nested-adamw", _nested_adamw, default_lr=1e-3, needs_loss=True, nonfinite="skip", conformance_lr=0.05,
+    group_independent=False, origin="nestopt",
+    description="NestedOptimizer(AdamW fused, wd 0.01): controller-set multipliers per group, hindsight signal"))

@@ -1,0 +1,182 @@
+r"""Hypergradient descent (Baydin et al. 2018, "Online learning rate adaptation with hypergradient
+descent"): the learning rate follows the derivative of the loss with respect to itself.
+
+After an update ``p_t = p_{t-1} - a u_{t-1}``, the derivative of ``f(p_t)`` with respect to the
+rate ``a`` is ``-g_t . u_{t-1}``: successive gradients that agree (positive dot product) say the
+step was too short, ones that disagree say it overshot. Two rules for the rate:
+
+- ``"multiplicative"`` (default): ``s <- s (1 + beta cos(g_t, u_{t-1}))``, which is scale-free:
+  the same ``beta`` works whatever the size of the gradients (the paper's normalised variant);
+- ``"additive"``: ``s <- s + (beta / lr) g_t . u_{t-1}`` (the paper's Algorithm 1; ``beta`` then
+  has the units of a rate per unit of ``g . u`` and must be set per problem).
+
+``s`` is a per-group *scale* on top of the group's ``lr`` (stored as ``group["hd_scale"]``, clipped
+to ``[scale_min, scale_max]``), so a torch ``LRScheduler`` still owns ``lr`` and ``lr = 0`` stops
+the parameters. Each group learns its own scale from its own dot product.
+
+:class:`HypergradientAdam` uses Adam's direction ``u = m_hat / (sqrt(v_hat) + eps)`` (with
+decoupled weight decay, AdamW-style); :class:`HypergradientSGD` uses ``u = g``.
+
+A non-finite gradient in a group skips the whole step: no parameter, moment or scale changes, and
+``group["hd"]["nonfinite"]`` counts it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from .._checks import check_choice, check_number
+
+RULES = ("multiplicative", "additive")
+
+
+class _Hypergradient(Optimizer):
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, rule: str, beta: float,
+                 scale_min: float, scale_max: float) -> None:
+        check_choice("rule", rule, RULES)
+        check_number("beta", beta, lo=0.0)
+        check_number("scale_min", scale_min, lo=0.0, lo_open=True)
+        check_number("scale_max", scale_max, lo=scale_min)
+        defaults = {**defaults, "rule": rule, "beta": beta, "scale_min": scale_min, "scale_max": scale_max}
+        super().__init__(params, defaults)
+        for g in self.param_groups:
+            self._init_group_fields(g)
+
+    @staticmethod
+    def _init_group_fields(g: dict[str, Any]) -> None:
+        g.setdefault("hd_scale", 1.0)
+        g.setdefault("hd", {"steps": 0, "nonfinite": 0})
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._init_group_fields(self.param_groups[-1])
+
+    def _direction_buffers(self, group: dict[str, Any], ps: list[torch.Tensor]) -> list[torch.Tensor]:
+        for p in ps:
+            st = self.state[p]
+            if "prev_update" not in st:
+                self._init_state(group, p, st)
+        return [self.state[p]["prev_update"] for p in ps]
+
+    def _init_state(self, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any]) -> None:
+        st["prev_update"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _new_direction(self, group: dict[str, Any], ps: list[torch.Tensor], gs: list[torch.Tensor],
+                       us: list[torch.Tensor]) -> None:
+        """Write the new update direction into ``us`` (and advance any moments)."""
+        raise NotImplementedError  # pragma: no cover - both subclasses define it
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []
+        for group in self.param_groups:
+            ps = [p for p in group["params"] if p.grad is not None]
+            if ps:
+                gs = [p.grad for p in ps]
+                work.append((group, ps, gs, self._direction_buffers(group, ps)))
+        if not work:
+            return loss
+        # One host sync for every group: g.u_prev, ||g||^2 and ||u_prev||^2.
+        stats = []
+        for _, _, gs, us in work:
+            dot = torch.stack([torch.dot(g.reshape(-1), u.reshape(-1)) for g, u in zip(gs, us)]).sum()
+            gn = torch.stack(torch._foreach_norm(gs)).square().sum()
+            un = torch.stack(torch._foreach_norm(us)).square().sum()
+            stats.append(torch.stack([dot, gn, un]).to(torch.float64))
+        host = torch.stack(stats).tolist()
+        if not all(math.isfinite(v) for row in host for v in row):
+            for group, *_ in work:
+                group["hd"]["nonfinite"] += 1
+            return loss
+        for (group, ps, gs, us), (dot, gsq, usq) in zip(work, host):
+            s = group["hd_scale"]
+            if usq > 0.0 and gsq > 0.0:  # no previous update yet: keep the scale
+                if group["rule"] == "multiplicative":
+                    s = s * (1.0 + group["beta"] * dot / math.sqrt(gsq * usq))
+                elif group["lr"] > 0:
+                    s = s + group["beta"] * dot / group["lr"]
+                s = min(max(s, group["scale_min"]), group["scale_max"])
+            group["hd_scale"] = s
+            self._new_direction(group, ps, gs, us)
+            a = group["lr"] * s
+            wd = group.get("weight_decay", 0.0)
+            if wd and a:
+                torch._foreach_mul_(ps, 1.0 - a * wd)
+            if a:
+                torch._foreach_add_(ps, us, alpha=-a)
+            group["hd"]["steps"] += 1
+        return loss
+
+
+class HypergradientSGD(_Hypergradient):
+    """SGD whose per-group rate follows hypergradient descent (``u = g``).
+
+    Args: ``lr`` (the base rate a scheduler drives), ``rule``, ``beta`` (hyper learning rate:
+    default 0.02 for the multiplicative rule), ``scale_min``/``scale_max`` (bounds on the learned
+    scale, default 1e-3 to 1e3).
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 0.01, *, rule: str = "multiplicative",
+                 beta: float = 0.02, scale_min: float = 1e-3, scale_max: float = 1e3) -> None:
+        check_number("lr", lr, lo=0.0)
+        super().__init__(params, {"lr": lr}, rule=rule, beta=beta, scale_min=scale_min, scale_max=scale_max)
+
+    def _new_direction(self, group, ps, gs, us):  # type: ignore[no-untyped-def]
+        torch._foreach_copy_(us, gs)
+
+
+class HypergradientAdam(_Hypergradient):
+    """Adam (decoupled weight decay) whose per-group rate follows hypergradient descent on Adam's
+    direction ``m_hat / (sqrt(v_hat) + eps)``.
+
+    Args: ``lr``, ``betas``, ``eps``, ``weight_decay`` (decoupled, as AdamW), ``rule``, ``beta``
+    (default 0.02, multiplicative), ``scale_min``/``scale_max``.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, *, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, rule: str = "multiplicative", beta: float = 0.02,
+                 scale_min: float = 1e-3, scale_max: float = 1e3) -> None:
+        check_number("lr", lr, lo=0.0)
+        if not (isinstance(betas, tuple | list) and len(betas) == 2):
+            raise ValueError(f"betas={betas!r} is invalid: expected a pair (beta1, beta2)")
+        check_number("betas[0]", betas[0], lo=0.0, hi=1.0, hi_open=True)
+        check_number("betas[1]", betas[1], lo=0.0, hi=1.0, hi_open=True)
+        check_number("eps", eps, lo=0.0, lo_open=True)
+        check_number("weight_decay", weight_decay, lo=0.0)
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay},
+                         rule=rule, beta=beta, scale_min=scale_min, scale_max=scale_max)
+
+    def _init_state(self, group, p, st):  # type: ignore[no-untyped-def]
+        super()._init_state(group, p, st)
+        st["step"] = torch.zeros((), dtype=torch.float32)
+        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _new_direction(self, group, ps, gs, us):  # type: ignore[no-untyped-def]
+        b1, b2 = group["betas"]
+        sts = [self.state[p] for p in ps]
+        for st in sts:
+            st["step"] += 1
+        ts = [float(st["step"]) for st in sts]
+        ms = [st["exp_avg"] for st in sts]
+        vs = [st["exp_avg_sq"] for st in sts]
+        torch._foreach_lerp_(ms, gs, 1 - b1)
+        torch._foreach_mul_(vs, b2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1 - b2)
+        # u = (m / bc1) / (sqrt(v / bc2) + eps), written into the previous-direction buffers.
+        torch._foreach_copy_(us, vs)
+        torch._foreach_mul_(us, [1.0 / (1 - b2**t) for t in ts])
+        torch._foreach_sqrt_(us)
+        torch._foreach_add_(us, group["eps"])
+        torch._foreach_reciprocal_(us)
+        torch._foreach_mul_(us, ms)
+        torch._foreach_mul_(us, [1.0 / (1 - b1**t) for t in ts])

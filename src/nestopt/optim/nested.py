@@ -1,0 +1,788 @@
+r"""The nested optimizer: a small controller network sets a learning-rate multiplier per param
+group while training runs, on top of any torch optimizer.
+
+Each step, for every param group ``i``, the controller reads a feature vector ``x_i`` and outputs
+``m_i`` in ``[lo, hi]`` (default 0.1x to 10x); the wrapped optimizer then steps with
+``lr_i * m_i``, and ``lr_i`` is restored, so a torch ``LRScheduler`` still owns ``lr``::
+
+    opt = NestedOptimizer(model.parameters(), base=torch.optim.AdamW, lr=1e-3, fused=True)
+    def closure():
+        opt.zero_grad(); loss = loss_fn(model(x), y); loss.backward(); return loss
+    opt.step(closure)                  # the default signal (hindsight) needs the closure
+    opt.observe_validation(val_loss)   # whenever you evaluate (optional)
+    opt.multipliers()                  # current multiplier per group, for logging
+
+The controller is shared by all groups (one row of features per group) and its last layer starts
+at zero, so an untrained controller gives ``m = 1`` everywhere: ``NestedOptimizer`` then steps
+exactly as its base does.
+
+**Features** (``features=``, any subset of :data:`FEATURES`), per group:
+
+====================  ===========================================================================
+``grad_norm``         log RMS of the group's gradient (RMS, not norm: independent of group size)
+``param_norm``        log RMS of the group's parameters, every ``stats_every`` steps, estimated
+                      from the same sample as ``update_ratio`` (exact for tensors of <= 1024)
+``depth``             relative depth: group index / (number of groups - 1), or ``group["depth"]``
+``update_ratio``      log(||delta p|| / ||p||) of the last update, every ``stats_every`` steps,
+                      from a fixed strided sample of about 1024 elements per tensor
+``loss``              relative training-loss change and its moving average
+``val``               relative validation-loss change, train/validation gap, and distance from the
+                      validation moving average (fed by :meth:`NestedOptimizer.observe_validation`)
+``heads``             for a group with ``group["head"] = k``: head ``k``'s loss relative to the mean
+                      head loss, its AUC - 0.5 and its gradient norm relative to the mean (from
+                      ``step(head_stats=...)``); zeros for groups that are not heads
+``curvature``         log of the secant curvature ||g_t - g_{t-1}|| / ||p_t - p_{t-1}|| (keeps the
+                      previous gradient and parameters: 2 floats per parameter)
+====================  ===========================================================================
+
+Every column but ``depth`` is standardised by a running mean and variance (shared by the groups,
+so differences between groups stay visible) and clipped to [-5, 5]: the controller sees the same
+scale whatever the model's size or the loss's units. ``scratchpad=d`` gives the controller a
+``d``-dimensional memory per group that it reads and rewrites every step
+(``s_t = tanh(W [x_t, s_{t-1}])``, trained through one step).
+
+**Signals** that train the controller (``signal=``):
+
+- ``"hindsight"`` (default): every ``period`` steps, the last ``window`` steps are replayed from a
+  snapshot with every multiplier of ``grid`` (0.1, 0.5, 1, 1.5, 2) applied on top of the
+  multipliers that were used; each replay's end point is scored by the closure's loss on the
+  *current* batch (one not used in the window), and the controller is trained with cross-entropy
+  toward the best grid point, relative to the multipliers it used, so repeated labels walk the
+  multiplier across its whole range. Replay uses **cached gradients** (not cached batches): the
+  window's gradients are kept and re-applied through the base optimizer, which needs no extra
+  forward or backward pass for the replayed steps and keeps the caches serialisable. Memory:
+  ``window`` gradient copies plus two snapshots of parameters and base state: for AdamW and
+  ``window=8``, 8 + 2 x 3 = 14 floats per parameter at the peak. Compute: every ``period`` steps,
+  ``len(grid) - 1`` replays of ``window`` base steps and one closure call each (the multiplier 1
+  replay is the real trajectory, so its loss is the step's own).
+- ``"proxy"``: the seed's indirect signal. The multiplier is explored (log-normal noise,
+  ``explore``) and reinforced when the training loss fell more than its running average over the
+  next step (REINFORCE with a baseline).
+- ``"validation"``: the same with the reward "did the validation loss improve", one exploration
+  draw held over each interval between :meth:`~NestedOptimizer.observe_validation` calls.
+- ``"frozen"``: no training; weights from ``controller`` (for example ones meta-trained offline).
+  Until nestopt ships meta-trained weights, the default frozen controller is the untrained one,
+  which gives ``m = 1``: the base optimizer itself.
+
+**Safety.** A non-finite loss or gradient skips the step entirely (no parameter, base state,
+controller or multiplier changes; counted in ``opt.counters["nonfinite"]``), and a non-finite
+feature or controller loss skips the controller's update and leaves the multipliers as they were
+(``counters["controller_skipped"]``).
+
+``state_dict()`` carries the base optimizer's state, the controller's weights and its optimizer,
+the feature normaliser, the scratchpad, the hindsight caches and snapshots and the counters; a
+round trip continues bitwise.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from .._checks import check_choice, check_int, check_number
+
+FEATURES: dict[str, int] = {"grad_norm": 1, "param_norm": 1, "depth": 1, "update_ratio": 1, "loss": 2,
+                            "val": 3, "heads": 3, "curvature": 1}
+DEFAULT_FEATURES = ("grad_norm", "param_norm", "depth", "update_ratio", "loss", "val")
+SIGNALS = ("hindsight", "proxy", "validation", "frozen")
+DEFAULT_GRID = (0.1, 0.5, 1.0, 1.5, 2.0)
+_TINY = 1e-30
+_SAMPLE = 1024  # elements per tensor sampled for the update ratio
+
+
+class Controller(nn.Module):
+    """Maps a ``(groups, n_features)`` feature matrix to one raw output per group (``z``; the
+    optimizer turns it into a multiplier). Shared by all groups; optional per-group memory.
+
+    The last layer is zero-initialised, so ``z = 0`` (multiplier 1) until it is trained.
+    """
+
+    def __init__(self, n_features: int, hidden: int = 32, scratchpad: int = 0) -> None:
+        super().__init__()
+        check_int("n_features", n_features, lo=1)
+        check_int("hidden", hidden, lo=1)
+        check_int("scratchpad", scratchpad, lo=0)
+        self.n_features, self.hidden, self.scratchpad = n_features, hidden, scratchpad
+        self.memory = nn.Linear(n_features + scratchpad, scratchpad) if scratchpad else None
+        self.net = nn.Sequential(nn.Linear(n_features + scratchpad, hidden), nn.Tanh(),
+                                 nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.memory is not None:
+            assert memory is not None
+            memory = torch.tanh(self.memory(torch.cat([x, memory], dim=1)))
+            x = torch.cat([x, memory], dim=1)
+        return self.net(x).squeeze(1), memory
+
+    def forward_numpy(self, x: np.ndarray, memory: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """The same map in NumPy (float64), for the optimizer's per-step use: a few microseconds
+        where eager torch spends tens on each tiny op. The weights are cached and re-read whenever
+        any of them changes (torch's in-place version counter)."""
+        mods = ([self.memory] if self.memory is not None else []) + [self.net[0], self.net[2], self.net[4]]
+        tensors = [t for m in mods for t in (m.weight, m.bias)]
+        version = [(id(t), t._version) for t in tensors]
+        if self.__dict__.get("_np_version") != version:
+            self._np = [(m.weight.detach().double().numpy().T.copy(), m.bias.detach().double().numpy().copy())
+                        for m in mods]
+            self._np_version = version
+        layers = list(self._np)
+        if self.memory is not None:
+            assert memory is not None
+            w, b = layers.pop(0)
+            memory = np.tanh(np.concatenate([x, memory], axis=1) @ w + b)
+            x = np.concatenate([x, memory], axis=1)
+        (w1, b1), (w2, b2), (w3, b3) = layers
+        h = np.tanh(x @ w1 + b1)
+        h = np.tanh(h @ w2 + b2)
+        return (h @ w3 + b3)[:, 0], memory
+
+
+class _RunningNorm:
+    """Per-column running mean and variance (EMA, bias-corrected), shared across rows (NumPy)."""
+
+    def __init__(self, n: int, beta: float = 0.99) -> None:
+        self.beta = beta
+        self.mean = np.zeros(n)
+        self.sq = np.zeros(n)
+        self.count = 0
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.count += 1
+        b = self.beta
+        self.mean = b * self.mean + (1 - b) * x.mean(0)
+        self.sq = b * self.sq + (1 - b) * (x * x).mean(0)
+        c = 1 - b**self.count
+        mean = self.mean / c
+        var = np.maximum(self.sq / c - mean * mean, 0.0)
+        return np.clip((x - mean) / np.sqrt(var + 1e-8), -5.0, 5.0)
+
+    def state(self) -> dict[str, Any]:
+        return {"mean": torch.from_numpy(self.mean.copy()), "sq": torch.from_numpy(self.sq.copy()), "count": self.count}
+
+    def load(self, st: dict[str, Any]) -> None:
+        self.mean = st["mean"].double().numpy().copy()
+        self.sq = st["sq"].double().numpy().copy()
+        self.count = int(st["count"])
+
+
+def _snapshot(base: Optimizer, params: list[torch.Tensor]) -> dict[str, Any]:
+    """Copies of the parameters, the base optimizer's per-parameter state and its group fields."""
+    return {
+        "params": [p.detach().clone() for p in params],
+        "state": [{k: (v.clone() if torch.is_tensor(v) else copy.deepcopy(v)) for k, v in base.state[p].items()}
+                  if p in base.state else None for p in params],
+        "groups": [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in base.param_groups],
+    }
+
+
+def _restore(base: Optimizer, params: list[torch.Tensor], snap: dict[str, Any]) -> None:
+    with torch.no_grad():
+        for p, q in zip(params, snap["params"]):
+            p.copy_(q)
+    for p, st in zip(params, snap["state"]):
+        if st is None:
+            base.state.pop(p, None)
+            continue
+        cur = base.state[p]
+        for k in list(cur):
+            if k not in st:
+                del cur[k]
+        for k, v in st.items():
+            if torch.is_tensor(v) and torch.is_tensor(cur.get(k)) and cur[k].shape == v.shape:
+                cur[k].copy_(v)
+            else:
+                cur[k] = v.clone() if torch.is_tensor(v) else copy.deepcopy(v)
+    for g, fields in zip(base.param_groups, snap["groups"]):
+        g.update(copy.deepcopy(fields))
+
+
+def _sq_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Squared norms (float64 vector), one read of each tensor, in the order of
+    ``polyak._sq_norms`` (small tensors first); :func:`_unorder` puts host values back in order."""
+    from .polyak import _sq_norms as sq
+
+    return sq(tensors)[0]
+
+
+def _unorder(values: list[float], tensors: list[torch.Tensor]) -> list[float]:
+    from .polyak import _BIG
+
+    cpu = tensors[0].device.type == "cpu"
+    order = [i for i, t in enumerate(tensors) if not (cpu and t.numel() >= _BIG)] + \
+            [i for i, t in enumerate(tensors) if cpu and t.numel() >= _BIG]
+    out = [0.0] * len(values)
+    for j, i in enumerate(order):
+        out[i] = values[j]
+    return out
+
+
+class NestedOptimizer(Optimizer):
+    """Wraps ``base`` (any ``torch.optim.Optimizer`` class) and scales each group's ``lr`` by a
+    multiplier from a learned controller. See the module docstring.
+
+    Args:
+        params: parameters or param-group dicts (a group may carry ``"depth"`` and ``"head"``).
+        base: the optimizer class to wrap; ``base_kwargs`` go to it (``lr=...``, ``fused=True``...).
+        controller: a :class:`Controller` (its ``n_features`` must match the features), or ``None``
+            for a fresh one.
+        signal: ``"hindsight"``, ``"proxy"``, ``"validation"`` or ``"frozen"``.
+        features: names from :data:`FEATURES` (default :data:`DEFAULT_FEATURES`).
+        mult_range: ``(lo, hi)`` with ``0 < lo < 1 < hi``.
+        scratchpad: memory size per group (0: none).
+        hidden: the controller's width.
+        controller_lr: Adam rate for the controller's weights.
+        stats_every: refresh the parameter norms and the update ratio every this many steps (from
+            a strided sample of about 1024 elements per tensor: no pass over the parameters). The
+            gradient norms are exact and read every step; the non-finite check needs them anyway.
+        window, period, grid: hindsight replay: the last ``window`` steps every ``period`` steps,
+            with each multiplier in ``grid`` (must contain 1).
+        explore: standard deviation of the log-multiplier exploration for ``"proxy"`` and
+            ``"validation"``.
+    """
+
+    def __init__(self, params: Iterable[Any], base: type[Optimizer] = torch.optim.AdamW, *,
+                 controller: Controller | None = None, signal: str = "hindsight",
+                 features: Sequence[str] = DEFAULT_FEATURES, mult_range: tuple[float, float] = (0.1, 10.0),
+                 scratchpad: int = 0, hidden: int = 32, controller_lr: float = 3e-3, stats_every: int = 8,
+                 window: int = 8, period: int = 32, grid: Sequence[float] = DEFAULT_GRID, explore: float = 0.2,
+                 seed: int = 0, **base_kwargs: Any) -> None:
+        if not (isinstance(base, type) and issubclass(base, Optimizer)):
+            raise ValueError(f"base={base!r} is invalid: expected a torch.optim.Optimizer subclass")
+        check_choice("signal", signal, SIGNALS)
+        feats = tuple(features)
+        for f in feats:
+            check_choice("features", f, FEATURES)
+        if len(set(feats)) != len(feats):
+            raise ValueError(f"features={list(feats)!r} is invalid: a name appears twice")
+        if not feats and scratchpad == 0:
+            raise ValueError("features=[] is invalid without a scratchpad: the controller would see nothing")
+        if not (isinstance(mult_range, tuple | list) and len(mult_range) == 2):
+            raise ValueError(f"mult_range={mult_range!r} is invalid: expected a pair (lo, hi)")
+        lo = check_number("mult_range[0]", mult_range[0], lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+        hi = check_number("mult_range[1]", mult_range[1], lo=1.0, lo_open=True)
+        check_number("controller_lr", controller_lr, lo=0.0)
+        check_int("stats_every", stats_every, lo=1)
+        check_int("window", window, lo=1)
+        check_int("period", period, lo=window)
+        grid_t = tuple(check_number("grid", g, lo=0.0, lo_open=True) for g in grid)
+        if 1.0 not in grid_t or len(grid_t) < 2:
+            raise ValueError(f"grid={list(grid)!r} is invalid: needs 1.0 and at least one other multiplier")
+        check_number("explore", explore, lo=0.0)
+        check_int("seed", seed, lo=0)
+        n_features = sum(FEATURES[f] for f in feats)
+        if controller is None:
+            controller = Controller(max(n_features, 1) if n_features else 1, hidden, scratchpad)
+        if not isinstance(controller, Controller):
+            raise ValueError(f"controller={controller!r} is invalid: expected a nestopt Controller")
+        if controller.n_features != max(n_features, 1) or controller.scratchpad != scratchpad:
+            raise ValueError(f"controller has n_features={controller.n_features}, scratchpad={controller.scratchpad}; "
+                             f"the features {list(feats)} need n_features={n_features}, scratchpad={scratchpad}")
+        self.base = base(params, **base_kwargs)
+        self._ready = False
+        super().__init__(self.base.param_groups, dict(self.base.defaults))
+        self.param_groups = self.base.param_groups
+        self.state = self.base.state
+        self._ready = True
+        self.signal, self.features_on = signal, feats
+        self.log_lo, self.log_hi = math.log(lo), math.log(hi)
+        self._z0 = math.log(-self.log_lo / self.log_hi)  # logit of (0 - log lo) / (log hi - log lo): z = 0 gives m = 1
+        self.stats_every, self.window, self.period, self.grid = stats_every, window, period, grid_t
+        self.explore = explore
+        self.controller = controller
+        self.controller_opt = torch.optim.Adam(controller.parameters(), lr=controller_lr)
+        self.norm = _RunningNorm(max(n_features, 1))
+        self._gen = torch.Generator().manual_seed(seed)
+        self.counters = {"steps": 0, "nonfinite": 0, "controller_updates": 0, "controller_skipped": 0,
+                         "replays": 0, "replay_steps": 0, "replay_closures": 0}
+        self._init_runtime()
+        for g in self.param_groups:
+            g.setdefault("nested_mult", 1.0)
+
+    # -- plumbing ------------------------------------------------------------------------------------
+    def _init_runtime(self) -> None:
+        G = len(self.param_groups)
+        self.memory = torch.zeros(G, self.controller.scratchpad)
+        self.last_features = np.zeros((G, self.controller.n_features))
+        self.last_raw: dict[str, list[float]] = {}
+        self._loss_prev: float | None = None
+        self._loss_ema: float | None = None
+        self._dloss_ema = 0.0
+        self._val: dict[str, float | None] = {"prev": None, "ema": None, "delta": 0.0, "gap": 0.0, "dev": 0.0}
+        self._param_rms: list[float] = [0.0] * G
+        self._update_ratio: list[float] = [0.0] * G
+        self._heads: torch.Tensor = torch.zeros(G, 3)
+        self._curv: list[float] = [0.0] * G
+        self._buffers: dict[str, list[torch.Tensor]] = {}  # curvature: previous gradient and parameters
+        self._pending: dict[str, Any] | None = None  # proxy: the last action, rewarded next step
+        self._val_noise: torch.Tensor | None = None
+        self._val_inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._baseline = {"mean": 0.0, "sq": 1.0, "n": 0}
+        self._window: dict[str, Any] = {"snap": None, "grads": [], "lrs": [], "inputs": []}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not self._ready:  # during Optimizer.__init__: the groups are the base's own dicts
+            return super().add_param_group(param_group)
+        self.base.add_param_group(param_group)
+        self.param_groups[-1].setdefault("nested_mult", 1.0)
+        G = len(self.param_groups)
+        self.memory = torch.cat([self.memory, torch.zeros(1, self.controller.scratchpad)])
+        self.last_features = np.concatenate([self.last_features, np.zeros((1, self.controller.n_features))])
+        self._param_rms.append(0.0)
+        self._update_ratio.append(0.0)
+        self._curv.append(0.0)
+        self._heads = torch.cat([self._heads, torch.zeros(1, 3)])
+        self._buffers = {}
+        self._window = {"snap": None, "grads": [], "lrs": [], "inputs": []}
+        assert self.memory.shape[0] == G
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def multipliers(self) -> list[float]:
+        """The multiplier each group stepped with last (1 before the first step)."""
+        return [g["nested_mult"] for g in self.param_groups]
+
+    def feature_table(self) -> dict[str, list[float]]:
+        """Raw (unnormalised) features of the last step, per name, one value per group."""
+        return {k: list(v) for k, v in self.last_raw.items()}
+
+    def _to_mult(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw controller output -> log multiplier in [log lo, log hi]; z = 0 gives log 1 = 0."""
+        lo, hi = self.log_lo, self.log_hi
+        return lo + (hi - lo) * torch.sigmoid(z + self._z0)
+
+    # -- validation ------------------------------------------------------------------------------
+    def observe_validation(self, val_loss: float | torch.Tensor) -> None:
+        """Feed a validation loss (call after each evaluation). Drives the ``val`` features and the
+        ``"validation"`` signal; a non-finite value is ignored (counted)."""
+        v = float(val_loss.detach()) if torch.is_tensor(val_loss) else float(val_loss)
+        if not math.isfinite(v):
+            self.counters["controller_skipped"] += 1
+            return
+        st = self._val
+        prev, ema = st["prev"], st["ema"]
+        scale = max(abs(prev if prev is not None else v), 1e-12)
+        st["delta"] = 0.0 if prev is None else (v - prev) / scale
+        st["gap"] = 0.0 if self._loss_ema is None else (v - self._loss_ema) / max(abs(v), 1e-12)
+        st["ema"] = v if ema is None else 0.8 * ema + 0.2 * v
+        st["dev"] = (v - st["ema"]) / max(abs(st["ema"]), 1e-12)
+        if self.signal == "validation" and prev is not None and self._val_noise is not None and self._val_inputs:
+            reward = (prev - v) / scale
+            self._reinforce(reward, self._val_inputs, self._val_noise)
+        st["prev"] = v
+        self._val_inputs = []
+        self._val_noise = None
+
+    # -- the step --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None, *, loss: torch.Tensor | float | None = None,
+             head_stats: dict[str, Sequence[float]] | None = None) -> Any:
+        """One step: features, controller, base step at ``lr * multiplier`` per group.
+
+        ``closure`` (re-evaluates the loss and gradients) or ``loss`` (already backpropagated)
+        gives the training loss; ``"hindsight"`` needs the closure, ``"proxy"`` needs one of them.
+        ``head_stats``: ``{"loss": [...], "auc": [...], "grad_norm": [...]}`` per head, for
+        groups that carry ``"head"``.
+        """
+        if self.signal == "hindsight" and closure is None:
+            raise ValueError("signal='hindsight' replays cached gradients and scores them with the closure: "
+                             "call step(closure)")
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.signal == "proxy" and loss is None:
+            raise ValueError("signal='proxy' needs the training loss: call step(closure) or step(loss=...)")
+        groups = self.param_groups
+        params = self._params()
+        have = [[p for p in g["params"] if p.grad is not None] for g in groups]
+        grads = [p.grad for ps in have for p in ps]
+        if not grads:
+            return loss
+        t = self.counters["steps"]
+        refresh = t % self.stats_every == 0
+        sizes = [len(ps) for ps in have]
+        parts = [_sq_norms(grads)]
+        pflat = [p for ps in have for p in ps]
+        if loss is not None:
+            lt = loss.detach() if torch.is_tensor(loss) else torch.tensor(float(loss))
+            parts.append(lt.reshape(1).to(parts[0].device, torch.float64))
+        host = torch.cat(parts).tolist()  # the one host sync of a step
+        n = len(grads)
+        gsq = _unorder(host[:n], grads)
+        loss_v = host[-1] if loss is not None else None
+        if not all(map(math.isfinite, gsq)) or (loss_v is not None and not math.isfinite(loss_v)):
+            self.counters["nonfinite"] += 1
+            return loss
+        numel = [p.numel() for p in pflat]
+        g_rms, off = [], 0
+        for k in sizes:
+            s, c = sum(gsq[off:off + k]), sum(numel[off:off + k])
+            g_rms.append(math.sqrt(s / c) if c else 0.0)
+            off += k
+        if self.signal == "proxy" and self._pending is not None and loss_v is not None:
+            prev = self._pending
+            reward = (prev["loss"] - loss_v) / max(abs(prev["loss"]), 1e-12)
+            self._reinforce(reward, [(prev["x"], prev["mem"])], prev["noise"])
+        if "curvature" in self.features_on:
+            self._curvature(have)
+        x_raw = self._features(g_rms, loss_v, head_stats)
+        x = self._normalise(x_raw)
+        if x is None:  # non-finite feature: keep the multipliers, step the base with them
+            self.counters["controller_skipped"] += 1
+            mults = [g["nested_mult"] for g in groups]
+            self._base_step(mults, refresh, pflat)
+            self.counters["steps"] += 1
+            return loss
+        if self.signal == "hindsight":
+            self._hindsight(closure, loss_v, params)  # type: ignore[arg-type]
+        mem_in = self.memory
+        z, mem = self.controller.forward_numpy(x, mem_in.double().numpy() if self.controller.scratchpad else None)
+        logm = self.log_lo + (self.log_hi - self.log_lo) / (1.0 + np.exp(-(z + self._z0)))
+        xt = torch.from_numpy(x).float() if self.signal != "frozen" else None
+        noise = None
+        if self.signal == "proxy" and self.explore > 0:
+            noise = torch.randn(len(groups), generator=self._gen)
+        elif self.signal == "validation" and self.explore > 0:
+            if self._val_noise is None:
+                self._val_noise = torch.randn(len(groups), generator=self._gen)
+            noise = self._val_noise
+            if len(self._val_inputs) < 64:
+                self._val_inputs.append((xt, mem_in.clone()))
+        if noise is not None:
+            logm = np.clip(logm + self.explore * noise.double().numpy(), self.log_lo, self.log_hi)
+        if not np.isfinite(logm).all():
+            self.counters["controller_skipped"] += 1
+            mults = [g["nested_mult"] for g in groups]
+        else:
+            mults = np.exp(logm).tolist()
+            if mem is not None:
+                self.memory = torch.from_numpy(mem).float()
+        if self.signal == "proxy" and loss_v is not None:
+            self._pending = {"loss": loss_v, "x": xt, "mem": mem_in.clone(), "noise": noise}
+        if self.signal == "hindsight":
+            self._record_window(xt, mem_in, mults, params)
+        self._base_step(mults, refresh, pflat)
+        self.counters["steps"] += 1
+        return loss
+
+    def _base_step(self, mults: list[float], refresh: bool, pflat: list[torch.Tensor]) -> None:
+        sample = None
+        if refresh and ("update_ratio" in self.features_on or "param_norm" in self.features_on):
+            # The update's size from a fixed strided sample of each tensor (at most ~1024
+            # elements each, weighted by the stride): no copy of the parameters is made.
+            strides = [max(1, p.numel() // _SAMPLE) for p in pflat]
+            sample = [p.detach().reshape(-1)[::k].clone() for p, k in zip(pflat, strides)]
+        saved = []
+        for g, m in zip(self.param_groups, mults):
+            saved.append(g["lr"])
+            g["lr"] = g["lr"] * m
+            g["nested_mult"] = m
+        try:
+            self.base.step()
+        finally:
+            for g, lr in zip(self.param_groups, saved):
+                g["lr"] = lr
+        if sample is not None:
+            after = [p.detach().reshape(-1)[::k] for p, k in zip(pflat, strides)]
+            n, off = len(pflat), 0
+            host = torch.cat([_sq_norms(torch._foreach_sub(after, sample)), _sq_norms(sample)]).tolist()
+            host = _unorder(host[:n], sample) + _unorder(host[n:], sample)
+            for i, g in enumerate(self.param_groups):
+                k = sum(1 for p in g["params"] if p.grad is not None)
+                d = sum(host[j] * strides[j] for j in range(off, off + k))
+                q = sum(host[n + j] * strides[j] for j in range(off, off + k))
+                c = sum(pflat[j].numel() for j in range(off, off + k))
+                self._update_ratio[i] = math.sqrt(d / q) if q > 0 else 0.0
+                self._param_rms[i] = math.sqrt(q / c) if c else 0.0  # of the parameters before the step
+                off += k
+
+    # -- features --------------------------------------------------------------------------------
+    def _features(self, g_rms: list[float], loss_v: float | None,
+                  head_stats: dict[str, Sequence[float]] | None) -> np.ndarray:
+        G = len(self.param_groups)
+        if loss_v is not None:
+            if self._loss_prev is None:
+                dl = 0.0
+            else:
+                dl = (loss_v - self._loss_prev) / max(abs(self._loss_ema or loss_v), 1e-12)
+            self._dloss_ema = 0.9 * self._dloss_ema + 0.1 * dl
+            self._loss_prev = loss_v
+            self._loss_ema = loss_v if self._loss_ema is None else 0.95 * self._loss_ema + 0.05 * loss_v
+        else:
+            dl = 0.0
+        raw: dict[str, list[float]] = {}
+        cols: list[list[float]] = []
+        for name in self.features_on:
+            if name == "grad_norm":
+                vals = [[math.log(max(r, _TINY))] for r in g_rms]
+            elif name == "param_norm":
+                vals = [[math.log(max(r, _TINY))] for r in self._param_rms]
+            elif name == "depth":
+                vals = [[float(g.get("depth", i / max(G - 1, 1)))] for i, g in enumerate(self.param_groups)]
+            elif name == "update_ratio":
+                vals = [[math.log(max(r, _TINY))] for r in self._update_ratio]
+            elif name == "loss":
+                vals = [[dl, self._dloss_ema]] * G
+            elif name == "val":
+                v = self._val
+                vals = [[v["delta"], v["gap"], v["dev"]]] * G  # type: ignore[list-item]
+            elif name == "heads":
+                vals = self._head_features(g_rms, head_stats)
+            else:  # curvature
+                vals = [[math.log(max(c, _TINY))] for c in self._curv]
+            raw[name] = [row[0] for row in vals]
+            cols.append(vals)  # type: ignore[arg-type]
+        self.last_raw = raw
+        if not cols:
+            return np.zeros((G, 1))
+        return np.array([[v for col in cols for v in col[i]] for i in range(G)], dtype=np.float64)
+
+    def _head_features(self, g_rms: list[float], head_stats: dict[str, Sequence[float]] | None) -> list[list[float]]:
+        if head_stats is not None:
+            out = torch.zeros(len(self.param_groups), 3)
+            losses = list(head_stats.get("loss", ()))
+            aucs = list(head_stats.get("auc", ()))
+            gns = list(head_stats.get("grad_norm", ()))
+            head_groups = [(i, g["head"]) for i, g in enumerate(self.param_groups) if "head" in g]
+            if not gns:  # the head's own group's gradient RMS
+                gns = [0.0] * (1 + max((h for _, h in head_groups), default=-1))
+                for i, h in head_groups:
+                    gns[h] = g_rms[i]
+            mean_l = sum(losses) / len(losses) if losses else 1.0
+            mean_g = sum(gns) / len(gns) if gns else 1.0
+            for i, h in head_groups:
+                if h < len(losses):
+                    out[i, 0] = math.log(max(losses[h], _TINY) / max(mean_l, _TINY))
+                if h < len(aucs):
+                    out[i, 1] = aucs[h] - 0.5
+                if h < len(gns):
+                    out[i, 2] = math.log(max(gns[h], _TINY) / max(mean_g, _TINY))
+            self._heads = out
+        return self._heads.tolist()
+
+    def _curvature(self, have: list[list[torch.Tensor]]) -> None:
+        ps = [p for grp in have for p in grp]
+        gs = [p.grad for p in ps]
+        buf = self._buffers
+        if "prev_grad" in buf and len(buf["prev_grad"]) == len(ps):
+            dg = torch._foreach_sub(gs, buf["prev_grad"])
+            dp = torch._foreach_sub(ps, buf["prev_param"])
+            n, off = len(ps), 0
+            host = torch.cat([_sq_norms(dg), _sq_norms(dp)]).tolist()
+            host = _unorder(host[:n], dg) + _unorder(host[n:], dp)
+            for i, grp in enumerate(have):
+                k = len(grp)
+                a, b = sum(host[off:off + k]), sum(host[n + off:n + off + k])
+                self._curv[i] = math.sqrt(a / b) if b > 0 else self._curv[i]
+                off += k
+            torch._foreach_copy_(buf["prev_grad"], gs)
+            torch._foreach_copy_(buf["prev_param"], ps)
+        else:
+            buf["prev_grad"] = [g.detach().clone() for g in gs]
+            buf["prev_param"] = [p.detach().clone() for p in ps]
+
+    def _normalise(self, x_raw: np.ndarray) -> np.ndarray | None:
+        if not np.isfinite(x_raw).all():
+            return None
+        x = self.norm(x_raw)
+        if "depth" in self.features_on:  # depth is already on [0, 1]: keep it as it is
+            j = sum(FEATURES[f] for f in self.features_on[: self.features_on.index("depth")])
+            x[:, j] = x_raw[:, j]
+        self.last_features = x
+        return x
+
+    # -- training the controller -------------------------------------------------------------------
+    def _controller_update(self, loss_fn: Callable[[], torch.Tensor]) -> None:
+        with torch.enable_grad():
+            self.controller_opt.zero_grad(set_to_none=True)
+            loss = loss_fn()
+            if not bool(torch.isfinite(loss)):
+                self.counters["controller_skipped"] += 1
+                return
+            loss.backward()
+        grads = [p.grad for p in self.controller.parameters() if p.grad is not None]
+        if not all(bool(torch.isfinite(g).all()) for g in grads):
+            self.counters["controller_skipped"] += 1
+            return
+        self.controller_opt.step()
+        self.counters["controller_updates"] += 1
+
+    def _reinforce(self, reward: float, inputs: list[tuple[torch.Tensor, torch.Tensor]],
+                   noise: torch.Tensor | None) -> None:
+        """REINFORCE with a running baseline: push the mean log multiplier toward the explored one
+        when the reward beat its running average."""
+        if noise is None or not math.isfinite(reward):
+            return
+        b = self._baseline
+        b["n"] += 1
+        adv = reward - b["mean"]
+        std = math.sqrt(max(b["sq"] - b["mean"] ** 2, 1e-12)) if b["n"] > 1 else max(abs(reward), 1e-12)
+        b["mean"] = 0.9 * b["mean"] + 0.1 * reward
+        b["sq"] = 0.9 * b["sq"] + 0.1 * reward * reward
+        adv = max(min(adv / std, 3.0), -3.0)
+        coef = (adv * noise / max(self.explore, 1e-12)).detach()
+
+        def loss_fn() -> torch.Tensor:
+            total = torch.zeros(())
+            for x, mem in inputs:
+                z, _ = self.controller(x, mem if self.controller.scratchpad else None)
+                total = total - (coef * self._to_mult(z)).sum()
+            return total / len(inputs)
+
+        self._controller_update(loss_fn)
+
+    # -- hindsight ---------------------------------------------------------------------------------
+    def _record_window(self, x: torch.Tensor, mem: torch.Tensor, mults: list[float], params: list[torch.Tensor]) -> None:
+        """Called before the base step of step ``t``: open a window or add this step to it."""
+        pos = self.counters["steps"] % self.period
+        w = self._window
+        if pos == self.period - self.window:
+            w.update(snap=_snapshot(self.base, params), grads=[], lrs=[], inputs=[])
+        if w["snap"] is None:
+            return
+        w["grads"].append([None if p.grad is None else p.grad.detach().clone() for p in params])
+        w["lrs"].append([g["lr"] * m for g, m in zip(self.param_groups, mults)])
+        w["inputs"].append((x, mem.clone(), torch.tensor(mults).log()))
+
+    def _hindsight(self, closure: Callable[[], torch.Tensor], loss_v: float | None, params: list[torch.Tensor]) -> None:
+        w = self._window
+        if w["snap"] is None or len(w["grads"]) < self.window:
+            return
+        real_grads = [p.grad for p in params]
+        now = _snapshot(self.base, params)
+        scores = {}
+        for m in self.grid:
+            if m == 1.0:
+                scores[m] = loss_v if loss_v is not None else math.inf
+                continue
+            _restore(self.base, params, w["snap"])
+            for grads, lrs in zip(w["grads"], w["lrs"]):
+                for p, g in zip(params, grads):
+                    p.grad = g
+                saved = [g["lr"] for g in self.param_groups]
+                for g, lr in zip(self.param_groups, lrs):
+                    g["lr"] = lr * m
+                self.base.step()
+                for g, lr in zip(self.param_groups, saved):
+                    g["lr"] = lr
+                self.counters["replay_steps"] += 1
+            for p in params:
+                p.grad = None
+            with torch.enable_grad():
+                val = float(closure().detach())
+            self.counters["replay_closures"] += 1
+            scores[m] = val if math.isfinite(val) else math.inf
+        _restore(self.base, params, now)
+        for p, g in zip(params, real_grads):
+            p.grad = g
+        self.counters["replays"] += 1
+        best = min(self.grid, key=lambda m: (scores[m], abs(math.log(m))))
+        self.last_hindsight = {"scores": scores, "best": best}
+        inputs = w["inputs"]
+        w.update(snap=None, grads=[], lrs=[], inputs=[])
+        if not math.isfinite(scores[best]):
+            return
+        log_grid = torch.tensor([math.log(m) for m in self.grid])
+        label = self.grid.index(best)
+        tau = 0.5
+
+        def loss_fn() -> torch.Tensor:
+            total = torch.zeros(())
+            for x, mem, logm_used in inputs:
+                z, _ = self.controller(x, mem if self.controller.scratchpad else None)
+                mu = self._to_mult(z)  # (G,)
+                centres = (logm_used[:, None] + log_grid[None, :]).clamp(self.log_lo, self.log_hi)
+                logits = -((mu[:, None] - centres) ** 2) / (2 * tau * tau)
+                total = total + nn.functional.cross_entropy(logits, torch.full((len(mu),), label))
+            return total / len(inputs)
+
+        for _ in range(4):
+            self._controller_update(loss_fn)
+
+    # -- state -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        sd = self.base.state_dict()
+        params = self._params()
+        index = {id(p): i for i, p in enumerate(params)}
+        w = self._window
+        sd["nested"] = {
+            "controller": copy.deepcopy(self.controller.state_dict()),
+            "controller_opt": copy.deepcopy(self.controller_opt.state_dict()),
+            "norm": self.norm.state(),
+            "memory": self.memory.clone(),
+            "counters": dict(self.counters),
+            "generator": self._gen.get_state(),
+            "scalars": {"loss_prev": self._loss_prev, "loss_ema": self._loss_ema, "dloss_ema": self._dloss_ema,
+                        "val": dict(self._val), "param_rms": list(self._param_rms),
+                        "update_ratio": list(self._update_ratio), "curv": list(self._curv),
+                        "baseline": dict(self._baseline)},
+            "heads": self._heads.clone(),
+            "last_features": torch.from_numpy(self.last_features.copy()),
+            "buffers": {k: [t.clone() for t in v] for k, v in self._buffers.items()},
+            "pending": copy.deepcopy(self._pending),
+            "val_noise": None if self._val_noise is None else self._val_noise.clone(),
+            "val_inputs": copy.deepcopy(self._val_inputs),
+            "window": {
+                "snap": None if w["snap"] is None else {
+                    "params": [t.clone() for t in w["snap"]["params"]],
+                    "state": copy.deepcopy(w["snap"]["state"]),
+                    "groups": copy.deepcopy(w["snap"]["groups"])},
+                "grads": [[None if g is None else g.clone() for g in row] for row in w["grads"]],
+                "lrs": copy.deepcopy(w["lrs"]),
+                "inputs": copy.deepcopy(w["inputs"]),
+            },
+            "n_params": len(index),
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        sd = dict(state_dict)
+        nested = sd.pop("nested", None)
+        if nested is None:
+            raise ValueError("state_dict is invalid for NestedOptimizer: it has no 'nested' entry "
+                             "(was it saved from the base optimizer?)")
+        self.base.load_state_dict(sd)
+        self.param_groups = self.base.param_groups  # torch replaces the list on load
+        self.state = self.base.state
+        params = self._params()
+        if nested["n_params"] != len(params):
+            raise ValueError(f"state_dict is for {nested['n_params']} parameters, this optimizer has {len(params)}")
+        self.controller.load_state_dict(nested["controller"])
+        self.controller_opt.load_state_dict(nested["controller_opt"])
+        self.norm.load(nested["norm"])
+        self.memory = nested["memory"].clone()
+        self.counters = dict(nested["counters"])
+        self._gen.set_state(nested["generator"])
+        sc = nested["scalars"]
+        self._loss_prev, self._loss_ema, self._dloss_ema = sc["loss_prev"], sc["loss_ema"], sc["dloss_ema"]
+        self._val = dict(sc["val"])
+        self._param_rms, self._update_ratio, self._curv = list(sc["param_rms"]), list(sc["update_ratio"]), list(sc["curv"])
+        self._baseline = dict(sc["baseline"])
+        self._heads = nested["heads"].clone()
+        self.last_features = nested["last_features"].double().numpy().copy()
+        dev = params[0].device if params else torch.device("cpu")
+        self._buffers = {k: [t.to(dev).clone() for t in v] for k, v in nested["buffers"].items()}
+        self._pending = copy.deepcopy(nested["pending"])
+        self._val_noise = None if nested["val_noise"] is None else nested["val_noise"].clone()
+        self._val_inputs = copy.deepcopy(nested["val_inputs"])
+        w = nested["window"]
+        snap = None
+        if w["snap"] is not None:
+            snap = {"params": [t.to(p.device).clone() for t, p in zip(w["snap"]["params"], params)],
+                    "state": [None if st is None else {k: (v.to(p.device) if torch.is_tensor(v) and k != "step" else v)
+                                                        for k, v in copy.deepcopy(st).items()}
+                              for st, p in zip(w["snap"]["state"], params)],
+                    "groups": copy.deepcopy(w["snap"]["groups"])}
+        self._window = {"snap": snap,
+                        "grads": [[None if g is None else g.to(p.device).clone() for g, p in zip(row, params)]
+                                  for row in w["grads"]],
+                        "lrs": copy.deepcopy(w["lrs"]), "inputs": copy.deepcopy(w["inputs"])}

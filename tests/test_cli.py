@@ -92,9 +92,18 @@ def test_ctrl_c_writes_the_results_gathered_so_far(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "nestopt.cli", "bench", "--tasks", "charlm-transformer",
                              "--optimizers", "sgd", "--seeds", "2", "--steps", "200", "--workers", "2",
                              "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    time.sleep(15)
+    # Interrupt once the progress log shows finished runs (a fixed sleep is flaky on a loaded machine).
+    lines: list[str] = []
+    deadline = time.monotonic() + 180
+    assert proc.stderr is not None
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        lines.append(line)
+        if line.startswith("bench: ") and " runs, " in line and not line.startswith("bench: 0/"):
+            break
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, rest = proc.communicate(timeout=120)
+    err = "".join(lines) + rest
     assert proc.returncode == 130, err
     doc = json.loads((out / "results.json").read_text())
     assert doc["complete"] is False

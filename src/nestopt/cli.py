@@ -2,7 +2,7 @@
 
     nestopt bench --suite quick|full [--tasks T,..] [--optimizers O,..] [--seeds N] [--steps N]
                   [--workers N] --out DIR
-    nestopt study polyak|large-lr --out DIR
+    nestopt study polyak|large-lr|controller --out DIR
     nestopt tasks
     nestopt optimizers
     nestopt overhead [--params 10M] [--optimizers O,..] [--steps N] [--rounds N] [--device cpu|cuda]
@@ -229,7 +229,7 @@ def _cmd_overhead(args: argparse.Namespace) -> int:
     return 0
 
 
-STUDIES = ("polyak", "large-lr")
+STUDIES = ("polyak", "large-lr", "controller")
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
@@ -250,6 +250,14 @@ def _cmd_study(args: argparse.Namespace) -> int:
         doc = run_large_lr(out)
         for it in doc["verdicts"]:
             print(f"{it['arm']:9s}  {it['verdict']:13s} {it['claim']}")
+    elif args.name == "controller":
+        from .studies.controller import run_study as run_controller
+
+        doc = run_controller(out)
+        for label, m in doc["robustness"].items():
+            print(f"robust rates  {label:18s} {m['robust']}/{m['cells']}")
+        for r in doc["ablations"]:
+            print(f"{r['what']:28s} {r['verdict']:16s} wins {r['wins']} losses {r['losses']} of {r['pairs']}")
     print(f"study {args.name}: {time.perf_counter() - t0:.0f} s; wrote {out / 'report.md'}, {out / 'results.json'} and figures")
     return 0
 

@@ -82,7 +82,10 @@ def synthetic_params(n_params: int, device: str = "cpu", seed: int = 0) -> list[
 
 
 def _state_elems(opt: torch.optim.Optimizer) -> int:
-    return sum(v.numel() for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.numel() > 1)
+    """Elements of per-parameter state, plus what an optimizer keeps outside ``opt.state``
+    (``cache_numel()``: the nested optimizer's hindsight caches and snapshots)."""
+    extra = opt.cache_numel() if hasattr(opt, "cache_numel") else 0
+    return extra + sum(v.numel() for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.numel() > 1)
 
 
 def _reset_peak() -> bool:

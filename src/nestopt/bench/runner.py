@@ -127,6 +127,10 @@ def run_job(job: Job) -> dict[str, Any]:
             if steps_done % eval_every == 0 or steps_done == job.steps:
                 last_metrics = evaluate()
                 v = last_metrics["val_loss"]
+                if hasattr(opt, "observe_validation"):  # optimizers that learn from validation
+                    t1 = time.perf_counter()
+                    opt.observe_validation(v)
+                    train_time += time.perf_counter() - t1  # their work counts as training time
                 curve["step"].append(steps_done)
                 curve["train_loss"].append(sum(window) / len(window))
                 curve["val_loss"].append(_finite_or_none(v))

@@ -4,7 +4,10 @@
 """
 
 from . import registry
+from .hypergradient import HypergradientAdam, HypergradientSGD
+from .nested import Controller, NestedOptimizer
 from .polyak import Polyak, PolyakAdam
 from .registry import OptimizerSpec, get, names, register
 
-__all__ = ["OptimizerSpec", "Polyak", "PolyakAdam", "get", "names", "register", "registry"]
+__all__ = ["Controller", "HypergradientAdam", "HypergradientSGD", "NestedOptimizer", "OptimizerSpec", "Polyak",
+           "PolyakAdam", "get", "names", "register", "registry"]

@@ -104,15 +104,18 @@ class Controller(nn.Module):
     The last layer is zero-initialised, so ``z = 0`` (multiplier 1) until it is trained.
     """
 
-    def __init__(self, n_features: int, hidden: int = 32, scratchpad: int = 0) -> None:
+    def __init__(self, n_features: int, hidden: int = 32, scratchpad: int = 0, seed: int = 0) -> None:
         super().__init__()
         check_int("n_features", n_features, lo=1)
         check_int("hidden", hidden, lo=1)
         check_int("scratchpad", scratchpad, lo=0)
+        check_int("seed", seed, lo=0)
         self.n_features, self.hidden, self.scratchpad = n_features, hidden, scratchpad
-        self.memory = nn.Linear(n_features + scratchpad, scratchpad) if scratchpad else None
-        self.net = nn.Sequential(nn.Linear(n_features + scratchpad, hidden), nn.Tanh(),
-                                 nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        with torch.random.fork_rng(devices=[]):  # the same weights for the same seed, whatever the global RNG
+            torch.manual_seed(seed)
+            self.memory = nn.Linear(n_features + scratchpad, scratchpad) if scratchpad else None
+            self.net = nn.Sequential(nn.Linear(n_features + scratchpad, hidden), nn.Tanh(),
+                                     nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 1))
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
@@ -247,6 +250,10 @@ class NestedOptimizer(Optimizer):
             with each multiplier in ``grid`` (must contain 1).
         explore: standard deviation of the log-multiplier exploration for ``"proxy"`` and
             ``"validation"``.
+        seed: seeds the controller's initial weights and the exploration noise.
+        per_tensor_groups: given plain tensors (``model.parameters()``), make each its own group,
+            in order, with ``depth`` = its position, so the controller sets one multiplier per
+            tensor (what the bench uses). Param-group dicts are always kept as given.
     """
 
     def __init__(self, params: Iterable[Any], base: type[Optimizer] = torch.optim.AdamW, *,
@@ -254,7 +261,12 @@ class NestedOptimizer(Optimizer):
                  features: Sequence[str] = DEFAULT_FEATURES, mult_range: tuple[float, float] = (0.1, 10.0),
                  scratchpad: int = 0, hidden: int = 32, controller_lr: float = 3e-3, stats_every: int = 8,
                  window: int = 8, period: int = 32, grid: Sequence[float] = DEFAULT_GRID, explore: float = 0.2,
-                 seed: int = 0, **base_kwargs: Any) -> None:
+                 seed: int = 0, per_tensor_groups: bool = False, **base_kwargs: Any) -> None:
+        if per_tensor_groups:
+            params = list(params)
+            if not any(isinstance(g, dict) for g in params):  # groups a user gave are kept as given
+                n = len(params)
+                params = [{"params": [p], "depth": i / max(n - 1, 1)} for i, p in enumerate(params)]
         if not (isinstance(base, type) and issubclass(base, Optimizer)):
             raise ValueError(f"base={base!r} is invalid: expected a torch.optim.Optimizer subclass")
         check_choice("signal", signal, SIGNALS)
@@ -280,7 +292,7 @@ class NestedOptimizer(Optimizer):
         check_int("seed", seed, lo=0)
         n_features = sum(FEATURES[f] for f in feats)
         if controller is None:
-            controller = Controller(max(n_features, 1) if n_features else 1, hidden, scratchpad)
+            controller = Controller(max(n_features, 1), hidden, scratchpad, seed=seed)
         if not isinstance(controller, Controller):
             raise ValueError(f"controller={controller!r} is invalid: expected a nestopt Controller")
         if controller.n_features != max(n_features, 1) or controller.scratchpad != scratchpad:
@@ -295,6 +307,7 @@ class NestedOptimizer(Optimizer):
         self.signal, self.features_on = signal, feats
         self.log_lo, self.log_hi = math.log(lo), math.log(hi)
         self._z0 = math.log(-self.log_lo / self.log_hi)  # logit of (0 - log lo) / (log hi - log lo): z = 0 gives m = 1
+        self._s0 = 1.0 / (1.0 + math.exp(-self._z0))
         self.stats_every, self.window, self.period, self.grid = stats_every, window, period, grid_t
         self.explore = explore
         self.controller = controller
@@ -347,6 +360,17 @@ class NestedOptimizer(Optimizer):
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
+    def cache_numel(self) -> int:
+        """Elements held outside ``self.state``: the hindsight window's gradients and snapshot, and
+        the curvature feature's previous gradient and parameters (0 when those are off)."""
+        w = self._window
+        n = sum(g.numel() for row in w["grads"] for g in row if g is not None)
+        if w["snap"] is not None:
+            n += sum(t.numel() for t in w["snap"]["params"])
+            n += sum(v.numel() for st in w["snap"]["state"] if st for v in st.values()
+                     if torch.is_tensor(v) and v.numel() > 1)
+        return n + sum(t.numel() for ts in self._buffers.values() for t in ts)
+
     def multipliers(self) -> list[float]:
         """The multiplier each group stepped with last (1 before the first step)."""
         return [g["nested_mult"] for g in self.param_groups]
@@ -358,7 +382,8 @@ class NestedOptimizer(Optimizer):
     def _to_mult(self, z: torch.Tensor) -> torch.Tensor:
         """Raw controller output -> log multiplier in [log lo, log hi]; z = 0 gives log 1 = 0."""
         lo, hi = self.log_lo, self.log_hi
-        return lo + (hi - lo) * torch.sigmoid(z + self._z0)
+        # written as a difference so that z = 0 gives exactly 0 (a multiplier of exactly 1)
+        return ((hi - lo) * (torch.sigmoid(z + self._z0) - self._s0)).clamp(lo, hi)
 
     # -- validation ------------------------------------------------------------------------------
     def observe_validation(self, val_loss: float | torch.Tensor) -> None:
@@ -385,13 +410,15 @@ class NestedOptimizer(Optimizer):
     # -- the step --------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None, *, loss: torch.Tensor | float | None = None,
-             head_stats: dict[str, Sequence[float]] | None = None) -> Any:
+             head_stats: dict[str, Sequence[float]] | Callable[[], dict[str, Sequence[float]]] | None = None) -> Any:
         """One step: features, controller, base step at ``lr * multiplier`` per group.
 
         ``closure`` (re-evaluates the loss and gradients) or ``loss`` (already backpropagated)
         gives the training loss; ``"hindsight"`` needs the closure, ``"proxy"`` needs one of them.
-        ``head_stats``: ``{"loss": [...], "auc": [...], "grad_norm": [...]}`` per head, for
-        groups that carry ``"head"``.
+        ``head_stats``: ``{"loss": [...], "auc": [...], "grad_norm": [...]}`` indexed by head, for
+        groups that carry ``"head"`` (any key may be left out; a missing ``grad_norm`` is the
+        head group's own gradient RMS), or a function returning that dict, called after the
+        closure (for head losses the closure computes).
         """
         if self.signal == "hindsight" and closure is None:
             raise ValueError("signal='hindsight' replays cached gradients and scores them with the closure: "
@@ -399,6 +426,8 @@ class NestedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if callable(head_stats):
+            head_stats = head_stats()
         if self.signal == "proxy" and loss is None:
             raise ValueError("signal='proxy' needs the training loss: call step(closure) or step(loss=...)")
         groups = self.param_groups
@@ -410,14 +439,15 @@ class NestedOptimizer(Optimizer):
         t = self.counters["steps"]
         refresh = t % self.stats_every == 0
         sizes = [len(ps) for ps in have]
-        parts = [_sq_norms(grads)]
+        # Read in reverse: the base optimizer then starts on the gradients read last (still cached).
+        parts = [_sq_norms(grads[::-1])]
         pflat = [p for ps in have for p in ps]
         if loss is not None:
             lt = loss.detach() if torch.is_tensor(loss) else torch.tensor(float(loss))
             parts.append(lt.reshape(1).to(parts[0].device, torch.float64))
         host = torch.cat(parts).tolist()  # the one host sync of a step
         n = len(grads)
-        gsq = _unorder(host[:n], grads)
+        gsq = _unorder(host[:n], grads[::-1])[::-1]
         loss_v = host[-1] if loss is not None else None
         if not all(map(math.isfinite, gsq)) or (loss_v is not None and not math.isfinite(loss_v)):
             self.counters["nonfinite"] += 1
@@ -446,7 +476,8 @@ class NestedOptimizer(Optimizer):
             self._hindsight(closure, loss_v, params)  # type: ignore[arg-type]
         mem_in = self.memory
         z, mem = self.controller.forward_numpy(x, mem_in.double().numpy() if self.controller.scratchpad else None)
-        logm = self.log_lo + (self.log_hi - self.log_lo) / (1.0 + np.exp(-(z + self._z0)))
+        logm = np.clip((self.log_hi - self.log_lo) * (1.0 / (1.0 + np.exp(-(z + self._z0))) - self._s0),
+                       self.log_lo, self.log_hi)
         xt = torch.from_numpy(x).float() if self.signal != "frozen" else None
         noise = None
         if self.signal == "proxy" and self.explore > 0:

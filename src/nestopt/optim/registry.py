@@ -101,10 +101,18 @@ def register(spec: OptimizerSpec) -> OptimizerSpec:
 
 
 def get(name: str) -> OptimizerSpec:
-    """The spec called ``name``; ``KeyError`` lists the valid names."""
-    if name not in _REGISTRY:
-        raise unknown_name("optimizer", name, _REGISTRY)
-    return _REGISTRY[name]
+    """The spec called ``name``; ``KeyError`` lists the valid names.
+
+    ``"package.module:key"`` names a spec in that module's ``STUDY_SPECS`` dict: how a study runs
+    variants through the bench's runner (in worker processes too) without registering them."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if ":" in name:
+        module, key = name.split(":", 1)
+        specs = getattr(importlib.import_module(module), "STUDY_SPECS", {})
+        if key in specs:
+            return specs[key]
+    raise unknown_name("optimizer", name, _REGISTRY)
 
 
 def names(*, available_only: bool = True) -> list[str]:
@@ -223,7 +231,7 @@ def _hd_sgd(params: Params, lr: float) -> torch.optim.Optimizer:
 def _nested_adamw(params: Params, lr: float) -> torch.optim.Optimizer:
     from .nested import NestedOptimizer
 
-    return NestedOptimizer(params, torch.optim.AdamW, lr=lr, weight_decay=0.01, fused=True)
+    return NestedOptimizer(params, torch.optim.AdamW, lr=lr, weight_decay=0.01, fused=True, per_tensor_groups=True)
 
 
 register(OptimizerSpec(
@@ -235,4 +243,4 @@ register(OptimizerSpec(
 register(OptimizerSpec(
     "nested-adamw", _nested_adamw, default_lr=1e-3, needs_loss=True, nonfinite="skip", conformance_lr=0.05,
     group_independent=False, origin="nestopt",
-    description="NestedOptimizer(AdamW fused, wd 0.01): controller-set multipliers per group, hindsight signal"))
+    description="NestedOptimizer(AdamW fused, wd 0.01): controller-set lr multiplier per tensor, hindsight signal"))

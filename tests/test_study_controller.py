@@ -1,0 +1,55 @@
+"""``nestopt study controller``: the analysis on known records, and a small end-to-end run."""
+
+from __future__ import annotations
+
+import json
+
+from nestopt.studies import controller as C
+
+
+def _rec(task, opt, lr, seed, final, ttt):
+    return {"task": task, "optimizer": opt, "lr": lr, "seed": seed, "final_val_loss": final,
+            "diverged": final is None, "time_to_target_s": ttt, "ms_per_step": 1.0, "error": None}
+
+
+def test_robustness_counts_rates_within_2x_of_the_methods_best():
+    best = {"t": 0.01}
+    lrs = C._around(0.01, C.ROBUST)
+    recs = []
+    for lr, a, n in zip(lrs, [None, 4.0, 1.0, 1.9, None], [3.0, 2.0, 2.0, 2.5, 9.0]):
+        recs.append(_rec("t", "adamw", lr, 0, 1.0, a))
+        recs.append(_rec("t", C._name("hindsight"), lr, 0, 1.0, n))
+        recs.append(_rec("t", "adamw-hd", lr, 0, 1.0, None))
+    rob = C.robustness(recs, ("t",), best)
+    assert rob["adamw"]["robust"] == 2  # 1.0 and 1.9 are within 2x of 1.0; 4.0 is not
+    assert rob["nested (default)"]["robust"] == 4  # 2, 2, 2.5, 3 within 2x of 2; 9 is not
+    assert rob["adamw-hd"]["robust"] == 0  # never reaches the target
+
+
+def test_paired_verdict_needs_a_clear_margin():
+    best = {"t": 1.0}
+    recs = []
+    for s in range(4):
+        for f, lr in zip(C.ABLATION, C._around(1.0, C.ABLATION)):
+            recs.append(_rec("t", "a", lr, s, 0.5, None))
+            recs.append(_rec("t", "b", lr, s, 1.0 if s < 3 else 0.4, None))
+    p = C.paired(recs, "a", "b", C.ABLATION, seeds=4, best_lr=best)
+    assert (p["wins"], p["losses"], p["pairs"]) == (9, 3, 12)
+    assert p["verdict"] == "better"  # 9 - 3 = 6 >= max(3, 25% of 12)
+    p = C.paired(recs, "a", "b", C.ABLATION, seeds=4, best_lr=best, tol=0.01)
+    one_seed = C.paired(recs, "a", "b", (1.0,), seeds=1, best_lr=best)
+    assert one_seed["pairs"] == 1 and one_seed["verdict"] == "no clear effect"
+
+
+def test_small_study_end_to_end(tmp_path):
+    doc = C.run_study(tmp_path, seeds=1, ablation_seeds=1, head_seeds=1, tasks=("quad-asym",), workers=1,
+                      head_steps=10)
+    report = (tmp_path / "report.md").read_text()
+    for section in ("## 1. Robustness", "## 2. Ablations", "## 3. Per-head feedback", "## 4. Cost and peers"):
+        assert section in report
+    assert len(doc["ablations"]) == len(C.CONFIGS) - 1
+    assert all(r["verdict"] in ("helped", "hurt", "no clear effect") for r in doc["ablations"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["best_lr"]["quad-asym"] > 0
+    for f in ("robustness.png", "ablations.png", "heads.png"):
+        assert (tmp_path / f).stat().st_size > 1000

@@ -28,7 +28,6 @@ import json
 import math
 import statistics
 import time
-from collections import defaultdict
 from functools import partial
 from pathlib import Path
 from typing import Any

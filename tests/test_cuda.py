@@ -45,8 +45,10 @@ def test_cuda_matches_cpu(spec):
     if "adamw" in spec.name and "nested" in spec.name:
         pytest.skip("fused AdamW has no float64 CPU/CUDA parity to compare bitwise; see the float32 test below")
     cpu, gpu = _train(spec, "cpu"), _train(spec, "cuda")
+    # the learned optimizer's network computes in float32 (its weights' dtype), the rest in float64
+    tol = dict(rtol=1e-4, atol=1e-6) if spec.name == "learned" else dict(rtol=1e-9, atol=1e-11)
     for a, b in zip(cpu, gpu):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(a, b, **tol)
 
 
 def test_nested_on_cuda_round_trips_and_replays():

@@ -69,11 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="output folder for results.json, report.md and figures")
 
     st = sub.add_parser("study", help="run a study that tests a source document's claims")
-    st.add_argument("name", help="polyak or large-lr")
+    st.add_argument("name", help="polyak, large-lr, controller or learned")
+    st.add_argument("--net", action="append", default=[], metavar="LABEL=PATH",
+                    help="learned: also evaluate this network file (repeatable)")
     st.add_argument("--out", required=True, help="output folder for report.md, results.json and figures")
 
     sub.add_parser("tasks", help="list the registered tasks, task families and games")
     sub.add_parser("optimizers", help="list the registered optimizers")
+
+    m = sub.add_parser("meta-train", help="meta-train an update network for LearnedOptimizer")
+    m.add_argument("--net", default="hybrid", help="hybrid (default), mlp or mlp-seed")
+    m.add_argument("--out", required=True, help="output folder: net.safetensors, checkpoint.pt, history.json")
+    m.add_argument("--steps", type=_int, default=3000, help="outer steps (default 3000)")
+    m.add_argument("--unroll", type=_int, default=20, help="inner steps per truncation (default 20)")
+    m.add_argument("--horizon", type=_int, default=200, help="inner steps per task (default 200)")
+    m.add_argument("--families", default="quadratic,teacher-mlp", help="task families to meta-train on")
+    m.add_argument("--seed", type=_int, default=0)
+    m.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
 
     o = sub.add_parser("overhead", help="optimizer step time and memory vs torch AdamW(fused) and SGD(foreach)")
     o.add_argument("--params", type=_count, default=10_000_000, help="parameter count, e.g. 10M (default)")
@@ -229,7 +241,7 @@ def _cmd_overhead(args: argparse.Namespace) -> int:
     return 0
 
 
-STUDIES = ("polyak", "large-lr", "controller")
+STUDIES = ("polyak", "large-lr", "controller", "learned")
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
@@ -258,11 +270,91 @@ def _cmd_study(args: argparse.Namespace) -> int:
             print(f"robust rates  {label:18s} {m['robust']}/{m['cells']}")
         for r in doc["ablations"]:
             print(f"{r['what']:28s} {r['verdict']:16s} wins {r['wins']} losses {r['losses']} of {r['pairs']}")
+    elif args.name == "learned":
+        from .studies.learned import run_study as run_learned
+
+        nets = _net_args(args.net, out)
+        doc = run_learned(out, nets=nets)
+        for r in doc["rows"] + doc["long"]:
+            print(f"{r['name'][:44]:44s} {r['steps']:5d} {r['net'][:22]:22s} speedup {r['speedup']:.2f} "
+                  f"reached {r['reached']}/{r['seeds']} diverged {r['diverged']}")
     print(f"study {args.name}: {time.perf_counter() - t0:.0f} s; wrote {out / 'report.md'}, {out / 'results.json'} and figures")
     return 0
 
 
-COMMANDS = {"bench": _cmd_bench, "study": _cmd_study, "tasks": _cmd_tasks, "optimizers": _cmd_optimizers, "overhead": _cmd_overhead}
+def _cmd_meta_train(args: argparse.Namespace) -> int:
+    import json
+
+    from .meta import DirectUpdateMLP, HybridAdamNet, MetaConfig, meta_train
+    from .optim.learned import save_net
+
+    nets = {"hybrid": HybridAdamNet, "mlp": DirectUpdateMLP, "mlp-seed": lambda: DirectUpdateMLP("seed")}
+    if args.net not in nets:
+        raise UsageError(f"--net {args.net!r} is invalid: expected one of {', '.join(nets)}")
+    out = _writable_dir(args.out)
+    families = tuple(_names(args.families) or ())
+    from . import tasks as task_registry
+
+    for f in families:
+        if f not in task_registry.family_names():
+            raise UsageError(f"unknown task family {f!r}; valid names: {', '.join(task_registry.family_names())}")
+    cfg = MetaConfig(families=families, unroll=args.unroll, horizon=max(args.horizon, args.unroll),
+                     outer_steps=args.steps, seed=args.seed)
+    torch_threads()
+    net = nets[args.net]()
+    t0 = time.perf_counter()
+    every = max(1, args.steps // 20)
+
+    def progress(row: dict) -> None:
+        if row["step"] % every == 0 or row["step"] == args.steps:
+            print(f"meta-train {row['step']}/{args.steps}  meta-loss {row['meta_loss']:+.4f}  "
+                  f"({row['task']})  {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+
+    history = meta_train(net, cfg, checkpoint=out / "checkpoint.pt", resume=args.resume, progress=progress)
+    wall = time.perf_counter() - t0
+    save_net(net, out / "net.safetensors", meta=meta_record(args.net, cfg, history, wall))
+    (out / "history.json").write_text(json.dumps(history))
+    print(f"meta-train: {len(history)} outer steps in {wall:.0f} s; wrote {out / 'net.safetensors'}")
+    return 0
+
+
+def _net_args(items: list[str], out: Path) -> dict[str, str]:
+    """``--net LABEL=PATH`` arguments, plus the shipped network and, as the reference for what
+    meta-training bought, the same network untrained (written to OUT)."""
+    from .meta import HybridAdamNet
+    from .optim.learned import SHIPPED, load_net, save_net
+
+    nets = {"shipped (mlp)": str(SHIPPED), "hybrid, untrained (Adam 1e-3)": str(save_net(HybridAdamNet(), out / "untrained.safetensors"))}
+    for item in items:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            raise UsageError(f"--net {item!r} is invalid: expected LABEL=PATH")
+        try:
+            load_net(path)
+        except ValueError as e:
+            raise UsageError(str(e))
+        nets[label] = path
+    return nets
+
+
+def meta_record(net: str, cfg: object, history: list[dict], seconds: float) -> dict:
+    """What a weights file says of its making: the command, the settings, the time, and the
+    meta-loss curve (at most about 300 points) for the study's figure."""
+    stride = max(1, len(history) // 300)
+    settings = dict(vars(cfg))
+    settings["families"] = list(settings["families"])
+    return {"command": f"nestopt meta-train --net {net} --out DIR", "config": settings, "seconds": round(seconds, 1),
+            "history": [[h["step"], round(h["meta_loss"], 5)] for h in history[stride - 1::stride]]}
+
+
+def torch_threads() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # tiny tensors: one thread is fastest and keeps runs reproducible
+
+
+COMMANDS = {"bench": _cmd_bench, "study": _cmd_study, "tasks": _cmd_tasks, "optimizers": _cmd_optimizers, "overhead": _cmd_overhead,
+            "meta-train": _cmd_meta_train}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,9 +5,10 @@
 
 from . import registry
 from .hypergradient import HypergradientAdam, HypergradientSGD
+from .learned import LearnedOptimizer
 from .nested import Controller, NestedOptimizer
 from .polyak import Polyak, PolyakAdam
 from .registry import OptimizerSpec, get, names, register
 
-__all__ = ["Controller", "HypergradientAdam", "HypergradientSGD", "NestedOptimizer", "OptimizerSpec", "Polyak",
+__all__ = ["Controller", "HypergradientAdam", "HypergradientSGD", "LearnedOptimizer", "NestedOptimizer", "OptimizerSpec", "Polyak",
            "PolyakAdam", "get", "names", "register", "registry"]

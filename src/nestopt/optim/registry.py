@@ -244,3 +244,26 @@ register(OptimizerSpec(
     "nested-adamw", _nested_adamw, default_lr=1e-3, needs_loss=True, nonfinite="skip", conformance_lr=0.05,
     group_independent=False, origin="nestopt",
     description="NestedOptimizer(AdamW fused, wd 0.01): controller-set lr multiplier per tensor, hindsight signal"))
+
+
+# -- learned optimizers (nestopt.optim.learned): the shipped pretrained network ---------------------
+
+
+def _learned(params: Params, lr: float) -> torch.optim.Optimizer:
+    from .learned import LearnedOptimizer
+
+    return LearnedOptimizer(params, net="default", lr=lr)
+
+
+def _shipped() -> bool:
+    from pathlib import Path
+
+    return (Path(__file__).resolve().parent.parent / "meta" / "weights" / "default.safetensors").is_file()
+
+
+if _shipped():
+    register(OptimizerSpec(
+        "learned", _learned, default_lr=1.0, nonfinite="skip", origin="nestopt", requires="safetensors",
+        conformance_lr=1.0,
+        description="LearnedOptimizer with the shipped meta-trained network (per-element MLP, extended "
+                    "features), untuned"))

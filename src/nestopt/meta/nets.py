@@ -1,0 +1,228 @@
+r"""Update networks for learned optimizers: ``nn.Module``\ s that own the meta-parameters.
+
+Each network defines a *pure* per-tensor update,
+
+    ``delta, new_state = net.update(p, g, state, t)``
+
+which is differentiable with respect to the network's weights (the meta-trainer backpropagates
+through it) and holds no per-parameter tensors itself: those live in ``state`` (a dict of
+tensors, the optimizer's buffers), so one network serves any number of parameters.
+:class:`~nestopt.optim.LearnedOptimizer` applies ``p <- p + lr * delta``.
+
+- :class:`HybridAdamNet`: Adam's direction ``m_hat / (sqrt(v_hat) + eps)`` times a learned
+  per-tensor step size ``exp(base + s)``, where ``s`` is a small MLP of scale-free per-tensor
+  statistics (gradient/momentum agreement, momentum consistency, the relative update size and
+  training progress). 2 buffers per parameter. At initialisation (``s = 0``) it is Adam with
+  rate ``exp(base)`` (1e-3): meta-training starts from a working optimizer.
+- :class:`DirectUpdateMLP`: a per-element MLP. ``features="seed"`` takes the research note's
+  ``[log|g|, sign g, log|m|, sign m]``; ``"extended"`` (default) takes the gradient, two momenta
+  (0.9 and 0.99) and the parameter, each divided by its tensor's RMS, plus the Adam ratios
+  ``m/sqrt(v)`` and ``g/sqrt(v)``. The output ``(d, a)`` gives ``delta = -c d exp(c a)`` with
+  ``c = 1e-3`` (a small initial step, as in Metz et al.'s MLP optimizers). 1 buffer per
+  parameter for ``"seed"``, 3 for ``"extended"``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .._checks import check_choice, check_int, check_number
+
+_EPS = 1e-8
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return x.pow(2).mean().add(1e-30).sqrt()
+
+
+class UpdateNet(nn.Module):
+    """Base class: ``buffers`` names the per-parameter state, ``update`` is the pure rule."""
+
+    kind: str = ""
+    buffers: tuple[str, ...] = ()
+
+    def init_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: torch.zeros_like(p, memory_format=torch.preserve_format) for name in self.buffers}
+
+    def update(self, p: torch.Tensor, g: torch.Tensor, state: dict[str, torch.Tensor], t: int
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def config(self) -> dict[str, object]:
+        """What :func:`build` needs to rebuild this network (saved next to the weights)."""
+        return {"kind": self.kind}
+
+
+class HybridAdamNet(UpdateNet):
+    """Adam direction with a learned per-tensor step size (see the module docstring).
+
+    Args:
+        hidden: width of the per-tensor MLP.
+        betas, eps: Adam's.
+        base_lr: the initial step size ``exp(base)`` (learned, in log space).
+        max_log_scale: ``|s|`` is bounded by this (tanh), so one tensor's step is at most
+            ``e^max_log_scale`` times the base rate either way.
+    """
+
+    kind = "hybrid"
+    buffers = ("exp_avg", "exp_avg_sq", "m_sq", "v_sum")  # the last two are per-tensor scalars
+    N_FEATURES = 4
+
+    def __init__(self, hidden: int = 16, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 base_lr: float = 1e-3, max_log_scale: float = 3.0) -> None:
+        super().__init__()
+        check_int("hidden", hidden, lo=1)
+        check_number("base_lr", base_lr, lo=0.0, lo_open=True)
+        check_number("max_log_scale", max_log_scale, lo=0.0, lo_open=True)
+        self.hidden, self.betas, self.eps, self.max_log_scale = hidden, tuple(betas), eps, max_log_scale
+        self.base = nn.Parameter(torch.tensor(math.log(base_lr)))
+        self.net = nn.Sequential(nn.Linear(self.N_FEATURES, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def config(self) -> dict[str, object]:
+        return {"kind": self.kind, "hidden": self.hidden, "betas": list(self.betas), "eps": self.eps,
+                "max_log_scale": self.max_log_scale}
+
+    def init_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        # running ||m||^2 and sum(v) of the tensor are kept by exact recursions of the moment updates
+        z = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return {"exp_avg": z, "exp_avg_sq": z.clone(), "m_sq": torch.zeros((), dtype=torch.float64),
+                "v_sum": torch.zeros((), dtype=torch.float64)}
+
+    def log_scale(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.max_log_scale * torch.tanh(self.net(feats).squeeze(-1) / self.max_log_scale)
+
+    def sums(self, p: torch.Tensor, g: torch.Tensor, m_prev: torch.Tensor) -> tuple[float, float, float]:
+        """``g . m_prev``, ``||g||^2``, ``||p||^2``: the one read of the tensors a step needs."""
+        gd, md, pd = g.detach().reshape(-1), m_prev.detach().reshape(-1), p.detach().reshape(-1)
+        row = torch.stack([torch.dot(gd, md), torch.dot(gd, gd), torch.dot(pd, pd)]).double().tolist()
+        return row[0], row[1], row[2]
+
+    def scale_from_sums(self, gm: float, gg: float, pp: float, m_sq: float, v_sum: float, n: int, t: int
+                        ) -> tuple[torch.Tensor, float, float]:
+        """Log step scale ``s`` (differentiable in the weights) and the new running sums."""
+        b1, b2 = self.betas
+        mm = max(b1 * b1 * m_sq + 2 * b1 * (1 - b1) * gm + (1 - b1) ** 2 * gg, 0.0)  # >= 0 up to rounding
+        vs = max(b2 * v_sum + (1 - b2) * gg, 0.0)
+        feats = hybrid_features(gm, gg, m_sq, mm, vs, pp, n, t, self.betas, math.exp(float(self.base.detach())))
+        return self.log_scale(torch.tensor(feats, dtype=self.base.dtype)), mm, vs
+
+    def update(self, p, g, state, t):  # type: ignore[no-untyped-def]
+        b1, b2 = self.betas
+        m_prev = state["exp_avg"]
+        gm, gg, pp = self.sums(p, g, m_prev)
+        s, mm, vs = self.scale_from_sums(gm, gg, pp, float(state["m_sq"]), float(state["v_sum"]), p.numel(), t)
+        m = torch.lerp(m_prev, g, 1 - b1)
+        v = state["exp_avg_sq"] * b2 + (1 - b2) * g * g
+        u = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + self.eps)
+        delta = -torch.exp(self.base + s).to(p.dtype) * u
+        new = {"exp_avg": m, "exp_avg_sq": v, "m_sq": torch.tensor(mm, dtype=torch.float64),
+               "v_sum": torch.tensor(vs, dtype=torch.float64)}
+        return delta, new
+
+
+def hybrid_features(gm: float, gg: float, mm_prev: float, mm: float, vs: float, pp: float, n: int, t: int,
+                    betas: tuple[float, float], base: float) -> list[float]:
+    """The hybrid network's inputs from per-tensor sums: cos(g, m_prev), log(||m|| / ||g||) (how
+    consistent the gradients are), the relative update size ``log(base * rms(m_hat) /
+    rms(sqrt(v_hat)) / rms(p))`` / 10, and training progress ``log(1 + t) / log(1e4)``."""
+    b1, b2 = betas
+    cos = gm / (math.sqrt(gg * mm_prev) + 1e-30)
+    consistency = math.sqrt(mm) / (math.sqrt(gg) + 1e-30)
+    rms_u = (math.sqrt(mm / n) / (1 - b1**t)) / (math.sqrt(vs / n / (1 - b2**t)) + 1e-30)
+    rel = math.log(max(rms_u * base / (math.sqrt(pp / n) + 1e-3), 1e-30))
+    if not all(map(math.isfinite, (cos, consistency, rel))):
+        return [math.nan] * 4  # a diverging run: the caller sees a non-finite step and drops it
+    return [cos, math.log(consistency + 1e-8), rel / 10.0, math.log1p(t) / math.log(1e4)]
+
+
+FEATURE_SETS = ("seed", "extended")
+
+
+class DirectUpdateMLP(UpdateNet):
+    """Per-element MLP update (see the module docstring).
+
+    Args:
+        features: ``"seed"`` or ``"extended"``.
+        hidden: width of the two hidden layers.
+        step_mult, exp_mult: ``c`` in ``delta = -step_mult * d * exp(exp_mult * a)``.
+    """
+
+    kind = "mlp"
+
+    def __init__(self, features: str = "extended", hidden: int = 16, step_mult: float = 1e-3,
+                 exp_mult: float = 1e-3, seed: int = 0) -> None:
+        super().__init__()
+        check_choice("features", features, FEATURE_SETS)
+        check_int("hidden", hidden, lo=1)
+        self.feature_set, self.hidden, self.step_mult, self.exp_mult = features, hidden, step_mult, exp_mult
+        self.buffers = ("m",) if features == "seed" else ("m", "m_slow", "v")
+        n_in = 4 if features == "seed" else 6
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.net = nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                     nn.Linear(hidden, 2))
+
+    def config(self) -> dict[str, object]:
+        return {"kind": self.kind, "features": self.feature_set, "hidden": self.hidden,
+                "step_mult": self.step_mult, "exp_mult": self.exp_mult}
+
+    def advance(self, g: torch.Tensor, state: dict[str, torch.Tensor], inplace: bool = False) -> dict[str, torch.Tensor]:
+        """The buffers after this gradient (in place when ``inplace``, for the optimizer)."""
+        if inplace:
+            state["m"].lerp_(g, 0.1)
+            if self.feature_set == "extended":
+                state["m_slow"].lerp_(g, 0.01)
+                state["v"].mul_(0.999).addcmul_(g, g, value=0.001)
+            return state
+        new = {"m": torch.lerp(state["m"], g, 0.1)}
+        if self.feature_set == "extended":
+            new["m_slow"] = torch.lerp(state["m_slow"], g, 0.01)
+            new["v"] = state["v"] * 0.999 + 0.001 * g * g
+        return new
+
+    def normalisers(self, p: torch.Tensor, g: torch.Tensor, new: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Per-tensor RMS of gradient, momenta and parameter (the "normalised per tensor" part)."""
+        if self.feature_set == "seed":
+            return []
+        return [_rms(g), _rms(new["m"]), _rms(new["m_slow"]), _rms(p) + 1e-3]
+
+    def rows(self, p: torch.Tensor, g: torch.Tensor, new: dict[str, torch.Tensor], norms: list[torch.Tensor], t: int,
+             sl: slice = slice(None)) -> torch.Tensor:
+        """Input rows ``(k, n_in)`` for the elements ``sl`` of the flattened tensor."""
+        g = g.reshape(-1)[sl]
+        m = new["m"].reshape(-1)[sl]
+        if self.feature_set == "seed":
+            return torch.stack([torch.log(g.abs() + _EPS), torch.sign(g), torch.log(m.abs() + _EPS), torch.sign(m)], 1)
+        m_slow, v, p = new["m_slow"].reshape(-1)[sl], new["v"].reshape(-1)[sl], p.reshape(-1)[sl]
+        vh = (v / (1 - 0.999**t)).sqrt() + _EPS
+        return torch.stack([g / norms[0], m / norms[1], m_slow / norms[2], p / norms[3],
+                            (m / (1 - 0.9**t)) / vh, g / vh], 1)
+
+    def step_from_rows(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x.to(self.net[0].weight.dtype))
+        return -self.step_mult * out[:, 0] * torch.exp(self.exp_mult * out[:, 1])
+
+    def update(self, p, g, state, t):  # type: ignore[no-untyped-def]
+        new = self.advance(g, state)
+        delta = self.step_from_rows(self.rows(p, g, new, self.normalisers(p, g, new), t))
+        return delta.reshape(p.shape).to(p.dtype), new
+
+
+KINDS = {"hybrid": HybridAdamNet, "mlp": DirectUpdateMLP}
+
+
+def build(config: dict[str, object]) -> UpdateNet:
+    """The network a saved ``config()`` describes (weights not loaded)."""
+    cfg = dict(config)
+    kind = cfg.pop("kind", None)
+    if kind not in KINDS:
+        raise ValueError(f"config kind={kind!r} is invalid: expected one of {', '.join(KINDS)}")
+    if kind == "hybrid":
+        betas = cfg.pop("betas", (0.9, 0.999))
+        return HybridAdamNet(betas=tuple(betas), **cfg)  # type: ignore[arg-type]
+    return DirectUpdateMLP(**cfg)  # type: ignore[arg-type]

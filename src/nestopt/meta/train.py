@@ -1,0 +1,167 @@
+r"""Meta-training update networks by truncated backpropagation through unrolled training.
+
+For a task sampled from a family (:mod:`nestopt.tasks.families`), the inner loop trains the
+task's model with the network's update, written functionally (``torch.func.functional_call``),
+so the *meta-loss* — the mean over the unroll of ``log(L_t / L_0)`` (the seed's "sum of losses
+along the trajectory", on a log scale, normalised by the task's starting loss) — is a
+differentiable function of the network's weights ``Phi``. Every ``unroll`` inner steps the
+meta-gradient is taken (truncated backpropagation), clipped, and applied by Adam; the inner
+parameters and buffers are detached and carried on, and after ``horizon`` inner steps a new task
+is sampled. ``second_order=False`` (default) treats each inner gradient as a constant (no
+``create_graph``), the usual first-order truncation; ``True`` differentiates through it too.
+
+The loop writes a checkpoint (network, outer optimizer, counters, RNG) every ``checkpoint_every``
+outer steps and resumes from one. Not here yet: evolution-strategies estimators for long
+unrolls, and spreading tasks over processes (tasks are small; one process runs them in turn).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .. import tasks as task_registry
+from .._checks import check_int, check_number
+from .nets import UpdateNet
+
+
+@dataclass
+class MetaConfig:
+    """Meta-training settings (see the module docstring)."""
+
+    families: tuple[str, ...] = ("quadratic", "teacher-mlp")
+    unroll: int = 10
+    horizon: int = 100
+    outer_steps: int = 200
+    outer_lr: float = 3e-3
+    clip: float = 1.0
+    reg: float = 1e-4
+    second_order: bool = False
+    checkpoint_every: int = 50
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        for f in self.families:
+            task_registry.family(f)  # KeyError naming the valid families
+        check_int("unroll", self.unroll, lo=1)
+        check_int("horizon", self.horizon, lo=self.unroll)
+        check_int("outer_steps", self.outer_steps, lo=1)
+        check_number("outer_lr", self.outer_lr, lo=0.0, lo_open=True)
+        check_number("clip", self.clip, lo=0.0, lo_open=True)
+        check_number("reg", self.reg, lo=0.0)
+        check_int("checkpoint_every", self.checkpoint_every, lo=1)
+
+
+class _Loss(nn.Module):
+    """``task.loss(model, batch)`` as a module, so ``functional_call`` can swap in the parameters."""
+
+    def __init__(self, task: Any, model: nn.Module) -> None:
+        super().__init__()
+        self.task, self.model = task, model
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.task.loss(self.model, batch)
+
+
+class _Inner:
+    """One task's inner training run, carried across truncations."""
+
+    def __init__(self, net: UpdateNet, family: str, seed: int) -> None:
+        self.task = task_registry.family(family).sample(seed)
+        model = self.task.init(seed)
+        self.module = _Loss(self.task, model)
+        self.params = {f"model.{k}": v.detach().clone() for k, v in model.named_parameters()}
+        self.state = {k: net.init_state(v) for k, v in self.params.items()}
+        self.next_batch = self.task.sampler(seed)
+        self.t = 0
+        self.loss0: float | None = None
+        self.name = getattr(self.task, "name", family)
+
+    def unroll(self, net: UpdateNet, steps: int, second_order: bool) -> tuple[torch.Tensor, list[float]]:
+        params = {k: v.requires_grad_() for k, v in self.params.items()}
+        state = self.state
+        terms, losses = [], []
+        for _ in range(steps):
+            batch = self.next_batch(self.t)
+            loss = functional_call(self.module, params, (batch,))
+            if self.loss0 is None:
+                self.loss0 = max(float(loss.detach()), 1e-12)
+            grads = torch.autograd.grad(loss, list(params.values()), create_graph=second_order,
+                                        retain_graph=True, allow_unused=True)
+            self.t += 1
+            new_params, new_state = {}, {}
+            for (k, p), g in zip(params.items(), grads):
+                g = torch.zeros_like(p) if g is None else (g if second_order else g.detach())
+                delta, new_state[k] = net.update(p, g, state[k], self.t)
+                new_params[k] = p + delta
+            params, state = new_params, new_state
+            terms.append(torch.log(loss / self.loss0 + 1e-12))
+            losses.append(float(loss.detach()))
+        # the loss after the last update closes the unroll
+        batch = self.next_batch(self.t)
+        last = functional_call(self.module, params, (batch,))
+        terms.append(torch.log(last / self.loss0 + 1e-12))
+        self.params = {k: v.detach() for k, v in params.items()}
+        self.state = {k: {n: b.detach() for n, b in s.items()} for k, s in state.items()}
+        return torch.stack(terms).mean(), losses
+
+
+def meta_train(net: UpdateNet, cfg: MetaConfig, *, checkpoint: str | Path | None = None, resume: bool = False,
+               progress: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Meta-train ``net`` in place; return the history (one row per outer step)."""
+    cfg.check()
+    outer = torch.optim.Adam(net.parameters(), lr=cfg.outer_lr)
+    history: list[dict[str, Any]] = []
+    start = 0
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    if resume and ckpt is not None and ckpt.is_file():
+        saved = torch.load(ckpt, weights_only=False)
+        net.load_state_dict(saved["net"])
+        outer.load_state_dict(saved["outer"])
+        history, start = saved["history"], saved["step"]
+        gen.set_state(saved["generator"])
+    inner: _Inner | None = None
+    task_count = start
+    t0 = time.perf_counter()
+    for step in range(start, cfg.outer_steps):
+        if inner is None or inner.t >= cfg.horizon:
+            family = cfg.families[int(torch.randint(len(cfg.families), (1,), generator=gen))]
+            inner = _Inner(net, family, seed=int(torch.randint(2**31 - 1, (1,), generator=gen)))
+            task_count += 1
+        outer.zero_grad(set_to_none=True)
+        meta_loss, losses = inner.unroll(net, cfg.unroll, cfg.second_order)
+        reg = cfg.reg * sum((p * p).sum() for p in net.parameters())
+        total = meta_loss + reg
+        row = {"step": step + 1, "task": inner.name, "inner_t": inner.t, "meta_loss": float(meta_loss.detach()),
+               "last_loss": losses[-1], "time_s": time.perf_counter() - t0, "skipped": False}
+        if torch.isfinite(total):
+            total.backward()
+            grads = [p.grad for p in net.parameters() if p.grad is not None]
+            norm = float(torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip)) if grads else 0.0
+            if math.isfinite(norm):
+                outer.step()
+            else:
+                row["skipped"] = True
+            row["grad_norm"] = norm
+        else:  # a diverging inner run: drop it and start a new task
+            row["skipped"] = True
+            inner = None
+        history.append(row)
+        if progress is not None:
+            progress(row)
+        if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.outer_steps):
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"net": net.state_dict(), "outer": outer.state_dict(), "history": history, "step": step + 1,
+                        "generator": gen.get_state(), "config": json.dumps(asdict(cfg))}, ckpt)
+    return history

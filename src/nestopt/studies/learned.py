@@ -1,0 +1,246 @@
+"""``nestopt study learned --out DIR``: do meta-trained update networks generalise?
+
+Protocol: the networks were meta-trained on the ``quadratic`` and ``teacher-mlp`` families
+(``nestopt meta-train``); here they run, untuned (``lr=1``), on tasks from families never seen in
+meta-training (``digits-mlp``, ``trading``) and on one task at a horizon 10x the meta-training
+runs' (2000 steps against 200). Baseline: AdamW tuned per task over five rates (3e-4 to 3e-2), its
+target the worst seed's final validation loss at its best rate, as in the bench. Per task and
+network: steps to that target on each of 5 seeds, the speedup over tuned AdamW (its steps / the
+network's) with a bootstrap 90% interval over seeds, and the divergence count.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import tasks as task_registry
+from ._common import finite
+
+ADAMW_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+HELD_OUT = (("digits-mlp", 101), ("digits-mlp", 102), ("digits-mlp", 103), ("digits-mlp", 104),
+            ("trading", 201), ("trading", 202))
+LONG = ("digits-mlp", 105, 2000)
+SEEDS = 5
+EVAL_POINTS = 30
+
+
+def _task(family: str, index: int) -> Any:
+    return task_registry.family(family).sample(index)
+
+
+def _make(opt: str, params: Any, lr: float) -> torch.optim.Optimizer:
+    if opt == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    from ..optim.learned import LearnedOptimizer
+
+    return LearnedOptimizer(params, net=opt, lr=lr)
+
+
+def run(family: str, index: int, opt: str, lr: float, seed: int, steps: int | None = None) -> dict[str, Any]:
+    """Train one held-out task; the validation curve at ``EVAL_POINTS`` points."""
+    torch.set_num_threads(1)
+    task = _task(family, index)
+    steps = steps or task.default_steps
+    model = task.init(seed)
+    o = _make(opt, model.parameters(), lr)
+    next_batch = task.sampler(seed)
+    every = max(1, steps // EVAL_POINTS)
+    curve = {"step": [0], "val_loss": [task.evaluate(model)["val_loss"]]}
+    diverged = False
+    t0 = time.perf_counter()
+    for step in range(steps):
+        batch = next_batch(step)
+        o.zero_grad(set_to_none=True)
+        loss = task.loss(model, batch)
+        loss.backward()
+        o.step()
+        if not math.isfinite(float(loss.detach())):
+            diverged = True
+            break
+        if (step + 1) % every == 0 or step + 1 == steps:
+            v = task.evaluate(model)["val_loss"]
+            curve["step"].append(step + 1)
+            curve["val_loss"].append(v)
+            if not math.isfinite(v) or v > 1e3 * max(abs(curve["val_loss"][0]), 1e-12):
+                diverged = True
+                break
+    return {"task": f"{family}#{index}", "name": getattr(task, "name", family), "opt": opt, "lr": lr, "seed": seed,
+            "steps": steps, "curve": curve, "diverged": diverged, "train_s": time.perf_counter() - t0,
+            "final": None if diverged else curve["val_loss"][-1]}
+
+
+def _run_job(job: tuple) -> dict[str, Any]:
+    return run(*job)
+
+
+def _steps_to(curve: dict[str, list[float]], target: float) -> float:
+    for s, v in zip(curve["step"], curve["val_loss"]):
+        if v is not None and math.isfinite(v) and v <= target:
+            return float(s)
+    return math.inf
+
+
+def _speedup_ci(adam: list[float], mine: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """90% bootstrap interval of median(AdamW steps) / median(network steps), resampling the
+    seeds of each independently (a target never reached counts as infinitely many steps)."""
+    rng = random.Random(seed)
+    vals = []
+    for _ in range(n):
+        a = statistics.median(rng.choice(adam) for _ in adam)
+        m = statistics.median(rng.choice(mine) for _ in mine)
+        vals.append(a / m if math.isfinite(m) and math.isfinite(a) else 0.0)
+    vals.sort()
+    return vals[int(0.05 * n)], vals[int(0.95 * n) - 1]
+
+
+def analyse(records: list[dict[str, Any]], nets: dict[str, str]) -> list[dict[str, Any]]:
+    rows = []
+    for task in dict.fromkeys(r["task"] for r in records):
+        rs = [r for r in records if r["task"] == task]
+        steps = rs[0]["steps"]
+        by_lr = {}
+        for lr in ADAMW_LRS:
+            runs = [r for r in rs if r["opt"] == "adamw" and r["lr"] == lr]
+            if runs:
+                by_lr[lr] = max(math.inf if r["final"] is None else r["final"] for r in runs)
+        best = min(by_lr, key=lambda k: by_lr[k])
+        target = by_lr[best]
+        adam_steps = [_steps_to(r["curve"], target) for r in rs if r["opt"] == "adamw" and r["lr"] == best]
+        for label, path in nets.items():
+            runs = [r for r in rs if r["opt"] == path]
+            mine = [_steps_to(r["curve"], target) for r in runs]
+            reached = sum(math.isfinite(m) for m in mine)
+            median_steps = statistics.median(mine) if mine else math.inf
+            speedup = statistics.median(adam_steps) / median_steps if math.isfinite(median_steps) else 0.0
+            ci = _speedup_ci(adam_steps, mine) if mine else (0.0, 0.0)
+            rows.append({"task": task, "name": rs[0]["name"], "steps": steps, "net": label, "adamw_lr": best,
+                         "target": target, "adamw_steps": statistics.median(adam_steps), "steps_to_target": median_steps,
+                         "reached": reached, "seeds": len(runs), "speedup": speedup, "speedup_ci90": ci,
+                         "diverged": sum(r["diverged"] for r in runs), "faster": speedup > 1.0})
+    return rows
+
+
+def run_study(out: str | Path, nets: dict[str, str] | None = None, workers: int | None = None,
+              held_out: tuple[tuple[str, int], ...] = HELD_OUT, seeds: int = SEEDS, long: tuple | None = LONG,
+              histories: dict[str, list[list[float]]] | None = None) -> dict[str, Any]:
+    """Evaluate each network in ``nets`` (label -> .safetensors path) on the held-out tasks."""
+    import multiprocessing as mp
+
+    from ..optim.learned import SHIPPED
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    nets = nets or {"shipped (mlp)": str(SHIPPED)}
+    t0 = time.perf_counter()
+    jobs = [(f, i, "adamw", lr, s) for f, i in held_out for lr in ADAMW_LRS for s in range(seeds)]
+    jobs += [(f, i, path, 1.0, s) for f, i in held_out for path in nets.values() for s in range(seeds)]
+    if long is not None:
+        f, i, n = long
+        jobs += [(f, i, "adamw", lr, s, n) for lr in ADAMW_LRS for s in range(seeds)]
+        jobs += [(f, i, path, 1.0, s, n) for path in nets.values() for s in range(seeds)]
+    jobs.sort(key=lambda j: -(j[5] if len(j) > 5 else 400) * (3 if j[0] == "trading" else 1))
+    if workers == 1:
+        records = [_run_job(j) for j in jobs]
+    else:
+        with mp.get_context("spawn").Pool(workers) as pool:
+            records = pool.map(_run_job, jobs, chunksize=1)
+    short = [r for r in records if long is None or r["steps"] != long[2] or r["task"] != f"{long[0]}#{long[1]}"]
+    long_recs = [r for r in records if r not in short]
+    rows = analyse(short, nets)
+    long_rows = analyse(long_recs, nets) if long_recs else []
+    if histories is None:  # the meta-loss curves stored in the weight files
+        from ..optim.learned import net_metadata
+
+        histories = {label: h for label, path in nets.items() if (h := net_metadata(path).get("history"))}
+    figures = _figures(records, rows + long_rows, nets, histories, out)
+    doc = {"study": "learned", "wall_s": time.perf_counter() - t0, "nets": nets, "rows": rows, "long": long_rows,
+           "figures": figures, "records": [{k: v for k, v in r.items()} for r in records]}
+    (out / "results.json").write_text(json.dumps(finite(doc), indent=1))
+    (out / "report.md").write_text(_report(doc, seeds))
+    return doc
+
+
+def _figures(records: list[dict[str, Any]], rows: list[dict[str, Any]], nets: dict[str, str],
+             histories: dict[str, list[list[float]]], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    tasks = list(dict.fromkeys((r["task"], r["steps"]) for r in records))
+    cols = 4
+    fig, axes = plt.subplots(math.ceil(len(tasks) / cols), cols, figsize=(16, 3.5 * math.ceil(len(tasks) / cols)),
+                             squeeze=False)
+    for ax, (task, steps) in zip(axes.flat, tasks):
+        row = next((r for r in rows if r["task"] == task and r["steps"] == steps), None)
+        groups = {"AdamW (tuned)": [r for r in records if r["task"] == task and r["steps"] == steps and r["opt"] == "adamw"
+                                    and row is not None and r["lr"] == row["adamw_lr"]]}
+        for label, path in nets.items():
+            groups[label] = [r for r in records if r["task"] == task and r["steps"] == steps and r["opt"] == path]
+        for label, rs in groups.items():
+            for k, r in enumerate(rs):
+                ax.plot(r["curve"]["step"], r["curve"]["val_loss"], lw=0.8, alpha=0.7,
+                        color={0: "tab:blue"}.get(list(groups).index(label), f"C{list(groups).index(label)}"),
+                        label=label if k == 0 else None)
+        if row is not None:
+            ax.axhline(row["target"], color="k", ls="--", lw=0.7)
+        ax.set_yscale("log")
+        ax.set_title(f"{task} ({steps} steps)", fontsize=9)
+        ax.set_xlabel("step")
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("held-out tasks: validation loss (each seed; dashed: tuned AdamW's target)")
+    fig.tight_layout()
+    fig.savefig(out / "heldout_curves.png", dpi=100)
+    plt.close(fig)
+    files.append("heldout_curves.png")
+    if histories:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for label, hist in histories.items():
+            xs = [h[0] for h in hist]
+            ys = [h[1] for h in hist]
+            k = 10
+            smooth = [statistics.fmean(ys[max(0, i - k):i + 1]) for i in range(len(ys))]
+            ax.plot(xs, smooth, label=label)
+        ax.set_xlabel("outer step")
+        ax.set_ylabel("meta-loss (mean log L_t / L_0), running mean")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "meta_training.png", dpi=100)
+        plt.close(fig)
+        files.append("meta_training.png")
+    return files
+
+
+def _report(doc: dict[str, Any], seeds: int) -> str:
+    L = ["# Learned optimizers on held-out tasks", "",
+         f"Command: `nestopt study learned --out DIR` ({doc['wall_s']:.0f} s here). {__doc__.split(chr(10) + chr(10), 1)[1]}",
+         "Networks: " + ", ".join(f"`{k}` ({v})" for k, v in doc["nets"].items()), "",
+         "| task | steps | net | AdamW lr | AdamW steps | net steps (median) | reached | speedup (90% CI) | diverged |",
+         "|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["rows"] + doc["long"]:
+        lo, hi = r["speedup_ci90"]
+        L.append(f"| {r['name']} | {r['steps']} | {r['net']} | {r['adamw_lr']:g} | {r['adamw_steps']:.0f} | "
+                 f"{r['steps_to_target']:.0f} | {r['reached']}/{r['seeds']} | {r['speedup']:.2f} ({lo:.2f}-{hi:.2f}) | "
+                 f"{r['diverged']} |")
+    for label in doc["nets"]:
+        rs = [r for r in doc["rows"] if r["net"] == label]
+        faster = sum(r["faster"] for r in rs)
+        div = sum(r["diverged"] for r in rs + [x for x in doc["long"] if x["net"] == label])
+        L += ["", f"**{label}**: faster than tuned AdamW (median steps to its target) on {faster} of {len(rs)} held-out "
+              f"tasks; {div} diverged runs. Acceptance (faster on at least half, no divergence): "
+              f"**{'met' if faster * 2 >= len(rs) and div == 0 else 'not met'}**."]
+    L += ["", "A speedup of 0 means the network's median seed never reached the target.", ""]
+    L += [f"![{f}]({f})" for f in doc["figures"]]
+    return "\n".join(L) + "\n"

@@ -1,0 +1,199 @@
+"""Learned optimizers: update networks, the optimizer's fast paths against the reference update,
+weight files and their errors, and a smoke meta-training run."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from nestopt.meta import DirectUpdateMLP, HybridAdamNet, MetaConfig, meta_train
+from nestopt.optim.learned import SHIPPED, LearnedOptimizer, load_net, save_net
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(64, 5, generator=g), torch.randn(64, 3, generator=g)
+
+
+def _hybrid_trained() -> HybridAdamNet:
+    net = HybridAdamNet()
+    with torch.no_grad():  # a network whose step scale varies with its inputs
+        torch.manual_seed(3)
+        net.net[-1].weight.normal_(0, 0.5)
+        net.net[-1].bias.fill_(0.3)
+    return net
+
+
+NETS = {"hybrid": _hybrid_trained, "mlp": DirectUpdateMLP, "mlp-seed": lambda: DirectUpdateMLP("seed")}
+
+
+@pytest.mark.parametrize("kind", NETS)
+@pytest.mark.parametrize("chunk", [7, 1 << 15])
+def test_optimizer_matches_the_reference_update(kind, chunk):
+    """The fast paths (fused AdamW kernel per tensor; chunked MLP) against ``net.update``."""
+    x, y = _data()
+    net = NETS[kind]()
+    a, b = _mlp(), _mlp()
+    opt = LearnedOptimizer(a.parameters(), net=net, chunk=chunk)
+    states = {p: net.init_state(p) for p in b.parameters()}
+    for t in range(1, 16):
+        for m in (a, b):
+            for p in m.parameters():
+                p.grad = None
+            nn.functional.mse_loss(m(x), y).backward()
+        opt.step()
+        with torch.no_grad():
+            for p in b.parameters():
+                delta, states[p] = net.update(p, p.grad, states[p], t)
+                p.add_(delta)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_untrained_hybrid_is_adam():
+    x, y = _data()
+    a, b = _mlp(), _mlp()
+    opt = LearnedOptimizer(a.parameters(), net=HybridAdamNet(base_lr=1e-2))
+    ref = torch.optim.Adam(b.parameters(), lr=1e-2)
+    for _ in range(10):
+        for o, m in ((opt, a), (ref, b)):
+            o.zero_grad()
+            nn.functional.mse_loss(m(x), y).backward()
+            o.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_state_dict_round_trip_and_nonfinite_skip():
+    x, y = _data()
+    a, b = _mlp(), _mlp()
+    net = _hybrid_trained()
+    oa, ob = LearnedOptimizer(a.parameters(), net=net), LearnedOptimizer(b.parameters(), net=net)
+
+    def step(o, m):
+        o.zero_grad()
+        nn.functional.mse_loss(m(x), y).backward()
+        o.step()
+
+    for _ in range(4):
+        step(oa, a)
+        step(ob, b)
+    buf = io.BytesIO()
+    torch.save(ob.state_dict(), buf)
+    buf.seek(0)
+    oc = LearnedOptimizer(b.parameters(), net=net)
+    oc.load_state_dict(torch.load(buf))
+    for _ in range(4):
+        step(oa, a)
+        step(oc, b)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    before = [p.detach().clone() for p in a.parameters()]
+    oa.zero_grad()
+    nn.functional.mse_loss(a(x), y).backward()
+    next(a.parameters()).grad.view(-1)[0] = float("nan")
+    oa.step()
+    assert oa.counters["nonfinite"] == 1
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), before))
+
+
+def test_weight_files_round_trip_and_fail_loudly(tmp_path):
+    net = _hybrid_trained()
+    path = save_net(net, tmp_path / "n.safetensors")
+    back = load_net(path)
+    assert back.config() == net.config()
+    for (k, v), (_, w) in zip(net.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(v, w), k
+    with pytest.raises(ValueError, match="no such file"):
+        load_net(tmp_path / "missing.safetensors")
+    bad = tmp_path / "corrupt.safetensors"
+    bad.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="corrupt.safetensors"):
+        load_net(bad)
+    # a file whose tensors do not fit its configuration
+    from safetensors.torch import save_file
+
+    tensors = {k: v for k, v in net.state_dict().items()}
+    tensors["net.0.weight"] = torch.zeros(3, 3)
+    save_file(tensors, str(tmp_path / "mismatch.safetensors"),
+              metadata={"format": "nestopt-update-net/1", "config": json.dumps(net.config()), "meta": "{}"})
+    with pytest.raises(ValueError, match="does not match"):
+        load_net(tmp_path / "mismatch.safetensors")
+    save_file(tensors, str(tmp_path / "other.safetensors"), metadata={"format": "something-else"})
+    with pytest.raises(ValueError, match="format"):
+        load_net(tmp_path / "other.safetensors")
+
+
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="no shipped weights in this checkout")
+def test_default_loads_the_shipped_network_and_trains():
+    x, y = _data()
+    model = _mlp()
+    opt = LearnedOptimizer(model.parameters())
+    assert isinstance(opt.net, DirectUpdateMLP)
+    start = float(nn.functional.mse_loss(model(x), y))
+    for _ in range(100):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    assert float(nn.functional.mse_loss(model(x), y).detach()) < 0.7 * start
+
+
+def test_meta_training_improves_the_meta_loss_and_resumes_exactly(tmp_path):
+    cfg = MetaConfig(families=("quadratic",), unroll=5, horizon=20, outer_steps=40, outer_lr=3e-2,
+                     checkpoint_every=20, seed=1)
+    net = HybridAdamNet()
+    hist = meta_train(copy.deepcopy(net), cfg)
+    first = sum(h["meta_loss"] for h in hist[:8]) / 8
+    last = sum(h["meta_loss"] for h in hist[-8:]) / 8
+    assert last < first, (first, last)
+    # interrupted at 20 and resumed: the same network as one uninterrupted run
+    full = copy.deepcopy(net)
+    meta_train(full, cfg)
+    part = copy.deepcopy(net)
+    meta_train(part, MetaConfig(**{**cfg.__dict__, "outer_steps": 20}), checkpoint=tmp_path / "c.pt")
+    resumed = copy.deepcopy(net)
+    meta_train(resumed, cfg, checkpoint=tmp_path / "c.pt", resume=True)
+    for p, q in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="net="):
+        LearnedOptimizer(_mlp().parameters(), net=42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="lr"):
+        LearnedOptimizer(_mlp().parameters(), net=HybridAdamNet(), lr=-1.0)
+    with pytest.raises(ValueError, match="features"):
+        DirectUpdateMLP("raw")
+    with pytest.raises(KeyError, match="valid"):
+        MetaConfig(families=("nope",)).check()
+
+
+def test_study_and_meta_train_command_end_to_end(tmp_path):
+    import subprocess
+    import sys
+
+    from nestopt.studies.learned import run_study
+
+    out = tmp_path / "meta"
+    proc = subprocess.run([sys.executable, "-m", "nestopt.cli", "meta-train", "--net", "hybrid", "--steps", "6",
+                           "--unroll", "2", "--horizon", "4", "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    net_file = out / "net.safetensors"
+    assert isinstance(load_net(net_file), HybridAdamNet)
+    doc = run_study(tmp_path / "study", nets={"tiny": str(net_file)}, workers=1, held_out=(("digits-mlp", 101),),
+                    seeds=1, long=None)
+    assert len(doc["rows"]) == 1 and doc["rows"][0]["net"] == "tiny"
+    report = (tmp_path / "study" / "report.md").read_text()
+    assert "| task | steps | net |" in report and "Acceptance" in report
+    assert (tmp_path / "study" / "heldout_curves.png").stat().st_size > 1000
+    assert (tmp_path / "study" / "meta_training.png").stat().st_size > 1000

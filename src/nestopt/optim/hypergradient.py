@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch.optim import Optimizer
+from torch.optim.adamw import adamw as _adamw
 
 from .._checks import check_choice, check_number
 
@@ -56,6 +57,18 @@ class _Hypergradient(Optimizer):
         super().add_param_group(param_group)
         self._init_group_fields(self.param_groups[-1])
 
+    @staticmethod
+    def _new_scale(group: dict[str, Any], dot: float, gsq: float, usq: float) -> float:
+        """The scale after this step's hypergradient ``-g_t . u_{t-1}``."""
+        s = group["hd_scale"]
+        if usq > 0.0 and gsq > 0.0:  # no previous update yet: keep the scale
+            if group["rule"] == "multiplicative":
+                s = s * (1.0 + group["beta"] * dot / math.sqrt(gsq * usq))
+            elif group["lr"] > 0:
+                s = s + group["beta"] * dot / group["lr"]
+            s = min(max(s, group["scale_min"]), group["scale_max"])
+        return s
+
     def _direction_buffers(self, group: dict[str, Any], ps: list[torch.Tensor]) -> list[torch.Tensor]:
         for p in ps:
             st = self.state[p]
@@ -68,8 +81,8 @@ class _Hypergradient(Optimizer):
 
     def _new_direction(self, group: dict[str, Any], ps: list[torch.Tensor], gs: list[torch.Tensor],
                        us: list[torch.Tensor]) -> None:
-        """Write the new update direction into ``us`` (and advance any moments)."""
-        raise NotImplementedError  # pragma: no cover - both subclasses define it
+        """Write the new update direction into ``us`` (the SGD rule: ``u = g``)."""
+        torch._foreach_copy_(us, gs)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -98,16 +111,9 @@ class _Hypergradient(Optimizer):
                 group["hd"]["nonfinite"] += 1
             return loss
         for (group, ps, gs, us), (dot, gsq, usq) in zip(work, host):
-            s = group["hd_scale"]
-            if usq > 0.0 and gsq > 0.0:  # no previous update yet: keep the scale
-                if group["rule"] == "multiplicative":
-                    s = s * (1.0 + group["beta"] * dot / math.sqrt(gsq * usq))
-                elif group["lr"] > 0:
-                    s = s + group["beta"] * dot / group["lr"]
-                s = min(max(s, group["scale_min"]), group["scale_max"])
-            group["hd_scale"] = s
+            group["hd_scale"] = self._new_scale(group, dot, gsq, usq)
             self._new_direction(group, ps, gs, us)
-            a = group["lr"] * s
+            a = group["lr"] * group["hd_scale"]
             wd = group.get("weight_decay", 0.0)
             if wd and a:
                 torch._foreach_mul_(ps, 1.0 - a * wd)
@@ -155,28 +161,74 @@ class HypergradientAdam(_Hypergradient):
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay},
                          rule=rule, beta=beta, scale_min=scale_min, scale_max=scale_max)
 
-    def _init_state(self, group, p, st):  # type: ignore[no-untyped-def]
-        super()._init_state(group, p, st)
-        st["step"] = torch.zeros((), dtype=torch.float32)
-        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """Adam's step at ``lr * hd_scale``, with the previous direction ``u = m_hat / (sqrt(v_hat)
+        + eps)`` recomputed from the moments (no extra buffer), then torch's fused AdamW kernel."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []
+        for group in self.param_groups:
+            ps = [p for p in group["params"] if p.grad is not None]
+            if not ps:
+                continue
+            for p in ps:
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.zeros((), dtype=torch.float32)
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            work.append((group, ps))
+        if not work:
+            return loss
+        rows = []
+        for group, ps in work:
+            eps = group["eps"]
+            b1, b2 = group["betas"]
+            dot = usq = gsq = torch.zeros((), dtype=torch.float64, device=ps[0].device)
+            for p in ps:
+                st, g = self.state[p], p.grad.reshape(-1)
+                gsq = gsq + torch.dot(g, g).double()
+                t = float(st["step"])
+                if t == 0:
+                    continue
+                bc1, bc2 = 1 - b1**t, 1 - b2**t
+                # u = (m / bc1) / (sqrt(v / bc2) + eps) = (sqrt(bc2) / bc1) * m / (sqrt(v) + eps sqrt(bc2))
+                q = self._scratch(p)  # one reused buffer (the largest tensor's size): no allocation per step
+                torch.sqrt(st["exp_avg_sq"], out=q).add_(eps * math.sqrt(bc2))
+                torch.div(st["exp_avg"], q, out=q)
+                q = q.reshape(-1)
+                c = math.sqrt(bc2) / bc1
+                dot = dot + c * torch.dot(g, q).double()
+                usq = usq + c * c * torch.dot(q, q).double()
+            rows.append(torch.stack([dot, gsq, usq]))
+        host = torch.stack(rows).tolist()  # one host sync
+        if not all(math.isfinite(v) for row in host for v in row):
+            for group, _ in work:
+                group["hd"]["nonfinite"] += 1
+            return loss
+        for (group, ps), (dot, gsq, usq) in zip(work, host):
+            group["hd_scale"] = self._new_scale(group, dot, gsq, usq)
+            st = [self.state[p] for p in ps]
+            b1, b2 = group["betas"]
+            _adamw(ps, [p.grad for p in ps], [x["exp_avg"] for x in st], [x["exp_avg_sq"] for x in st], [],
+                   [x["step"] for x in st], foreach=False, fused=_fused_ok(ps), amsgrad=False, beta1=b1, beta2=b2,
+                   lr=group["lr"] * group["hd_scale"], weight_decay=group["weight_decay"], eps=group["eps"],
+                   maximize=False)
+            group["hd"]["steps"] += 1
+        return loss
 
-    def _new_direction(self, group, ps, gs, us):  # type: ignore[no-untyped-def]
-        b1, b2 = group["betas"]
-        sts = [self.state[p] for p in ps]
-        for st in sts:
-            st["step"] += 1
-        ts = [float(st["step"]) for st in sts]
-        ms = [st["exp_avg"] for st in sts]
-        vs = [st["exp_avg_sq"] for st in sts]
-        torch._foreach_lerp_(ms, gs, 1 - b1)
-        torch._foreach_mul_(vs, b2)
-        torch._foreach_addcmul_(vs, gs, gs, value=1 - b2)
-        # u = (m / bc1) / (sqrt(v / bc2) + eps), written into the previous-direction buffers.
-        torch._foreach_copy_(us, vs)
-        torch._foreach_mul_(us, [1.0 / (1 - b2**t) for t in ts])
-        torch._foreach_sqrt_(us)
-        torch._foreach_add_(us, group["eps"])
-        torch._foreach_reciprocal_(us)
-        torch._foreach_mul_(us, ms)
-        torch._foreach_mul_(us, [1.0 / (1 - b1**t) for t in ts])
+
+    def _scratch(self, p: torch.Tensor) -> torch.Tensor:
+        buf = self.__dict__.get("_buf")
+        if buf is None or buf.numel() < p.numel() or buf.dtype != p.dtype or buf.device != p.device:
+            buf = torch.empty(p.numel(), dtype=p.dtype, device=p.device)
+            self.__dict__["_buf"] = buf
+        return buf[: p.numel()].view(p.shape)
+
+
+def _fused_ok(ps: list[torch.Tensor]) -> bool:
+    return all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+               and p.dtype == ps[0].dtype for p in ps)

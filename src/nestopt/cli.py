@@ -2,7 +2,9 @@
 
     nestopt bench --suite quick|full [--tasks T,..] [--optimizers O,..] [--seeds N] [--steps N]
                   [--workers N] --out DIR
-    nestopt study polyak|large-lr|controller --out DIR
+    nestopt study polyak|large-lr|controller|learned --out DIR [--net LABEL=PATH ...]
+    nestopt meta-train [--net hybrid|mlp|mlp-seed] [--steps N] [--unroll N] [--horizon N]
+                       [--families F,..] [--seed N] [--resume] --out DIR
     nestopt tasks
     nestopt optimizers
     nestopt overhead [--params 10M] [--optimizers O,..] [--steps N] [--rounds N] [--device cpu|cuda]

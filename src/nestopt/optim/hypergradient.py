@@ -86,10 +86,7 @@ class _Hypergradient(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         work = []
         for group in self.param_groups:
             ps = [p for p in group["params"] if p.grad is not None]
@@ -165,10 +162,7 @@ class HypergradientAdam(_Hypergradient):
     def step(self, closure: Any = None) -> Any:
         """Adam's step at ``lr * hd_scale``, with the previous direction ``u = m_hat / (sqrt(v_hat)
         + eps)`` recomputed from the moments (no extra buffer), then torch's fused AdamW kernel."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         work = []
         for group in self.param_groups:
             ps = [p for p in group["params"] if p.grad is not None]
@@ -227,6 +221,13 @@ class HypergradientAdam(_Hypergradient):
             buf = torch.empty(p.numel(), dtype=p.dtype, device=p.device)
             self.__dict__["_buf"] = buf
         return buf[: p.numel()].view(p.shape)
+
+
+def _evaluate(closure: Any) -> Any:
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def _fused_ok(ps: list[torch.Tensor]) -> bool:

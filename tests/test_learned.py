@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from nestopt.meta import DirectUpdateMLP, HybridAdamNet, MetaConfig, meta_train
+from nestopt.meta import CoordinateLSTM, DirectUpdateMLP, GradientAttention, HybridAdamNet, MetaConfig, meta_train
 from nestopt.optim.learned import SHIPPED, LearnedOptimizer, load_net, save_net
 
 
@@ -34,7 +34,8 @@ def _hybrid_trained() -> HybridAdamNet:
     return net
 
 
-NETS = {"hybrid": _hybrid_trained, "mlp": DirectUpdateMLP, "mlp-seed": lambda: DirectUpdateMLP("seed")}
+NETS = {"hybrid": _hybrid_trained, "mlp": DirectUpdateMLP, "mlp-seed": lambda: DirectUpdateMLP("seed"),
+        "lstm": CoordinateLSTM, "attention": GradientAttention}
 
 
 @pytest.mark.parametrize("kind", NETS)
@@ -197,3 +198,23 @@ def test_study_and_meta_train_command_end_to_end(tmp_path):
     assert "| task | steps | net |" in report and "Acceptance" in report
     assert (tmp_path / "study" / "heldout_curves.png").stat().st_size > 1000
     assert (tmp_path / "study" / "meta_training.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("kind", NETS)
+def test_every_network_round_trips_through_its_file(kind, tmp_path):
+    net = NETS[kind]()
+    back = load_net(save_net(net, tmp_path / "n.safetensors"))
+    assert type(back) is type(net) and back.config() == net.config()
+    p = torch.randn(3, 4)
+    g = torch.randn(3, 4)
+    state = net.init_state(p)
+    d1, _ = net.update(p, g, state, 1)
+    d2, _ = back.update(p, g, back.init_state(p), 1)
+    assert d1.shape == p.shape and torch.equal(d1, d2)
+
+
+def test_surrogate_training_reduces_the_surrogate_loss():
+    net = DirectUpdateMLP()
+    hist = meta_train(net, MetaConfig(families=("quadratic",), unroll=5, horizon=20, outer_steps=30, method="surrogate",
+                                      outer_lr=1e-2))
+    assert sum(h["meta_loss"] for h in hist[-5:]) < sum(h["meta_loss"] for h in hist[:5])

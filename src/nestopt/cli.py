@@ -3,7 +3,7 @@
     nestopt bench --suite quick|full [--tasks T,..] [--optimizers O,..] [--seeds N] [--steps N]
                   [--workers N] --out DIR
     nestopt study polyak|large-lr|controller|learned --out DIR [--net LABEL=PATH ...]
-    nestopt meta-train [--net hybrid|mlp|mlp-seed] [--steps N] [--unroll N] [--horizon N]
+    nestopt meta-train [--net hybrid|mlp|mlp-seed|lstm|attention] [--method tbptt|surrogate] [--steps N] [--unroll N] [--horizon N]
                        [--families F,..] [--seed N] [--resume] --out DIR
     nestopt tasks
     nestopt optimizers
@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("optimizers", help="list the registered optimizers")
 
     m = sub.add_parser("meta-train", help="meta-train an update network for LearnedOptimizer")
-    m.add_argument("--net", default="hybrid", help="hybrid (default), mlp or mlp-seed")
+    m.add_argument("--net", default="hybrid", help="hybrid (default), mlp, mlp-seed, lstm or attention")
+    m.add_argument("--method", default="tbptt", help="tbptt (default) or surrogate (the note's baseline)")
     m.add_argument("--out", required=True, help="output folder: net.safetensors, checkpoint.pt, history.json")
     m.add_argument("--steps", type=_int, default=3000, help="outer steps (default 3000)")
     m.add_argument("--unroll", type=_int, default=20, help="inner steps per truncation (default 20)")
@@ -287,10 +288,11 @@ def _cmd_study(args: argparse.Namespace) -> int:
 def _cmd_meta_train(args: argparse.Namespace) -> int:
     import json
 
-    from .meta import DirectUpdateMLP, HybridAdamNet, MetaConfig, meta_train
+    from .meta import CoordinateLSTM, DirectUpdateMLP, GradientAttention, HybridAdamNet, MetaConfig, meta_train
     from .optim.learned import save_net
 
-    nets = {"hybrid": HybridAdamNet, "mlp": DirectUpdateMLP, "mlp-seed": lambda: DirectUpdateMLP("seed")}
+    nets = {"hybrid": HybridAdamNet, "mlp": DirectUpdateMLP, "mlp-seed": lambda: DirectUpdateMLP("seed"),
+            "lstm": CoordinateLSTM, "attention": GradientAttention}
     if args.net not in nets:
         raise UsageError(f"--net {args.net!r} is invalid: expected one of {', '.join(nets)}")
     out = _writable_dir(args.out)
@@ -300,8 +302,10 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
     for f in families:
         if f not in task_registry.family_names():
             raise UsageError(f"unknown task family {f!r}; valid names: {', '.join(task_registry.family_names())}")
+    if args.method not in ("tbptt", "surrogate"):
+        raise UsageError(f"--method {args.method!r} is invalid: expected tbptt or surrogate")
     cfg = MetaConfig(families=families, unroll=args.unroll, horizon=max(args.horizon, args.unroll),
-                     outer_steps=args.steps, seed=args.seed)
+                     outer_steps=args.steps, seed=args.seed, method=args.method)
     torch_threads()
     net = nets[args.net]()
     t0 = time.perf_counter()
@@ -345,7 +349,8 @@ def meta_record(net: str, cfg: object, history: list[dict], seconds: float) -> d
     stride = max(1, len(history) // 300)
     settings = dict(vars(cfg))
     settings["families"] = list(settings["families"])
-    return {"command": f"nestopt meta-train --net {net} --out DIR", "config": settings, "seconds": round(seconds, 1),
+    method = "" if settings.get("method", "tbptt") == "tbptt" else f" --method {settings['method']}"
+    return {"command": f"nestopt meta-train --net {net}{method} --out DIR", "config": settings, "seconds": round(seconds, 1),
             "history": [[h["step"], round(h["meta_loss"], 5)] for h in history[stride - 1::stride]]}
 
 

@@ -1,7 +1,7 @@
 """Meta-training learned optimizers: update networks (:mod:`.nets`) and the outer trainer
 (:mod:`.train`)."""
 
-from .nets import DirectUpdateMLP, HybridAdamNet, UpdateNet
+from .nets import CoordinateLSTM, DirectUpdateMLP, GradientAttention, HybridAdamNet, UpdateNet
 from .train import MetaConfig, meta_train
 
-__all__ = ["DirectUpdateMLP", "HybridAdamNet", "MetaConfig", "UpdateNet", "meta_train"]
+__all__ = ["CoordinateLSTM", "DirectUpdateMLP", "GradientAttention", "HybridAdamNet", "MetaConfig", "UpdateNet", "meta_train"]

@@ -20,6 +20,10 @@ tensors, the optimizer's buffers), so one network serves any number of parameter
   ``m/sqrt(v)`` and ``g/sqrt(v)``. The output ``(d, a)`` gives ``delta = -c d exp(c a)`` with
   ``c = 1e-3`` (a small initial step, as in Metz et al.'s MLP optimizers). 1 buffer per
   parameter for ``"seed"``, 3 for ``"extended"``.
+- :class:`CoordinateLSTM`: Andrychowicz et al. (2016)'s coordinatewise LSTM on log/sign
+  preprocessed gradients (``2 * hidden`` buffers per parameter).
+- :class:`GradientAttention`: one attention head over each element's last ``window`` normalised
+  gradients (``window`` buffers per parameter).
 """
 
 from __future__ import annotations
@@ -213,7 +217,89 @@ class DirectUpdateMLP(UpdateNet):
         return delta.reshape(p.shape).to(p.dtype), new
 
 
-KINDS = {"hybrid": HybridAdamNet, "mlp": DirectUpdateMLP}
+def _preprocess(g: torch.Tensor, p: float = 10.0) -> torch.Tensor:
+    """Andrychowicz et al.'s gradient preprocessing, per element: ``(log|g| / p, sign g)`` when
+    ``|g| >= e^-p``, else ``(-1, e^p g)``. Returns ``(numel, 2)``."""
+    g = g.reshape(-1)
+    big = g.abs() >= math.exp(-p)
+    a = torch.where(big, torch.log(g.abs().clamp_min(1e-38)) / p, torch.full_like(g, -1.0))
+    b = torch.where(big, torch.sign(g), g * math.exp(p))
+    return torch.stack([a, b], 1)
+
+
+class CoordinateLSTM(UpdateNet):
+    """Coordinatewise LSTM (Andrychowicz et al. 2016): one small LSTM shared by every element, fed
+    the preprocessed gradient; its hidden and cell states are the per-parameter buffers
+    (``2 * hidden`` floats per parameter). ``delta = -step_mult * Linear(h)``.
+    """
+
+    kind = "lstm"
+
+    def __init__(self, hidden: int = 8, step_mult: float = 1e-3, seed: int = 0) -> None:
+        super().__init__()
+        check_int("hidden", hidden, lo=1)
+        check_number("step_mult", step_mult, lo=0.0, lo_open=True)
+        self.hidden, self.step_mult = hidden, step_mult
+        self.buffers = ("h", "c")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.cell = nn.LSTMCell(2, hidden)
+            self.out = nn.Linear(hidden, 1)
+
+    def config(self) -> dict[str, object]:
+        return {"kind": self.kind, "hidden": self.hidden, "step_mult": self.step_mult}
+
+    def init_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: torch.zeros(p.numel(), self.hidden, dtype=self.out.weight.dtype, device=p.device) for k in self.buffers}
+
+    def update(self, p, g, state, t):  # type: ignore[no-untyped-def]
+        x = _preprocess(g).to(self.out.weight.dtype)
+        h, c = self.cell(x, (state["h"], state["c"]))
+        delta = -self.step_mult * self.out(h).squeeze(1)
+        return delta.reshape(p.shape).to(p.dtype), {"h": h, "c": c}
+
+
+class GradientAttention(UpdateNet):
+    """Attention over a short window of past gradients, per element: the last ``window``
+    gradients (each divided by its tensor's RMS at the time) are embedded, the newest one queries
+    them (one head), and a linear read-out of the attended value gives the step
+    (``window`` floats per parameter). ``delta = -step_mult * out``.
+    """
+
+    kind = "attention"
+
+    def __init__(self, window: int = 8, dim: int = 8, step_mult: float = 1e-3, seed: int = 0) -> None:
+        super().__init__()
+        check_int("window", window, lo=1)
+        check_int("dim", dim, lo=1)
+        check_number("step_mult", step_mult, lo=0.0, lo_open=True)
+        self.window, self.dim, self.step_mult = window, dim, step_mult
+        self.buffers = ("history",)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.embed = nn.Linear(2, dim)  # (value, age) -> embedding
+            self.q, self.k, self.v = (nn.Linear(dim, dim, bias=False) for _ in range(3))
+            self.out = nn.Linear(dim, 1)
+
+    def config(self) -> dict[str, object]:
+        return {"kind": self.kind, "window": self.window, "dim": self.dim, "step_mult": self.step_mult}
+
+    def init_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"history": torch.zeros(p.numel(), self.window, dtype=self.out.weight.dtype, device=p.device)}
+
+    def update(self, p, g, state, t):  # type: ignore[no-untyped-def]
+        gn = (g / _rms(g)).reshape(-1, 1).to(self.out.weight.dtype)
+        hist = torch.cat([state["history"][:, 1:], gn], 1)  # oldest first, newest last
+        age = torch.linspace(-1.0, 0.0, self.window, dtype=hist.dtype, device=hist.device).expand_as(hist)
+        e = self.embed(torch.stack([hist, age], 2))  # (numel, window, dim)
+        q = self.q(e[:, -1:, :])
+        w = torch.softmax((q * self.k(e)).sum(-1) / math.sqrt(self.dim), dim=1)  # (numel, window)
+        ctx = (w.unsqueeze(-1) * self.v(e)).sum(1)
+        delta = -self.step_mult * self.out(ctx).squeeze(1)
+        return delta.reshape(p.shape).to(p.dtype), {"history": hist}
+
+
+KINDS = {"hybrid": HybridAdamNet, "mlp": DirectUpdateMLP, "lstm": CoordinateLSTM, "attention": GradientAttention}
 
 
 def build(config: dict[str, object]) -> UpdateNet:
@@ -225,4 +311,4 @@ def build(config: dict[str, object]) -> UpdateNet:
     if kind == "hybrid":
         betas = cfg.pop("betas", (0.9, 0.999))
         return HybridAdamNet(betas=tuple(betas), **cfg)  # type: ignore[arg-type]
-    return DirectUpdateMLP(**cfg)  # type: ignore[arg-type]
+    return KINDS[kind](**cfg)  # type: ignore[arg-type]

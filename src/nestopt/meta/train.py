@@ -9,6 +9,9 @@ meta-gradient is taken (truncated backpropagation), clipped, and applied by Adam
 parameters and buffers are detached and carried on, and after ``horizon`` inner steps a new task
 is sampled. ``second_order=False`` (default) treats each inner gradient as a constant (no
 ``create_graph``), the usual first-order truncation; ``True`` differentiates through it too.
+``method="surrogate"`` trains instead on the research note's per-step surrogate (cosine to the
+negative gradient plus a log-magnitude match to ``surrogate_lr``), the baseline it describes for
+``DirectUpdateMLP``.
 
 The loop writes a checkpoint (network, outer optimizer, counters, RNG) every ``checkpoint_every``
 outer steps and resumes from one. Not here yet: evolution-strategies estimators for long
@@ -30,8 +33,11 @@ from torch import nn
 from torch.func import functional_call
 
 from .. import tasks as task_registry
-from .._checks import check_int, check_number
+from .._checks import check_choice, check_int, check_number
 from .nets import UpdateNet
+
+
+METHODS = ("tbptt", "surrogate")
 
 
 @dataclass
@@ -46,6 +52,8 @@ class MetaConfig:
     clip: float = 1.0
     reg: float = 1e-4
     second_order: bool = False
+    method: str = "tbptt"
+    surrogate_lr: float = 1e-3
     checkpoint_every: int = 50
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -60,6 +68,8 @@ class MetaConfig:
         check_number("clip", self.clip, lo=0.0, lo_open=True)
         check_number("reg", self.reg, lo=0.0)
         check_int("checkpoint_every", self.checkpoint_every, lo=1)
+        check_choice("method", self.method, METHODS)
+        check_number("surrogate_lr", self.surrogate_lr, lo=0.0, lo_open=True)
 
 
 class _Loss(nn.Module):
@@ -86,6 +96,32 @@ class _Inner:
         self.t = 0
         self.loss0: float | None = None
         self.name = getattr(self.task, "name", family)
+
+    def surrogate(self, net: UpdateNet, steps: int, step_size: float) -> tuple[torch.Tensor, list[float]]:
+        """The research note's surrogate for ``DirectUpdateMLP``: at each step, ``1 - cos(delta,
+        -g)`` plus ``(log rms(delta) - log step_size)^2``, through that step's update only (no
+        backpropagation through the trajectory); the inner run follows the network's own updates."""
+        terms, losses = [], []
+        for _ in range(steps):
+            params = {k: v.requires_grad_() for k, v in self.params.items()}
+            batch = self.next_batch(self.t)
+            loss = functional_call(self.module, params, (batch,))
+            if self.loss0 is None:
+                self.loss0 = max(float(loss.detach()), 1e-12)
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            self.t += 1
+            step_terms = []
+            for (k, p), g in zip(params.items(), grads):
+                g = torch.zeros_like(p) if g is None else g
+                delta, self.state[k] = net.update(p.detach(), g, self.state[k], self.t)
+                self.state[k] = {n: b.detach() for n, b in self.state[k].items()}
+                cos = (delta.reshape(-1) @ -g.reshape(-1)) / (delta.norm() * g.norm() + 1e-12)
+                mag = torch.log(delta.pow(2).mean().add(1e-30).sqrt()) - math.log(step_size)
+                step_terms.append(1.0 - cos + mag * mag)
+                self.params[k] = (p + delta).detach()
+            terms.append(torch.stack(step_terms).mean())
+            losses.append(float(loss.detach()))
+        return torch.stack(terms).mean(), losses
 
     def unroll(self, net: UpdateNet, steps: int, second_order: bool) -> tuple[torch.Tensor, list[float]]:
         params = {k: v.requires_grad_() for k, v in self.params.items()}
@@ -140,7 +176,10 @@ def meta_train(net: UpdateNet, cfg: MetaConfig, *, checkpoint: str | Path | None
             inner = _Inner(net, family, seed=int(torch.randint(2**31 - 1, (1,), generator=gen)))
             task_count += 1
         outer.zero_grad(set_to_none=True)
-        meta_loss, losses = inner.unroll(net, cfg.unroll, cfg.second_order)
+        if cfg.method == "surrogate":
+            meta_loss, losses = inner.surrogate(net, cfg.unroll, cfg.surrogate_lr)
+        else:
+            meta_loss, losses = inner.unroll(net, cfg.unroll, cfg.second_order)
         reg = cfg.reg * sum((p * p).sum() for p in net.parameters())
         total = meta_loss + reg
         row = {"step": step + 1, "task": inner.name, "inner_t": inner.t, "meta_loss": float(meta_loss.detach()),

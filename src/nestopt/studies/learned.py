@@ -160,7 +160,12 @@ def run_study(out: str | Path, nets: dict[str, str] | None = None, workers: int 
     if histories is None:  # the meta-loss curves stored in the weight files
         from ..optim.learned import net_metadata
 
-        histories = {label: h for label, path in nets.items() if (h := net_metadata(path).get("history"))}
+        histories = {}
+        for label, path in nets.items():
+            meta = net_metadata(path)
+            if meta.get("history"):
+                surrogate = meta.get("config", {}).get("method") == "surrogate"
+                histories[label + (" (its surrogate loss)" if surrogate else "")] = meta["history"]
     figures = _figures(records, rows + long_rows, nets, histories, out)
     doc = {"study": "learned", "wall_s": time.perf_counter() - t0, "nets": nets, "rows": rows, "long": long_rows,
            "figures": figures, "records": [{k: v for k, v in r.items()} for r in records]}
@@ -214,7 +219,8 @@ def _figures(records: list[dict[str, Any]], rows: list[dict[str, Any]], nets: di
             smooth = [statistics.fmean(ys[max(0, i - k):i + 1]) for i in range(len(ys))]
             ax.plot(xs, smooth, label=label)
         ax.set_xlabel("outer step")
-        ax.set_ylabel("meta-loss (mean log L_t / L_0), running mean")
+        ax.set_ylabel("meta-loss, running mean")
+        ax.set_title("meta-training: mean log(L_t / L_0) per truncation (surrogate runs: their own loss)", fontsize=9)
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / "meta_training.png", dpi=100)

@@ -3,7 +3,7 @@
     nestopt bench --suite quick|full [--tasks T,..] [--optimizers O,..] [--seeds N] [--steps N]
                   [--workers N] --out DIR
     nestopt study polyak|large-lr|controller|learned --out DIR [--net LABEL=PATH ...]
-    nestopt meta-train [--net hybrid|mlp|mlp-seed|lstm|attention] [--method tbptt|surrogate] [--steps N] [--unroll N] [--horizon N]
+    nestopt meta-train [--net hybrid|mlp|mlp-seed|lstm|attention] [--method tbptt|es|surrogate] [--steps N] [--unroll N] [--horizon N]
                        [--families F,..] [--seed N] [--resume] --out DIR
     nestopt tasks
     nestopt optimizers
@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("meta-train", help="meta-train an update network for LearnedOptimizer")
     m.add_argument("--net", default="hybrid", help="hybrid (default), mlp, mlp-seed, lstm or attention")
-    m.add_argument("--method", default="tbptt", help="tbptt (default) or surrogate (the note's baseline)")
+    m.add_argument("--method", default="tbptt",
+                   help="tbptt (default), es (antithetic evolution strategies) or surrogate (the note's baseline)")
     m.add_argument("--out", required=True, help="output folder: net.safetensors, checkpoint.pt, history.json")
     m.add_argument("--steps", type=_int, default=3000, help="outer steps (default 3000)")
     m.add_argument("--unroll", type=_int, default=20, help="inner steps per truncation (default 20)")
@@ -302,8 +303,8 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
     for f in families:
         if f not in task_registry.family_names():
             raise UsageError(f"unknown task family {f!r}; valid names: {', '.join(task_registry.family_names())}")
-    if args.method not in ("tbptt", "surrogate"):
-        raise UsageError(f"--method {args.method!r} is invalid: expected tbptt or surrogate")
+    if args.method not in ("tbptt", "surrogate", "es"):
+        raise UsageError(f"--method {args.method!r} is invalid: expected tbptt, surrogate or es")
     cfg = MetaConfig(families=families, unroll=args.unroll, horizon=max(args.horizon, args.unroll),
                      outer_steps=args.steps, seed=args.seed, method=args.method)
     torch_threads()

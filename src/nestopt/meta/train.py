@@ -11,11 +11,12 @@ is sampled. ``second_order=False`` (default) treats each inner gradient as a con
 ``create_graph``), the usual first-order truncation; ``True`` differentiates through it too.
 ``method="surrogate"`` trains instead on the research note's per-step surrogate (cosine to the
 negative gradient plus a log-magnitude match to ``surrogate_lr``), the baseline it describes for
-``DirectUpdateMLP``.
+``DirectUpdateMLP``. ``method="es"`` estimates the meta-gradient by antithetic evolution
+strategies (:func:`es_gradient`) instead of backpropagation.
 
 The loop writes a checkpoint (network, outer optimizer, counters, RNG) every ``checkpoint_every``
-outer steps and resumes from one. Not here yet: evolution-strategies estimators for long
-unrolls, and spreading tasks over processes (tasks are small; one process runs them in turn).
+outer steps and resumes from one. Not here yet: persistent ES (unbiased over truncations), and
+spreading tasks over processes (tasks are small; one process runs them in turn).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from .._checks import check_choice, check_int, check_number
 from .nets import UpdateNet
 
 
-METHODS = ("tbptt", "surrogate")
+METHODS = ("tbptt", "surrogate", "es")
 
 
 @dataclass
@@ -54,6 +55,8 @@ class MetaConfig:
     second_order: bool = False
     method: str = "tbptt"
     surrogate_lr: float = 1e-3
+    es_sigma: float = 0.01
+    es_pairs: int = 8
     checkpoint_every: int = 50
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -70,6 +73,8 @@ class MetaConfig:
         check_int("checkpoint_every", self.checkpoint_every, lo=1)
         check_choice("method", self.method, METHODS)
         check_number("surrogate_lr", self.surrogate_lr, lo=0.0, lo_open=True)
+        check_number("es_sigma", self.es_sigma, lo=0.0, lo_open=True)
+        check_int("es_pairs", self.es_pairs, lo=1)
 
 
 class _Loss(nn.Module):
@@ -123,12 +128,25 @@ class _Inner:
             losses.append(float(loss.detach()))
         return torch.stack(terms).mean(), losses
 
-    def unroll(self, net: UpdateNet, steps: int, second_order: bool) -> tuple[torch.Tensor, list[float]]:
-        params = {k: v.requires_grad_() for k, v in self.params.items()}
+    def draw(self, steps: int) -> list[Any]:
+        """The next ``steps + 1`` batches, so several unrolls can see the same ones (ES pairs)."""
+        return [self.next_batch(self.t + i) for i in range(steps + 1)]
+
+    def snapshot(self) -> tuple[Any, ...]:
+        return dict(self.params), {k: dict(v) for k, v in self.state.items()}, self.t, self.loss0
+
+    def restore(self, snap: tuple[Any, ...]) -> None:
+        params, state, self.t, self.loss0 = snap
+        self.params = {k: v.detach() for k, v in params.items()}
+        self.state = {k: dict(v) for k, v in state.items()}
+
+    def unroll(self, net: UpdateNet, steps: int, second_order: bool, batches: list[Any] | None = None
+               ) -> tuple[torch.Tensor, list[float]]:
+        params = {k: v.detach().requires_grad_() for k, v in self.params.items()}
         state = self.state
         terms, losses = [], []
-        for _ in range(steps):
-            batch = self.next_batch(self.t)
+        for j in range(steps):
+            batch = batches[j] if batches is not None else self.next_batch(self.t)
             loss = functional_call(self.module, params, (batch,))
             if self.loss0 is None:
                 self.loss0 = max(float(loss.detach()), 1e-12)
@@ -144,12 +162,40 @@ class _Inner:
             terms.append(torch.log(loss / self.loss0 + 1e-12))
             losses.append(float(loss.detach()))
         # the loss after the last update closes the unroll
-        batch = self.next_batch(self.t)
+        batch = batches[steps] if batches is not None else self.next_batch(self.t)
         last = functional_call(self.module, params, (batch,))
         terms.append(torch.log(last / self.loss0 + 1e-12))
         self.params = {k: v.detach() for k, v in params.items()}
         self.state = {k: {n: b.detach() for n, b in s.items()} for k, s in state.items()}
         return torch.stack(terms).mean(), losses
+
+
+def es_gradient(inner: _Inner, net: UpdateNet, steps: int, sigma: float, pairs: int, gen: torch.Generator,
+                batches: list[Any]) -> torch.Tensor:
+    """Antithetic evolution-strategies estimate of d(meta-loss)/d(Phi) over one truncation:
+    ``mean_i (L(Phi + e_i) - L(Phi - e_i)) / (2 sigma^2) e_i``, ``e_i ~ N(0, sigma^2)``, every
+    unroll from the same inner state and on the same batches. Needs no backpropagation through
+    the unroll, so its cost does not grow with the unroll's memory. Leaves ``inner`` and ``net``
+    as they were."""
+    snap = inner.snapshot()
+    params = list(net.parameters())
+    flat = torch.nn.utils.parameters_to_vector(params).detach().clone()
+    grad = torch.zeros_like(flat)
+    try:
+        for _ in range(pairs):
+            eps = torch.randn(flat.shape, generator=gen, dtype=flat.dtype) * sigma
+            vals = []
+            for sign in (1.0, -1.0):
+                torch.nn.utils.vector_to_parameters(flat + sign * eps, params)
+                inner.restore(snap)
+                meta_loss, _ = inner.unroll(net, steps, False, batches)
+                vals.append(float(meta_loss.detach()))
+            if all(map(math.isfinite, vals)):
+                grad += (vals[0] - vals[1]) / (2 * sigma * sigma * pairs) * eps
+    finally:
+        torch.nn.utils.vector_to_parameters(flat, params)
+        inner.restore(snap)
+    return grad
 
 
 def meta_train(net: UpdateNet, cfg: MetaConfig, *, checkpoint: str | Path | None = None, resume: bool = False,
@@ -176,8 +222,14 @@ def meta_train(net: UpdateNet, cfg: MetaConfig, *, checkpoint: str | Path | None
             inner = _Inner(net, family, seed=int(torch.randint(2**31 - 1, (1,), generator=gen)))
             task_count += 1
         outer.zero_grad(set_to_none=True)
+        es_grad = None
         if cfg.method == "surrogate":
             meta_loss, losses = inner.surrogate(net, cfg.unroll, cfg.surrogate_lr)
+        elif cfg.method == "es":
+            batches = inner.draw(cfg.unroll)
+            es_grad = es_gradient(inner, net, cfg.unroll, cfg.es_sigma, cfg.es_pairs, gen, batches)
+            meta_loss, losses = inner.unroll(net, cfg.unroll, False, batches)  # advance with Phi itself
+            meta_loss = meta_loss.detach()  # the ES estimate replaces backpropagation
         else:
             meta_loss, losses = inner.unroll(net, cfg.unroll, cfg.second_order)
         reg = cfg.reg * sum((p * p).sum() for p in net.parameters())
@@ -186,6 +238,12 @@ def meta_train(net: UpdateNet, cfg: MetaConfig, *, checkpoint: str | Path | None
                "last_loss": losses[-1], "time_s": time.perf_counter() - t0, "skipped": False}
         if torch.isfinite(total):
             total.backward()
+            if es_grad is not None:
+                offset = 0
+                for p in net.parameters():
+                    n = p.numel()
+                    p.grad.add_(es_grad[offset:offset + n].view_as(p))
+                    offset += n
             grads = [p.grad for p in net.parameters() if p.grad is not None]
             norm = float(torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip)) if grads else 0.0
             if math.isfinite(norm):

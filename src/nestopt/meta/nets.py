@@ -28,6 +28,7 @@ tensors, the optimizer's buffers), so one network serves any number of parameter
 
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -42,7 +43,7 @@ def _rms(x: torch.Tensor) -> torch.Tensor:
     return x.pow(2).mean().add(1e-30).sqrt()
 
 
-class UpdateNet(nn.Module):
+class UpdateNet(nn.Module, metaclass=abc.ABCMeta):
     """Base class: ``buffers`` names the per-parameter state, ``update`` is the pure rule."""
 
     kind: str = ""
@@ -51,9 +52,10 @@ class UpdateNet(nn.Module):
     def init_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: torch.zeros_like(p, memory_format=torch.preserve_format) for name in self.buffers}
 
+    @abc.abstractmethod
     def update(self, p: torch.Tensor, g: torch.Tensor, state: dict[str, torch.Tensor], t: int
-               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # pragma: no cover - abstract
-        raise NotImplementedError
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(delta, new_state)`` for parameter ``p`` with gradient ``g`` at step ``t`` (from 1)."""
 
     def config(self) -> dict[str, object]:
         """What :func:`build` needs to rebuild this network (saved next to the weights)."""

@@ -69,57 +69,6 @@ class _Hypergradient(Optimizer):
             s = min(max(s, group["scale_min"]), group["scale_max"])
         return s
 
-    def _direction_buffers(self, group: dict[str, Any], ps: list[torch.Tensor]) -> list[torch.Tensor]:
-        for p in ps:
-            st = self.state[p]
-            if "prev_update" not in st:
-                self._init_state(group, p, st)
-        return [self.state[p]["prev_update"] for p in ps]
-
-    def _init_state(self, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any]) -> None:
-        st["prev_update"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-    def _new_direction(self, group: dict[str, Any], ps: list[torch.Tensor], gs: list[torch.Tensor],
-                       us: list[torch.Tensor]) -> None:
-        """Write the new update direction into ``us`` (the SGD rule: ``u = g``)."""
-        torch._foreach_copy_(us, gs)
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        loss = _evaluate(closure)
-        work = []
-        for group in self.param_groups:
-            ps = [p for p in group["params"] if p.grad is not None]
-            if ps:
-                gs = [p.grad for p in ps]
-                work.append((group, ps, gs, self._direction_buffers(group, ps)))
-        if not work:
-            return loss
-        # One host sync for every group: g.u_prev, ||g||^2 and ||u_prev||^2.
-        stats = []
-        for _, _, gs, us in work:
-            dot = torch.stack([torch.dot(g.reshape(-1), u.reshape(-1)) for g, u in zip(gs, us)]).sum()
-            gn = torch.stack(torch._foreach_norm(gs)).square().sum()
-            un = torch.stack(torch._foreach_norm(us)).square().sum()
-            stats.append(torch.stack([dot, gn, un]).to(torch.float64))
-        host = torch.stack(stats).tolist()
-        if not all(math.isfinite(v) for row in host for v in row):
-            for group, *_ in work:
-                group["hd"]["nonfinite"] += 1
-            return loss
-        for (group, ps, gs, us), (dot, gsq, usq) in zip(work, host):
-            group["hd_scale"] = self._new_scale(group, dot, gsq, usq)
-            self._new_direction(group, ps, gs, us)
-            a = group["lr"] * group["hd_scale"]
-            wd = group.get("weight_decay", 0.0)
-            if wd and a:
-                torch._foreach_mul_(ps, 1.0 - a * wd)
-            if a:
-                torch._foreach_add_(ps, us, alpha=-a)
-            group["hd"]["steps"] += 1
-        return loss
-
-
 class HypergradientSGD(_Hypergradient):
     """SGD whose per-group rate follows hypergradient descent (``u = g``).
 
@@ -133,8 +82,40 @@ class HypergradientSGD(_Hypergradient):
         check_number("lr", lr, lo=0.0)
         super().__init__(params, {"lr": lr}, rule=rule, beta=beta, scale_min=scale_min, scale_max=scale_max)
 
-    def _new_direction(self, group, ps, gs, us):  # type: ignore[no-untyped-def]
-        torch._foreach_copy_(us, gs)
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = _evaluate(closure)
+        work = []
+        for group in self.param_groups:
+            ps = [p for p in group["params"] if p.grad is not None]
+            if ps:
+                gs = [p.grad for p in ps]
+                for p in ps:
+                    if "prev_update" not in self.state[p]:  # the previous update direction u_{t-1} = g_{t-1}
+                        self.state[p]["prev_update"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                work.append((group, ps, gs, [self.state[p]["prev_update"] for p in ps]))
+        if not work:
+            return loss
+        # One host sync for every group: g.u_prev and ||g||^2 (||u_prev||^2 = last step's ||g||^2).
+        stats = []
+        for _, _, gs, us in work:
+            dot = torch.stack([torch.dot(g.reshape(-1), u.reshape(-1)) for g, u in zip(gs, us)]).sum()
+            gn = torch.stack(torch._foreach_norm(gs)).square().sum()
+            stats.append(torch.stack([dot, gn]).to(torch.float64))
+        host = torch.stack(stats).tolist()
+        if not all(math.isfinite(v) for row in host for v in row):
+            for group, *_ in work:
+                group["hd"]["nonfinite"] += 1
+            return loss
+        for (group, ps, gs, us), (dot, gsq) in zip(work, host):
+            group["hd_scale"] = self._new_scale(group, dot, gsq, group["hd"].get("prev_gsq", 0.0))
+            group["hd"]["prev_gsq"] = gsq
+            torch._foreach_copy_(us, gs)
+            a = group["lr"] * group["hd_scale"]
+            if a:
+                torch._foreach_add_(ps, us, alpha=-a)
+            group["hd"]["steps"] += 1
+        return loss
 
 
 class HypergradientAdam(_Hypergradient):
@@ -208,7 +189,7 @@ class HypergradientAdam(_Hypergradient):
             st = [self.state[p] for p in ps]
             b1, b2 = group["betas"]
             _adamw(ps, [p.grad for p in ps], [x["exp_avg"] for x in st], [x["exp_avg_sq"] for x in st], [],
-                   [x["step"] for x in st], foreach=False, fused=_fused_ok(ps), amsgrad=False, beta1=b1, beta2=b2,
+                   [x["step"] for x in st], foreach=False, fused=fused_ok(ps), amsgrad=False, beta1=b1, beta2=b2,
                    lr=group["lr"] * group["hd_scale"], weight_decay=group["weight_decay"], eps=group["eps"],
                    maximize=False)
             group["hd"]["steps"] += 1
@@ -230,6 +211,7 @@ def _evaluate(closure: Any) -> Any:
         return closure()
 
 
-def _fused_ok(ps: list[torch.Tensor]) -> bool:
+def fused_ok(ps: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel takes these tensors (one device type and dtype it supports)."""
     return all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
                and p.dtype == ps[0].dtype for p in ps)

@@ -36,6 +36,7 @@ from torch.optim.adamw import adamw as _adamw
 
 from .._checks import check_number
 from ..meta.nets import DirectUpdateMLP, HybridAdamNet, UpdateNet, build
+from .hypergradient import fused_ok
 
 SHIPPED = Path(__file__).resolve().parent.parent / "meta" / "weights" / "default.safetensors"
 FORMAT = "nestopt-update-net/1"
@@ -183,7 +184,7 @@ class LearnedOptimizer(Optimizer):
             st = self.state[p]
             # torch's AdamW kernel at this tensor's rate (it advances st["step"] itself)
             _adamw([p], [g], [m], [st["exp_avg_sq"]], [], [st["step"]], foreach=False,
-                                    fused=_fused_ok(p), amsgrad=False, beta1=b1, beta2=b2, lr=lr_i,
+                                    fused=fused_ok([p]), amsgrad=False, beta1=b1, beta2=b2, lr=lr_i,
                                     weight_decay=group["weight_decay"], eps=net.eps, maximize=False)
             st["m_sq"], st["v_sum"] = mm, vs
         return True
@@ -220,10 +221,6 @@ class LearnedOptimizer(Optimizer):
             for k, v in new.items():
                 st[k].copy_(v)
         return True
-
-
-def _fused_ok(p: torch.Tensor) -> bool:
-    return p.device.type in ("cpu", "cuda") and p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _mlp_apply_(net: DirectUpdateMLP, p: torch.Tensor, g: torch.Tensor, state: dict[str, torch.Tensor], t: int,

@@ -88,6 +88,7 @@ from torch.optim import Optimizer
 
 from .._checks import check_choice, check_int, check_number
 from .controller import Controller, _RunningNorm
+from .polyak import _sq_norms
 
 FEATURES: dict[str, int] = {"grad_norm": 1, "param_norm": 1, "depth": 1, "update_ratio": 1, "loss": 2,
                             "val": 3, "heads": 3, "curvature": 1}
@@ -129,21 +130,10 @@ def _restore(base: Optimizer, params: list[torch.Tensor], snap: dict[str, Any]) 
         g.update(copy.deepcopy(fields))
 
 
-def _sq_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Squared norms (float64 vector), one read of each tensor, in the order of
-    ``polyak._sq_norms`` (small tensors first); :func:`_unorder` puts host values back in order."""
-    from .polyak import _sq_norms as sq
-
-    return sq(tensors)[0]
-
-
-def _unorder(values: list[float], tensors: list[torch.Tensor]) -> list[float]:
-    from .polyak import _BIG
-
-    cpu = tensors[0].device.type == "cpu"
-    order = [i for i, t in enumerate(tensors) if not (cpu and t.numel() >= _BIG)] + \
-            [i for i, t in enumerate(tensors) if cpu and t.numel() >= _BIG]
-    out = [0.0] * len(values)
+def _in_order(values: list[float], order: list[int]) -> list[float]:
+    """Host values of :func:`~nestopt.optim.polyak._sq_norms` (which reads small tensors first)
+    put back in the order of its input."""
+    out = [0.0] * len(order)
     for j, i in enumerate(order):
         out[i] = values[j]
     return out
@@ -361,14 +351,15 @@ class NestedOptimizer(Optimizer):
         refresh = t % self.stats_every == 0
         sizes = [len(ps) for ps in have]
         # Read in reverse: the base optimizer then starts on the gradients read last (still cached).
-        parts = [_sq_norms(grads[::-1])]
+        gsq_dev, order = _sq_norms(grads[::-1])
+        parts = [gsq_dev]
         pflat = [p for ps in have for p in ps]
         if loss is not None:
             lt = loss.detach() if torch.is_tensor(loss) else torch.tensor(float(loss))
             parts.append(lt.reshape(1).to(parts[0].device, torch.float64))
         host = torch.cat(parts).tolist()  # the one host sync of a step
         n = len(grads)
-        gsq = _unorder(host[:n], grads[::-1])[::-1]
+        gsq = _in_order(host[:n], order)[::-1]
         loss_v = host[-1] if loss is not None else None
         if not all(map(math.isfinite, gsq)) or (loss_v is not None and not math.isfinite(loss_v)):
             self.counters["nonfinite"] += 1
@@ -446,8 +437,9 @@ class NestedOptimizer(Optimizer):
         if sample is not None:
             after = [p.detach().reshape(-1)[::k] for p, k in zip(pflat, strides)]
             n, off = len(pflat), 0
-            host = torch.cat([_sq_norms(torch._foreach_sub(after, sample)), _sq_norms(sample)]).tolist()
-            host = _unorder(host[:n], sample) + _unorder(host[n:], sample)
+            (d, od), (q, oq) = _sq_norms(torch._foreach_sub(after, sample)), _sq_norms(sample)
+            host = torch.cat([d, q]).tolist()
+            host = _in_order(host[:n], od) + _in_order(host[n:], oq)
             for i, g in enumerate(self.param_groups):
                 k = sum(1 for p in g["params"] if p.grad is not None)
                 d = sum(host[j] * strides[j] for j in range(off, off + k))
@@ -529,8 +521,9 @@ class NestedOptimizer(Optimizer):
             dg = torch._foreach_sub(gs, buf["prev_grad"])
             dp = torch._foreach_sub(ps, buf["prev_param"])
             n, off = len(ps), 0
-            host = torch.cat([_sq_norms(dg), _sq_norms(dp)]).tolist()
-            host = _unorder(host[:n], dg) + _unorder(host[n:], dp)
+            (a, oa), (b, ob) = _sq_norms(dg), _sq_norms(dp)
+            host = torch.cat([a, b]).tolist()
+            host = _in_order(host[:n], oa) + _in_order(host[n:], ob)
             for i, grp in enumerate(have):
                 k = len(grp)
                 a, b = sum(host[off:off + k]), sum(host[n + off:n + off + k])

@@ -256,9 +256,9 @@ def _learned(params: Params, lr: float) -> torch.optim.Optimizer:
 
 
 def _shipped() -> bool:
-    from pathlib import Path
+    from .learned import SHIPPED
 
-    return (Path(__file__).resolve().parent.parent / "meta" / "weights" / "default.safetensors").is_file()
+    return SHIPPED.is_file()
 
 
 if _shipped():

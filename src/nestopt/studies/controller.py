@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from ..bench.runner import Job, run_jobs
-from ..bench.scoring import attach_targets, choose_rates, targets
+from ..bench.scoring import _median, attach_targets, choose_rates, targets
 from ..optim import registry as opt_registry
 from ..optim.nested import DEFAULT_FEATURES, NestedOptimizer
 from ..optim.registry import LR_GRID_ADAM, OptimizerSpec
@@ -222,10 +222,6 @@ def _ttt(r: dict[str, Any]) -> float:
 def _final(r: dict[str, Any]) -> float:
     v = r["final_val_loss"]
     return INF if (r["diverged"] or v is None) else float(v)
-
-
-def _median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else INF
 
 
 def robustness(records: list[dict[str, Any]], tasks: tuple[str, ...], best_lr: dict[str, float]) -> dict[str, Any]:

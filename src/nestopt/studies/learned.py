@@ -16,7 +16,6 @@ import math
 import random
 import statistics
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +167,7 @@ def run_study(out: str | Path, nets: dict[str, str] | None = None, workers: int 
                 histories[label + (" (its surrogate loss)" if surrogate else "")] = meta["history"]
     figures = _figures(records, rows + long_rows, nets, histories, out)
     doc = {"study": "learned", "wall_s": time.perf_counter() - t0, "nets": nets, "rows": rows, "long": long_rows,
-           "figures": figures, "records": [{k: v for k, v in r.items()} for r in records]}
+           "figures": figures, "records": records}
     (out / "results.json").write_text(json.dumps(finite(doc), indent=1))
     (out / "report.md").write_text(_report(doc, seeds))
     return doc
@@ -192,10 +191,9 @@ def _figures(records: list[dict[str, Any]], rows: list[dict[str, Any]], nets: di
                                     and row is not None and r["lr"] == row["adamw_lr"]]}
         for label, path in nets.items():
             groups[label] = [r for r in records if r["task"] == task and r["steps"] == steps and r["opt"] == path]
-        for label, rs in groups.items():
+        for idx, (label, rs) in enumerate(groups.items()):
             for k, r in enumerate(rs):
-                ax.plot(r["curve"]["step"], r["curve"]["val_loss"], lw=0.8, alpha=0.7,
-                        color={0: "tab:blue"}.get(list(groups).index(label), f"C{list(groups).index(label)}"),
+                ax.plot(r["curve"]["step"], r["curve"]["val_loss"], lw=0.8, alpha=0.7, color=f"C{idx}",
                         label=label if k == 0 else None)
         if row is not None:
             ax.axhline(row["target"], color="k", ls="--", lw=0.7)

@@ -2,7 +2,7 @@
 
     nestopt bench --suite quick|full [--tasks T,..] [--optimizers O,..] [--seeds N] [--steps N]
                   [--workers N] --out DIR
-    nestopt study polyak|large-lr|controller|learned --out DIR [--net LABEL=PATH ...]
+    nestopt study polyak|large-lr|controller|learned|hpo --out DIR [--net LABEL=PATH ...]
     nestopt meta-train [--net hybrid|mlp|mlp-seed|lstm|attention] [--method tbptt|es|surrogate] [--steps N] [--unroll N] [--horizon N]
                        [--families F,..] [--seed N] [--resume] --out DIR
     nestopt tasks
@@ -245,7 +245,7 @@ def _cmd_overhead(args: argparse.Namespace) -> int:
     return 0
 
 
-STUDIES = ("polyak", "large-lr", "controller", "learned")
+STUDIES = ("polyak", "large-lr", "controller", "learned", "hpo")
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
@@ -282,6 +282,13 @@ def _cmd_study(args: argparse.Namespace) -> int:
         for r in doc["rows"] + doc["long"]:
             print(f"{r['name'][:44]:44s} {r['steps']:5d} {r['net'][:22]:22s} speedup {r['speedup']:.2f} "
                   f"reached {r['reached']}/{r['seeds']} diverged {r['diverged']}")
+    elif args.name == "hpo":
+        from .studies.hpo import run_study as run_hpo
+
+        doc = run_hpo(out)
+        for r in doc["hpo"]["rows"]:
+            print(f"seed {r['seed']}: TPE test acc {r['tpe']['test_acc']:.4f} in {r['tpe']['wall_s']:.1f} s; "
+                  f"per-weight implicit {r['implicit']['test_acc']:.4f} in {r['implicit']['wall_s']:.1f} s")
     print(f"study {args.name}: {time.perf_counter() - t0:.0f} s; wrote {out / 'report.md'}, {out / 'results.json'} and figures")
     return 0
 

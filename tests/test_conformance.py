@@ -15,6 +15,8 @@ import pytest
 import torch
 from torch import nn
 
+from _helpers import regression_data, tiny_mlp
+
 from nestopt.optim import registry
 from nestopt.tasks import AxisQuadratic, Rosenbrock
 
@@ -49,14 +51,11 @@ def _run(spec, model, loss_fn, steps, lr=None, groups=None):
     return opt
 
 
-def _mlp(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+_mlp = tiny_mlp
 
 
 def _data(seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(32, 5, generator=g), torch.randn(32, 3, generator=g)
+    return regression_data(32, seed)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=ids)

@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from _helpers import mse_closure
+
 from nestopt.optim import registry
 from nestopt.optim.nested import NestedOptimizer
 
@@ -61,25 +63,17 @@ def test_nested_on_cuda_round_trips_and_replays():
     a = NestedOptimizer(model.parameters(), torch.optim.AdamW, **kw)
     b = NestedOptimizer(twin.parameters(), torch.optim.AdamW, **kw)
 
-    def closure(opt, m):
-        def f():
-            opt.zero_grad(set_to_none=True)
-            loss = nn.functional.mse_loss(m(x), y)
-            loss.backward()
-            return loss
-        return f
-
     for _ in range(8):
-        a.step(closure(a, model))
-        b.step(closure(b, twin))
+        a.step(mse_closure(a, model, x, y))
+        b.step(mse_closure(b, twin, x, y))
     buf = io.BytesIO()
     torch.save(b.state_dict(), buf)
     buf.seek(0)
     c = NestedOptimizer(twin.parameters(), torch.optim.AdamW, **kw)
     c.load_state_dict(torch.load(buf))
     for _ in range(9):
-        a.step(closure(a, model))
-        c.step(closure(c, twin))
+        a.step(mse_closure(a, model, x, y))
+        c.step(mse_closure(c, twin, x, y))
     assert a.counters["replays"] >= 2
     assert a.multipliers() == c.multipliers()
     for p, q in zip(model.parameters(), twin.parameters()):

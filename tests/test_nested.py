@@ -9,30 +9,21 @@ import pytest
 import torch
 from torch import nn
 
+from _helpers import mse_closure, regression_data, tiny_mlp
+
 from nestopt.optim.nested import FEATURES, Controller, NestedOptimizer
 
 
-def _mlp(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+_mlp = tiny_mlp
+_closure = mse_closure
 
 
 def _data(seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(64, 5, generator=g), torch.randn(64, 3, generator=g)
+    return regression_data(64, seed)
 
 
 def _groups(model: nn.Module) -> list[dict]:
     return [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.02}]
-
-
-def _closure(opt, model, x, y):
-    def closure():
-        opt.zero_grad(set_to_none=True)
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        return loss
-    return closure
 
 
 def _force(opt: NestedOptimizer, z: float) -> None:

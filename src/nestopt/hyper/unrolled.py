@@ -101,8 +101,6 @@ def unrolled_hypergradient(
             if not tracked:
                 w = [wi.detach().requires_grad_(True) for wi in w]
                 buf = None if buf is None else [m.detach() for m in buf]
-            if t + 1 == start:  # entering the window: fresh leaves so the graph starts here
-                w = [wi.detach().requires_grad_(True) for wi in w]
         final = outer_loss(T.unflatten(w, w_spec), lam_tree)
         if not isinstance(final, torch.Tensor) or final.numel() != 1:
             raise ValueError("outer_loss must return a scalar Tensor")

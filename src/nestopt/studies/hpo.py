@@ -265,7 +265,9 @@ def cost(configs: tuple[tuple[str, tuple[int, ...], int], ...] | None = None, it
 
         t_step = _time(train_step, repeats * 4)
         m_step = peak_extra_mb(train_step)
-        alpha = 0.5 / max(1e-8, _lambda_max(p) + COST_DAMPING)
+        _, info = implicit_hypergradient(p["inner"], p["outer"], p["params"], p["lam"], solver="neumann", iters=1,
+                                         check=False, return_info=True)  # alpha=None: 1/lambda_max by power iteration
+        alpha = 0.5 / (1.0 / info.alpha + COST_DAMPING)
         rows = []
         for solver in ("cg", "neumann"):
             for k in iters:
@@ -290,17 +292,6 @@ def cost(configs: tuple[tuple[str, tuple[int, ...], int], ...] | None = None, it
         out[label] = {"params": n_params, "hyperparameters": n_params, "train_step_ms": 1e3 * t_step,
                       "train_step_extra_mb": m_step, "alpha": alpha, "rows": rows}
     return out
-
-
-def _lambda_max(p: dict[str, Any]) -> float:
-    from ..hyper import _tree as T
-    from ..hyper.implicit import _AutogradOps, _power_lambda_max
-
-    w, ws = T.flatten(p["params"], "params")
-    lam, ls = T.flatten(p["lam"], "hparams")
-    ops = _AutogradOps(p["inner"], p["outer"], w, ws, lam, ls, 0.0)
-    b = [torch.randn_like(t) for t in w]
-    return _power_lambda_max(ops.hvp, b, 30)
 
 
 # ------------------------------------------------------------------- 3. per-weight decay vs TPE
@@ -593,7 +584,6 @@ def run_study(out: str | Path, quick: bool = False) -> dict[str, Any]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _mallopt_for_measurement()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.perf_counter()
     doc: dict[str, Any] = {"quick": quick}
     timings = {}
@@ -622,9 +612,8 @@ def run_study(out: str | Path, quick: bool = False) -> dict[str, Any]:
     doc["section_seconds"] = timings
     doc["total_seconds"] = time.perf_counter() - t0
     figures(doc, out)
-    images = doc["distill"].pop("images")
-    examples = doc["augment"].pop("examples")
-    del images, examples
+    doc["distill"].pop("images")  # tensors for the figures, not results
+    doc["augment"].pop("examples")
     (out / "results.json").write_text(json.dumps(finite(doc), indent=1, default=float))
     (out / "report.md").write_text(report(doc))
     return doc
@@ -665,30 +654,9 @@ def figures(doc: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
     syn, real = doc["distill"]["images"]
-    fig, axes = plt.subplots(2, 10, figsize=(10, 2.4))
-    for c in range(10):
-        axes[0, c].imshow(syn[c].reshape(8, 8), cmap="gray_r", vmin=0, vmax=1)
-        axes[1, c].imshow(real[c].reshape(8, 8), cmap="gray_r", vmin=0, vmax=1)
-        axes[0, c].axis("off")
-        axes[1, c].axis("off")
-    axes[0, 0].set_title("distilled", fontsize=8, loc="left")
-    axes[1, 0].set_title("random real (the starting point)", fontsize=8, loc="left")
-    fig.tight_layout()
-    fig.savefig(out / "distill.png", dpi=120)
-    plt.close(fig)
-
+    _image_rows(out / "distill.png", [syn, real], ["distilled", "random real (the starting point)"])
     clean, aug = doc["augment"]["examples"]
-    fig, axes = plt.subplots(2, 8, figsize=(8, 2.4))
-    for i in range(8):
-        axes[0, i].imshow(clean[i].reshape(8, 8), cmap="gray_r", vmin=0, vmax=1)
-        axes[1, i].imshow(aug[i].reshape(8, 8), cmap="gray_r", vmin=0, vmax=1)
-        axes[0, i].axis("off")
-        axes[1, i].axis("off")
-    axes[0, 0].set_title("clean", fontsize=8, loc="left")
-    axes[1, 0].set_title("learned augmentation", fontsize=8, loc="left")
-    fig.tight_layout()
-    fig.savefig(out / "augment.png", dpi=120)
-    plt.close(fig)
+    _image_rows(out / "augment.png", [clean, aug], ["clean", "learned augmentation"])
 
     r0 = doc["stn"]["rows"][0]
     wds = sorted({g["weight_decay"] for g in r0["grid"]})
@@ -704,6 +672,22 @@ def figures(doc: dict[str, Any], out: Path) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "stn.png", dpi=120)
+    plt.close(fig)
+
+
+def _image_rows(path: Path, rows: list[torch.Tensor], titles: list[str]) -> None:
+    """One row of 8x8 digit images per tensor in ``rows``, titled on the left."""
+    import matplotlib.pyplot as plt
+
+    n = rows[0].shape[0]
+    fig, axes = plt.subplots(len(rows), n, figsize=(n, 1.2 * len(rows)))
+    for r, (images, title) in enumerate(zip(rows, titles)):
+        for c in range(n):
+            axes[r, c].imshow(images[c].reshape(8, 8), cmap="gray_r", vmin=0, vmax=1)
+            axes[r, c].axis("off")
+        axes[r, 0].set_title(title, fontsize=8, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 

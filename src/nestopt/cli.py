@@ -2,7 +2,7 @@
 
     nestopt bench --suite quick|full [--tasks T,..] [--optimizers O,..] [--seeds N] [--steps N]
                   [--workers N] --out DIR
-    nestopt study polyak|large-lr|controller|learned|hpo --out DIR [--net LABEL=PATH ...]
+    nestopt study polyak|large-lr|controller|learned|hpo|games --out DIR [--net LABEL=PATH ...]
     nestopt meta-train [--net hybrid|mlp|mlp-seed|lstm|attention] [--method tbptt|es|surrogate] [--steps N] [--unroll N] [--horizon N]
                        [--families F,..] [--seed N] [--resume] --out DIR
     nestopt tasks
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="output folder for results.json, report.md and figures")
 
     st = sub.add_parser("study", help="run a study that tests a source document's claims")
-    st.add_argument("name", help="polyak, large-lr, controller or learned")
+    st.add_argument("name", help="polyak, large-lr, controller, learned, hpo or games")
     st.add_argument("--net", action="append", default=[], metavar="LABEL=PATH",
                     help="learned: also evaluate this network file (repeatable)")
     st.add_argument("--out", required=True, help="output folder for report.md, results.json and figures")
@@ -245,7 +245,7 @@ def _cmd_overhead(args: argparse.Namespace) -> int:
     return 0
 
 
-STUDIES = ("polyak", "large-lr", "controller", "learned", "hpo")
+STUDIES = ("polyak", "large-lr", "controller", "learned", "hpo", "games")
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
@@ -289,6 +289,16 @@ def _cmd_study(args: argparse.Namespace) -> int:
         for r in doc["hpo"]["rows"]:
             print(f"seed {r['seed']}: TPE test acc {r['tpe']['test_acc']:.4f} in {r['tpe']['wall_s']:.1f} s; "
                   f"per-weight implicit {r['implicit']['test_acc']:.4f} in {r['implicit']['wall_s']:.1f} s")
+    elif args.name == "games":
+        from .studies.games import run_study as run_games
+
+        doc = run_games(out)
+        for r in doc["rates"]["rows"]:
+            print(f"{r['method'][:46]:46s} analytic rho {r['rho']:.5f} measured {r['measured']:.5f} "
+                  f"({100 * r['rel_err']:.2f}%)")
+        for name, m in doc["gan"]["methods"].items():
+            print(f"GAN {name[:32]:32s} modes {m['final_modes']} high-quality "
+                  f"{[round(x, 3) for x in m['final_high_quality']]}")
     print(f"study {args.name}: {time.perf_counter() - t0:.0f} s; wrote {out / 'report.md'}, {out / 'results.json'} and figures")
     return 0
 

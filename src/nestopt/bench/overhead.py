@@ -2,9 +2,10 @@
 
 The model is synthetic: ``n_params`` parameters laid out as square 1024x1024 weight matrices with
 bias vectors (the last matrix trimmed to hit the count), gradients drawn once and kept fixed, so
-only ``optimizer.step()`` is timed. The references, ``AdamW(fused=True)`` and ``SGD(foreach=True)``,
-are measured in the same process, interleaved with the others round by round; each number is the
-median over rounds of the mean step time in a round.
+only ``optimizer.step()`` is timed. The references, ``AdamW(fused=True)``, ``SGD(foreach=True)``
+and ``SGD(momentum=0.9, foreach=True)`` (heavy ball, the reference for momentum methods such as
+``ComplexMomentum``), are measured in the same process, interleaved with the others round by
+round; each number is the median over rounds of the mean step time in a round.
 
 Memory: ``state floats/param`` counts the optimizer's state tensors (what a checkpoint carries);
 ``peak MB`` is the growth of the process's peak memory during the steps: on CUDA
@@ -32,6 +33,7 @@ from ..optim import registry as opt_registry
 REFERENCES: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
     "torch AdamW(fused=True)": lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True),
     "torch SGD(foreach=True)": lambda p: torch.optim.SGD(p, lr=1e-3, foreach=True),
+    "torch SGD(momentum=0.9, foreach=True)": lambda p: torch.optim.SGD(p, lr=1e-3, momentum=0.9, foreach=True),
 }
 
 
@@ -177,15 +179,16 @@ def measure(names: Sequence[str] | None = None, n_params: int = 10_000_000, step
 def format_table(rows: list[Row], n_params: int, device: str) -> str:
     ref = {r.name: r.ms for r in rows}
     adamw, sgd = ref["torch AdamW(fused=True)"], ref["torch SGD(foreach=True)"]
+    hb = ref["torch SGD(momentum=0.9, foreach=True)"]
     out = [f"optimizer step on a synthetic {n_params / 1e6:g}M-parameter model ({device}, "
            f"{torch.get_num_threads()} threads)",
-           f"{'optimizer':28s} {'ms/step':>9s} {'x AdamW(fused)':>15s} {'x SGD(foreach)':>15s} "
+           f"{'optimizer':37s} {'ms/step':>9s} {'x AdamW(fused)':>15s} {'x SGD(foreach)':>15s} {'x SGD(mom)':>11s} "
            f"{'state floats/param':>19s} {'peak MB':>8s}"]
     for r in rows:
         if math.isnan(r.ms):
-            out.append(f"{r.name:28s} {'not measured: needs a second-order closure (create_graph=True)':>60s}")
+            out.append(f"{r.name:37s} {'not measured: needs a second-order closure (create_graph=True)':>60s}")
             continue
         peak = "-" if r.peak_mb is None else f"{r.peak_mb:.0f}"
-        out.append(f"{r.name:28s} {r.ms:9.2f} {r.ms / adamw:15.2f} {r.ms / sgd:15.2f} "
+        out.append(f"{r.name:37s} {r.ms:9.2f} {r.ms / adamw:15.2f} {r.ms / sgd:15.2f} {r.ms / hb:11.2f} "
                    f"{r.state_floats_per_param:19.2f} {peak:>8s}")
     return "\n".join(out)

@@ -4,11 +4,12 @@
 """
 
 from . import registry
+from .complex import ComplexAdam, ComplexMomentum
 from .hypergradient import HypergradientAdam, HypergradientSGD
 from .learned import LearnedOptimizer
 from .nested import Controller, NestedOptimizer
 from .polyak import Polyak, PolyakAdam
 from .registry import OptimizerSpec, get, names, register
 
-__all__ = ["Controller", "HypergradientAdam", "HypergradientSGD", "LearnedOptimizer", "NestedOptimizer", "OptimizerSpec", "Polyak",
+__all__ = ["ComplexAdam", "ComplexMomentum", "Controller", "HypergradientAdam", "HypergradientSGD", "LearnedOptimizer", "NestedOptimizer", "OptimizerSpec", "Polyak",
            "PolyakAdam", "get", "names", "register", "registry"]

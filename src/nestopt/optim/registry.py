@@ -16,6 +16,7 @@ reaches the parameters; use a guard).
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -244,6 +245,30 @@ register(OptimizerSpec(
     "nested-adamw", _nested_adamw, default_lr=1e-3, needs_loss=True, nonfinite="skip", conformance_lr=0.05,
     group_independent=False, origin="nestopt",
     description="NestedOptimizer(AdamW fused, wd 0.01): controller-set lr multiplier per tensor, hindsight signal"))
+
+
+# -- complex momentum (nestopt.optim.complex) -----------------------------------------------------
+
+
+def _complex_momentum(params: Params, lr: float) -> torch.optim.Optimizer:
+    from .complex import ComplexMomentum
+
+    return ComplexMomentum(params, lr=lr, beta=0.9, phase=math.pi / 8)
+
+
+def _complex_adam(params: Params, lr: float) -> torch.optim.Optimizer:
+    from .complex import ComplexAdam
+
+    return ComplexAdam(params, lr=lr, phase=math.pi / 8)
+
+
+register(OptimizerSpec(
+    "complex-momentum", _complex_momentum, default_lr=0.1, lr_grid=LR_GRID_SGD, nonfinite="skip",
+    conformance_lr=1e-3, origin="nestopt",
+    description="ComplexMomentum(beta=0.9 e^{i pi/8}): mu <- beta mu - g, theta += lr Re(mu) (Lorraine et al. 2022)"))
+register(OptimizerSpec(
+    "complex-adam", _complex_adam, default_lr=1e-3, lr_grid=LR_GRID_ADAM, nonfinite="skip", conformance_lr=0.05,
+    origin="nestopt", description="ComplexAdam(beta1=0.9 e^{i pi/8}, beta2=0.999): Adam with a complex first-moment coefficient"))
 
 
 # -- learned optimizers (nestopt.optim.learned): the shipped pretrained network ---------------------

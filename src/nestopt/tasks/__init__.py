@@ -18,7 +18,7 @@ from .analytic import AnalyticTask, AxisQuadratic, Point, RotatedQuadratic, Rose
 from .base import Task, TaskFamily, generator
 from .charlm import CharLMTask
 from .families import DigitsMLPFamily, QuadraticFamily, TeacherMLPFamily, TradingFamily
-from .games import BilinearGame, Game, game_names, get_game
+from .games import BilinearGame, DiracGAN, Game, MixtureGAN, game_names, get_game, mixture_centers, mode_stats
 from .supervised import ArrayTask, diabetes_mlp, digits_cnn, digits_logreg, digits_mlp
 from .trading import HORIZON_BARS, HORIZON_NAMES, MarketConfig, TradingTask, auc
 
@@ -76,8 +76,9 @@ def family(name: str) -> TaskFamily:
 
 
 __all__ = [
-    "AnalyticTask", "ArrayTask", "AxisQuadratic", "BilinearGame", "CharLMTask", "Game", "HORIZON_BARS",
+    "AnalyticTask", "ArrayTask", "AxisQuadratic", "BilinearGame", "CharLMTask", "DiracGAN", "Game", "HORIZON_BARS",
     "HORIZON_NAMES", "MarketConfig", "Point", "RotatedQuadratic", "Rosenbrock", "ScalarQuadratic", "Task",
     "TaskFamily", "TradingTask", "auc", "diabetes_mlp", "digits_cnn", "digits_logreg", "digits_mlp", "family",
-    "family_names", "game_names", "generator", "get", "get_game", "names", "register",
+    "family_names", "game_names", "generator", "get", "get_game", "MixtureGAN", "mixture_centers", "mode_stats",
+    "names", "register",
 ]

@@ -7,11 +7,15 @@ min-max game ``min_x max_y f`` has losses ``(f, -f)``.
 ``bilinear``: ``min_x max_y x^T A y`` in ``dim`` dimensions with a fixed well-conditioned ``A``
 (singular values in ``[1, 2]``); the unique equilibrium is ``x = y = 0``, and plain simultaneous
 gradient descent-ascent spirals away from it.
+
+``gaussian-mixture-gan``: a GAN on 8 Gaussians on a circle (:class:`MixtureGAN`), scored by
+:func:`mode_stats` (modes covered, fraction of high-quality samples).
 """
 
 from __future__ import annotations
 
 import abc
+import math
 
 import torch
 from torch import nn
@@ -78,7 +82,115 @@ class BilinearGame(Game):
         return float(torch.cat([players[0].v.detach(), players[1].v.detach()]).norm())
 
 
-_GAMES = {"bilinear": BilinearGame}
+class DiracGAN(Game):
+    """Mescheder et al.'s (2018) Dirac GAN: real data is the point 0, the generator a point
+    ``theta``, the discriminator ``D(x) = psi x``. The generator minimises
+    ``L = f(psi theta)`` with ``f(t) = -softplus(-t)``; the discriminator minimises
+    ``-L + (gamma / 2) psi^2`` (``gamma``: its gradient penalty). The equilibrium is ``(0, 0)``.
+
+    Linearised there, simultaneous gradient descent with step ``lr`` has spectral radius
+    ``sqrt(1 - lr gamma + lr^2 / 4)`` (:meth:`spectral_radius`), so it converges exactly when
+    ``gamma > lr / 4``: a bifurcation the Lyapunov study locates from trajectories."""
+
+    name = "dirac-gan"
+
+    def __init__(self, gamma: float = 0.0, start: tuple[float, float] = (1.0, 1.0)) -> None:
+        self.gamma = float(gamma)
+        self.start = start
+        self.description = f"Dirac GAN, gradient penalty gamma={gamma}"
+
+    def init(self, seed: int) -> list[nn.Module]:
+        return [Vector(torch.tensor([self.start[0]], dtype=torch.float64)),
+                Vector(torch.tensor([self.start[1]], dtype=torch.float64))]
+
+    def losses(self, players: list[nn.Module]) -> list[torch.Tensor]:
+        theta, psi = players[0].v[0], players[1].v[0]
+        value = -nn.functional.softplus(-psi * theta)
+        return [value, -value + 0.5 * self.gamma * psi ** 2]
+
+    def distance(self, players: list[nn.Module]) -> float:
+        return float(torch.cat([players[0].v.detach(), players[1].v.detach()]).norm())
+
+    def spectral_radius(self, lr: float) -> float:
+        """Of simultaneous gradient descent at step ``lr``, linearised at the equilibrium."""
+        return math.sqrt(max(0.0, 1 - lr * self.gamma + lr * lr / 4))
+
+
+def mixture_centers(modes: int = 8, radius: float = 2.0) -> torch.Tensor:
+    """``modes`` points evenly spaced on a circle of ``radius`` (float32, shape ``(modes, 2)``)."""
+    angles = torch.arange(modes, dtype=torch.float64) * (2 * math.pi / modes)
+    return (radius * torch.stack([angles.cos(), angles.sin()], dim=1)).float()
+
+
+class MixtureGAN(Game):
+    """A GAN on a 2-D mixture of Gaussians (8 modes on a circle of radius 2, std 0.02), the usual
+    test of mode collapse. Player 0 is the generator (``z_dim`` Gaussian noise -> MLP -> 2-D),
+    player 1 the discriminator (2-D -> MLP -> logit); the generator minimises the non-saturating
+    loss ``-log D(G(z))``, the discriminator the cross-entropy of real against generated points.
+
+    Data are generated, never downloaded: every call of :meth:`losses` draws a fresh batch of
+    real points and noise from a generator seeded by :meth:`init`'s seed. Score samples with
+    :func:`mode_stats`.
+    """
+
+    name = "gaussian-mixture-gan"
+
+    def __init__(self, modes: int = 8, radius: float = 2.0, std: float = 0.02, z_dim: int = 16, hidden: int = 128,
+                 batch: int = 256) -> None:
+        self.modes = check_int("modes", modes, lo=1)
+        self.radius = float(radius)
+        self.std = float(std)
+        self.z_dim = check_int("z_dim", z_dim, lo=1)
+        self.hidden = check_int("hidden", hidden, lo=1)
+        self.batch = check_int("batch", batch, lo=1)
+        self.centers = mixture_centers(modes, radius)
+        self._rng = torch.Generator().manual_seed(0)
+        self.description = f"GAN on {modes} Gaussians (radius {radius}, std {std}), MLPs of width {hidden}"
+
+    def init(self, seed: int) -> list[nn.Module]:
+        self._rng = torch.Generator().manual_seed(int(seed) + 10_007)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            h = self.hidden
+            gen = nn.Sequential(nn.Linear(self.z_dim, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 2))
+            disc = nn.Sequential(nn.Linear(2, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1))
+        return [gen, disc]
+
+    def real(self, n: int, rng: torch.Generator | None = None) -> torch.Tensor:
+        rng = self._rng if rng is None else rng
+        idx = torch.randint(self.modes, (n,), generator=rng)
+        return self.centers[idx] + self.std * torch.randn(n, 2, generator=rng)
+
+    def noise(self, n: int, rng: torch.Generator | None = None) -> torch.Tensor:
+        return torch.randn(n, self.z_dim, generator=self._rng if rng is None else rng)
+
+    def losses(self, players: list[nn.Module]) -> list[torch.Tensor]:
+        gen, disc = players
+        fake = gen(self.noise(self.batch))
+        real_logit, fake_logit = disc(self.real(self.batch)), disc(fake)
+        bce = nn.functional.binary_cross_entropy_with_logits
+        d_loss = bce(real_logit, torch.ones_like(real_logit)) + bce(fake_logit, torch.zeros_like(fake_logit))
+        g_loss = bce(fake_logit, torch.ones_like(fake_logit))
+        return [g_loss, d_loss]
+
+
+def mode_stats(game: MixtureGAN, generator: nn.Module, n: int = 2500, seed: int = 0,
+               min_count: int | None = None) -> dict[str, float]:
+    """Score ``n`` samples: a sample is *high quality* within 3 standard deviations of its
+    nearest mode; a mode is *covered* when at least ``min_count`` (default 1% of ``n``)
+    high-quality samples fall on it. Returns ``{"modes": covered count, "high_quality": fraction}``."""
+    rng = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        x = generator(game.noise(n, rng))
+    d = torch.cdist(x.float(), game.centers)
+    dist, nearest = d.min(dim=1)
+    good = dist < 3 * game.std
+    counts = torch.bincount(nearest[good], minlength=game.modes)
+    need = max(1, n // 100) if min_count is None else min_count
+    return {"modes": int((counts >= need).sum()), "high_quality": float(good.float().mean())}
+
+
+_GAMES = {"bilinear": BilinearGame, "dirac-gan": DiracGAN, "gaussian-mixture-gan": MixtureGAN}
 
 
 def game_names() -> list[str]:

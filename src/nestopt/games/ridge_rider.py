@@ -75,18 +75,28 @@ def _descend(c: _Counter, x: torch.Tensor, lr: float, tol: float, max_steps: int
 
 
 def ridge_rider(f: Loss, x0: torch.Tensor, *, budget: int, step: float = 0.05, max_ridge: int = 100,
-                lr: float = 0.02, tol: float = 1e-6, max_descent: int = 2000, max_depth: int = 8) -> dict[str, Any]:
+                lr: float = 0.02, tol: float = 1e-6, max_descent: int = 2000, max_depth: int = 8,
+                merge: float | None = None) -> dict[str, Any]:
     """Follow ridges from the saddle ``x0`` until ``budget`` gradient evaluations are spent.
 
-    Returns ``{"solutions": [points], "evals": int, "ridges": int}``."""
+    ``merge``: a ridge end within this distance of one already branched from is not branched
+    again (different orders of ridges often reach the same point; default ``step``; 0 turns it
+    off). Returns ``{"solutions": [points], "evals": int, "ridges": int, "merged": int}``."""
     check_int("budget", budget, lo=1)
     check_number("step", step, lo=0.0, lo_open=True)
     c = _Counter(f)
     solutions: list[torch.Tensor] = []
     stack: list[tuple[torch.Tensor, torch.Tensor, int]] = []
-    ridges = 0
+    ridges = merged = 0
+    radius = step if merge is None else merge
+    visited: list[torch.Tensor] = []
 
     def branch(x: torch.Tensor, depth: int) -> None:
+        nonlocal merged
+        if radius > 0 and any(float((x - v).norm()) <= radius for v in visited):
+            merged += 1
+            return
+        visited.append(x)
         vals, vecs = torch.linalg.eigh(c.hessian(x))
         neg = [i for i in range(len(vals)) if float(vals[i]) < 0]
         if not neg or depth >= max_depth:
@@ -113,7 +123,7 @@ def ridge_rider(f: Loss, x0: torch.Tensor, *, budget: int, step: float = 0.05, m
                 break
         if c.evals < budget:
             branch(x, depth + 1)
-    return {"solutions": solutions, "evals": c.evals, "ridges": ridges}
+    return {"solutions": solutions, "evals": c.evals, "ridges": ridges, "merged": merged}
 
 
 def random_restarts(f: Loss, dim: int, *, budget: int, scale: float = 1.0, seed: int = 0, lr: float = 0.02,

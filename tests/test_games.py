@@ -72,6 +72,33 @@ def test_complex_momentum_matches_complex_arithmetic(path, monkeypatch):
     assert st.dtype == torch.float64 and st.shape == (2, 2500)
 
 
+@pytest.mark.parametrize("foreach", [False, True])
+def test_complex_momentum_mixed_dtypes_and_strided_params(foreach):
+    """A float32 and a float64 tensor in one group, and a transposed (non-contiguous) parameter,
+    step like each alone."""
+    base = [torch.randn(4, 6), torch.randn(5, dtype=torch.float64), torch.randn(6, 4)]
+
+    def params():
+        return [base[0].clone().requires_grad_(), base[1].clone().requires_grad_(),
+                base[2].clone().t().requires_grad_()]  # t() of a leaf copy: a non-contiguous leaf
+
+    together = params()
+    assert not together[2].is_contiguous()
+    opt = ComplexMomentum(together, lr=0.1, beta=0.8, phase=1.0, foreach=foreach)
+    alone = [p.detach().contiguous().requires_grad_() for p in params()]  # contiguous copies, one group each
+    opts = [ComplexMomentum([p], lr=0.1, beta=0.8, phase=1.0, foreach=False) for p in alone]
+    g = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        grads = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in together]
+        for p, q, gr in zip(together, alone, grads):
+            p.grad, q.grad = gr.clone(), gr.clone().contiguous()
+        opt.step()
+        for o in opts:
+            o.step()
+    for p, q in zip(together, alone):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+
+
 def test_complex_momentum_rejects_bad_arguments():
     w = [torch.nn.Parameter(torch.ones(2))]
     with pytest.raises(ValueError, match="beta=1.0"):

@@ -91,10 +91,11 @@ def _fused(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[tor
 
 
 def _rotate(re: list[torch.Tensor], im: list[torch.Tensor], t: list[torch.Tensor], params: list[torch.Tensor],
-            *, lr: float, beta_re: float, beta_im: float) -> None:
+            *, lr: float, beta_re: float, beta_im: float, fused: bool | None = None) -> None:
     """``Im m <- Re(beta) Im m + Im(beta) Re m;  Re m <- Re(beta) Re m + t;  theta -= lr Re m``
-    (``t = g - Im(beta) Im m`` was computed from the old imaginary plane)."""
-    if _USE_FUSED:
+    (``t = g - Im(beta) Im m`` was computed from the old imaginary plane). The fused kernel takes
+    lists of one device and dtype and tensors laid out alike (the caller sees to both)."""
+    if _USE_FUSED if fused is None else fused:
         _fused(im, re, [], lr=-beta_im, momentum=0.0, weight_decay=-(1.0 - beta_re) / beta_im)
         _fused(params, t, re, lr=lr, momentum=beta_re, weight_decay=0.0)
         return
@@ -134,13 +135,22 @@ def complex_momentum_step(params: list[torch.Tensor], grads: list[torch.Tensor],
                 p.add_(a, alpha=-lr)
         return
     if foreach:
-        t = torch._foreach_sub(grads, im, alpha=beta_im)
-        _rotate(re, im, t, params, lr=lr, beta_re=beta_re, beta_im=beta_im)
+        kinds: dict[tuple[Any, Any], list[int]] = {}
+        for i, p in enumerate(params):
+            kinds.setdefault((p.device, p.dtype), []).append(i)
+        for idx in kinds.values():  # one multi-tensor call per device and dtype
+            ps, gs, rs, js = ([x[i] for i in idx] for x in (params, grads, re, im))
+            plain = not all(p.is_contiguous() and g.is_contiguous() for p, g in zip(ps, gs))
+            t = torch._foreach_sub(gs, js, alpha=beta_im)
+            _rotate(rs, js, t, ps, lr=lr, beta_re=beta_re, beta_im=beta_im, fused=False if plain else None)
         return
     cache: dict[Any, torch.Tensor] = {} if scratch is None else scratch
     wd_im, lr_im = -(1.0 - beta_re) / beta_im, -beta_im
     fused = _USE_FUSED
     for p, g, a, b in zip(params, grads, re, im):
+        if not p.is_contiguous():  # a strided parameter (a transposed view): whole-tensor plain ops
+            _rotate([a], [b], [g.sub(b, alpha=beta_im)], [p], lr=lr, beta_re=beta_re, beta_im=beta_im, fused=False)
+            continue
         key = (p.dtype, p.device)
         work = cache.get(key)
         if work is None or work.numel() < min(_BLOCK, p.numel()):

@@ -39,6 +39,7 @@ Usage::
 
 from __future__ import annotations
 
+import abc
 import cmath
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -174,7 +175,7 @@ def complex_momentum_step(params: list[torch.Tensor], grads: list[torch.Tensor],
                 _rotate([ab], [bb], [t], [pb], lr=lr, beta_re=beta_re, beta_im=beta_im)
 
 
-class _SkippingOptimizer(Optimizer):
+class _SkippingOptimizer(Optimizer, metaclass=abc.ABCMeta):
     """What both optimizers share: a ``"skipped"`` counter in every param group, a block buffer
     cache, and :meth:`_groups`, which yields each group's parameters and gradients after
     skipping a group whose gradients are not all finite."""
@@ -202,8 +203,9 @@ class _SkippingOptimizer(Optimizer):
                 continue
             yield group, params, grads
 
+    @abc.abstractmethod
     def _update(self) -> None:
-        raise NotImplementedError
+        """Update every group that :meth:`_groups` yields (called by :meth:`step` under ``no_grad``)."""
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:

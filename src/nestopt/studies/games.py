@@ -90,12 +90,11 @@ def rates_section(steps: int = 1500, coarse: int = 1) -> dict[str, Any]:
                      "final_distance": m["final"], "curve": m["distance"][::10]})
     cm = next(r for r in rows if r["method"] == "complex momentum (simultaneous)")
     gda_at = {"lr": cm["lr"], "beta": 0.0, "phase": 0.0}
+    rho = linear.spectral_radius("gda", sv, cm["lr"])
     g = measured_rate(game, gda_at, "simultaneous", steps)
     rows.append({"method": "GDA (simultaneous) at complex momentum's lr", "analysis": "gda", "mode": "simultaneous",
-                 **gda_at, "rho": linear.spectral_radius("gda", sv, cm["lr"]), "measured": g["rate"],
-                 "rel_err": abs(g["rate"] - linear.spectral_radius("gda", sv, cm["lr"]))
-                 / linear.spectral_radius("gda", sv, cm["lr"]), "final_distance": g["final"],
-                 "curve": g["distance"][::10]})
+                 **gda_at, "rho": rho, "measured": g["rate"], "rel_err": abs(g["rate"] - rho) / rho,
+                 "final_distance": g["final"], "curve": g["distance"][::10]})
     return {"singular_values": sv, "steps": steps, "rows": rows}
 
 

@@ -103,6 +103,11 @@ def digits_split(seed: int = 0) -> dict[str, torch.Tensor]:
     return {"xt": x[:200], "yt": y[:200], "xv": x[200:600], "yv": y[200:600], "xs": x[600:], "ys": y[600:]}
 
 
+def weights(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of ``net``'s parameters by name (an initialisation to restart from)."""
+    return {k: v.detach().clone() for k, v in net.named_parameters()}
+
+
 def mlp(sizes: tuple[int, ...], seed: int) -> torch.nn.Sequential:
     torch.manual_seed(seed)
     layers: list[torch.nn.Module] = []
@@ -177,7 +182,7 @@ def _decay_problem(sizes: tuple[int, ...], n_train: int, seed: int = 0) -> dict[
         data["xt"] = torch.tensor(x[:n_train], dtype=torch.float32) / 16.0
         data["yt"] = torch.tensor(y[:n_train])
     net = mlp(sizes, seed)
-    params = {k: v.detach().clone() for k, v in net.named_parameters()}
+    params = weights(net)
     lam = {k: torch.full_like(v, math.log(1e-3)) for k, v in params.items()}
     xt, yt, xv, yv = data["xt"], data["yt"], data["xv"], data["yv"]
 
@@ -380,7 +385,7 @@ def hpo_compare(seeds: tuple[int, ...] = (0, 1, 2), trials: int = 50, hyper_step
     for seed in seeds:
         data = digits_split(seed)
         net = mlp(HPO_SIZES, seed)
-        init = {k: v.detach().clone() for k, v in net.named_parameters()}
+        init = weights(net)
         t = tpe(net, init, data, trials, seed)
         ours = per_weight_decay(net, init, data, hyper_steps, inner_steps, seed)
         base = retrain(net, init, torch.tensor(math.log(1e-3)), data, per_weight=False)
@@ -412,7 +417,7 @@ def distill(seeds: tuple[int, ...] = (0, 1, 2), outer_steps: int = 300, unroll: 
             for m in net:
                 if isinstance(m, torch.nn.Linear):
                     m.reset_parameters()
-            return {k: v.detach().clone() for k, v in net.named_parameters()}
+            return weights(net)
 
         def inner(p, h):
             return F.cross_entropy(functional_call(net, p, (h["x"],)), labels)
@@ -462,11 +467,11 @@ def augmentation(seeds: tuple[int, ...] = (0, 1, 2), n_train: int = 100, hyper_s
         data = digits_split(seed)
         xt, yt = data["xt"][:n_train], data["yt"][:n_train]
         net = mlp((64, 32, 10), seed)
-        init = {k: v.detach().clone() for k, v in net.named_parameters()}
+        init = weights(net)
         aug_net = mlp((64 + 8, 32, 64), 100 + seed)
         for prm in aug_net.parameters():
             prm.data.mul_(0.1)
-        aug0 = {k: v.detach().clone() for k, v in aug_net.named_parameters()}
+        aug0 = weights(aug_net)
         noise_g = torch.Generator().manual_seed(seed)
         noise = {"z": torch.randn(n_train, 8, generator=noise_g)}
 

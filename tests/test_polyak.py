@@ -213,3 +213,17 @@ def test_float32_and_scheduler_compatibility():
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5)
     assert float(task.f(x.detach())) < 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_gradient_whose_norm_overflows_half_still_steps(dtype):
+    # ||g||^2 = 1e5 * 300^2 = 9e9: inf in float16 and coarse in bfloat16, so the norm is taken in float32.
+    x = torch.ones(100_000, dtype=dtype, requires_grad=True)
+    x.grad = torch.full_like(x, 300.0)
+    small = torch.ones(3, dtype=dtype, requires_grad=True)  # a small tensor alongside, fused norm path
+    small.grad = torch.zeros_like(small)
+    opt = Polyak([x, small])
+    opt.step(loss=torch.tensor(2.0))
+    counts = opt.param_groups[0]["polyak"]
+    assert counts["steps"] == 1 and counts["nonfinite"] == 0
+    assert counts["eta"] == pytest.approx(2.0 / 9e9, rel=1e-3)

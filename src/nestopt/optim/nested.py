@@ -88,7 +88,7 @@ from torch.optim import Optimizer
 
 from .._checks import check_choice, check_int, check_number
 from .controller import Controller, _RunningNorm
-from .polyak import _sq_norms
+from .polyak import _host_sq_norms
 
 FEATURES: dict[str, int] = {"grad_norm": 1, "param_norm": 1, "depth": 1, "update_ratio": 1, "loss": 2,
                             "val": 3, "heads": 3, "curvature": 1}
@@ -128,15 +128,6 @@ def _restore(base: Optimizer, params: list[torch.Tensor], snap: dict[str, Any]) 
                 cur[k] = v.clone() if torch.is_tensor(v) else copy.deepcopy(v)
     for g, fields in zip(base.param_groups, snap["groups"]):
         g.update(copy.deepcopy(fields))
-
-
-def _in_order(values: list[float], order: list[int]) -> list[float]:
-    """Host values of :func:`~nestopt.optim.polyak._sq_norms` (which reads small tensors first)
-    put back in the order of its input."""
-    out = [0.0] * len(order)
-    for j, i in enumerate(order):
-        out[i] = values[j]
-    return out
 
 
 class NestedOptimizer(Optimizer):
@@ -351,16 +342,10 @@ class NestedOptimizer(Optimizer):
         refresh = t % self.stats_every == 0
         sizes = [len(ps) for ps in have]
         # Read in reverse: the base optimizer then starts on the gradients read last (still cached).
-        gsq_dev, order = _sq_norms(grads[::-1])
-        parts = [gsq_dev]
+        extra = () if loss is None else (loss,)
+        gsq, loss_v = _host_sq_norms(grads[::-1], *extra)  # the one host sync of a step
+        gsq, loss_v = gsq[::-1], (loss_v[0] if loss_v else None)
         pflat = [p for ps in have for p in ps]
-        if loss is not None:
-            lt = loss.detach() if torch.is_tensor(loss) else torch.tensor(float(loss))
-            parts.append(lt.reshape(1).to(parts[0].device, torch.float64))
-        host = torch.cat(parts).tolist()  # the one host sync of a step
-        n = len(grads)
-        gsq = _in_order(host[:n], order)[::-1]
-        loss_v = host[-1] if loss is not None else None
         if not all(map(math.isfinite, gsq)) or (loss_v is not None and not math.isfinite(loss_v)):
             self.counters["nonfinite"] += 1
             return loss
@@ -437,9 +422,7 @@ class NestedOptimizer(Optimizer):
         if sample is not None:
             after = [p.detach().reshape(-1)[::k] for p, k in zip(pflat, strides)]
             n, off = len(pflat), 0
-            (d, od), (q, oq) = _sq_norms(torch._foreach_sub(after, sample)), _sq_norms(sample)
-            host = torch.cat([d, q]).tolist()
-            host = _in_order(host[:n], od) + _in_order(host[n:], oq)
+            host, _ = _host_sq_norms([*torch._foreach_sub(after, sample), *sample])
             for i, g in enumerate(self.param_groups):
                 k = sum(1 for p in g["params"] if p.grad is not None)
                 d = sum(host[j] * strides[j] for j in range(off, off + k))
@@ -521,9 +504,7 @@ class NestedOptimizer(Optimizer):
             dg = torch._foreach_sub(gs, buf["prev_grad"])
             dp = torch._foreach_sub(ps, buf["prev_param"])
             n, off = len(ps), 0
-            (a, oa), (b, ob) = _sq_norms(dg), _sq_norms(dp)
-            host = torch.cat([a, b]).tolist()
-            host = _in_order(host[:n], oa) + _in_order(host[n:], ob)
+            host, _ = _host_sq_norms([*dg, *dp])
             for i, grp in enumerate(have):
                 k = len(grp)
                 a, b = sum(host[off:off + k]), sum(host[n + off:n + off + k])

@@ -55,6 +55,9 @@ def test_bench_micro_suite_smoke(tmp_path):
     (["overhead", "--params", "0"], ["--params 0"]),
     (["overhead", "--optimizers", "nope"], ["unknown optimizer 'nope'"]),
     (["frobnicate"], ["invalid choice"]),
+    (["meta-train", "--method", "nope", "--out", "{tmp}"], ["--method 'nope'", "pes"]),
+    (["meta-train", "--method", "pes", "--sigma", "0", "--out", "{tmp}"], ["--sigma 0"]),
+    (["meta-train", "--method", "pes", "--workers", "0", "--out", "{tmp}"], ["--workers 0"]),
 ])
 def test_bad_input_exits_2_with_a_clear_message(tmp_path, args, expect):
     blocker = tmp_path / "a-file"

@@ -191,6 +191,11 @@ def test_study_and_meta_train_command_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr
     net_file = out / "net.safetensors"
     assert isinstance(load_net(net_file), HybridAdamNet)
+    from safetensors import safe_open
+
+    with safe_open(str(net_file), "pt") as f:  # the file names the command that reproduces it
+        assert json.loads(f.metadata()["meta"])["command"] == \
+            "nestopt meta-train --net hybrid --steps 6 --unroll 2 --horizon 4 --out DIR"
     doc = run_study(tmp_path / "study", nets={"tiny": str(net_file)}, workers=1, held_out=(("digits-mlp", 101),),
                     seeds=1, long=None)
     assert len(doc["rows"]) == 1 and doc["rows"][0]["net"] == "tiny"
@@ -248,3 +253,54 @@ def test_es_meta_training_runs_and_improves():
     hist = meta_train(net, MetaConfig(families=("quadratic",), unroll=5, horizon=20, outer_steps=30, method="es",
                                       es_pairs=4, outer_lr=3e-2, seed=2))
     assert len(hist) == 30 and not any(h["skipped"] for h in hist)
+
+
+def test_persistent_es_summed_over_a_run_matches_the_runs_meta_gradient():
+    """PES carries each pair's perturbation sum across truncations; summed over one task's run its
+    estimate is unbiased for the gradient of the run's total meta-loss (all truncations with the
+    same Phi). Checked against central finite differences of that total (14 meta-parameters)."""
+    from nestopt.meta import PersistentES
+    from nestopt.meta.train import _Inner
+
+    torch.manual_seed(0)
+    net = HybridAdamNet(hidden=2)
+    with torch.no_grad():
+        net.net[-1].weight.normal_(0, 0.5)
+        net.net[0].weight.normal_(0, 0.5)
+    params = list(net.parameters())
+    flat0 = torch.nn.utils.parameters_to_vector(params).detach().clone()
+
+    def total(flat):
+        torch.nn.utils.vector_to_parameters(flat, params)
+        inner, out = _Inner(net, "quadratic", 3), 0.0
+        for _ in range(10):  # ten one-step truncations
+            meta_loss, _ = inner.unroll(net, 1, False, inner.draw(1))
+            out += float(meta_loss.detach())
+        torch.nn.utils.vector_to_parameters(flat0, params)
+        return out
+
+    fd = torch.stack([torch.tensor((total(flat0 + 1e-3 * e) - total(flat0 - 1e-3 * e)) / 2e-3)
+                      for e in torch.eye(flat0.numel())])
+    pes = PersistentES(net, "quadratic", 3, pairs=64)
+    gen, est = torch.Generator().manual_seed(0), torch.zeros_like(flat0)
+    for _ in range(10):
+        grad, _, _ = pes.step(net, 1, 0.01, gen)
+        est += grad
+    assert pes.t == 10
+    assert torch.equal(torch.nn.utils.parameters_to_vector(params), flat0), "PES must leave the network as it was"
+    assert float(est @ fd / (est.norm() * fd.norm())) > 0.9
+
+
+def test_pes_meta_training_is_the_same_over_two_worker_processes():
+    cfg = MetaConfig(families=("quadratic",), unroll=5, horizon=10, outer_steps=4, method="pes", es_pairs=2,
+                     outer_lr=3e-2, seed=2)
+    one = HybridAdamNet()
+    two = copy.deepcopy(one)
+    h1 = meta_train(one, cfg)
+    h2 = meta_train(two, MetaConfig(**{**cfg.__dict__, "workers": 2}))
+    assert [h["meta_loss"] for h in h1] == [h["meta_loss"] for h in h2]
+    assert not any(h["skipped"] for h in h1)
+    for p, q in zip(one.parameters(), two.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="workers"):
+        MetaConfig(workers=0).check()

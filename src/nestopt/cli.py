@@ -3,7 +3,8 @@
     nestopt bench --suite quick|full [--tasks T,..] [--optimizers O,..] [--seeds N] [--steps N]
                   [--workers N] --out DIR
     nestopt study polyak|large-lr|controller|learned|hpo|games --out DIR [--net LABEL=PATH ...]
-    nestopt meta-train [--net hybrid|mlp|mlp-seed|lstm|attention] [--method tbptt|es|surrogate] [--steps N] [--unroll N] [--horizon N]
+    nestopt meta-train [--net hybrid|mlp|mlp-seed|lstm|attention] [--method tbptt|es|pes|surrogate] [--steps N]
+                       [--unroll N] [--horizon N] [--pairs N] [--sigma S] [--workers N]
                        [--families F,..] [--seed N] [--resume] --out DIR
     nestopt tasks
     nestopt optimizers
@@ -15,6 +16,7 @@ Bad input prints one line naming the problem (and the valid names) and exits wit
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -82,7 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("meta-train", help="meta-train an update network for LearnedOptimizer")
     m.add_argument("--net", default="hybrid", help="hybrid (default), mlp, mlp-seed, lstm or attention")
     m.add_argument("--method", default="tbptt",
-                   help="tbptt (default), es (antithetic evolution strategies) or surrogate (the note's baseline)")
+                   help="tbptt (default), es (antithetic evolution strategies), pes (persistent ES: unbiased over "
+                        "the whole inner run) or surrogate (the note's baseline)")
+    m.add_argument("--pairs", type=_int, default=8, help="antithetic pairs per ES/PES estimate (default 8)")
+    m.add_argument("--sigma", type=float, default=0.01, help="ES/PES perturbation scale (default 0.01)")
+    m.add_argument("--workers", type=_int, default=1,
+                   help="processes for the ES/PES unrolls (default 1; the result does not depend on it)")
     m.add_argument("--out", required=True, help="output folder: net.safetensors, checkpoint.pt, history.json")
     m.add_argument("--steps", type=_int, default=3000, help="outer steps (default 3000)")
     m.add_argument("--unroll", type=_int, default=20, help="inner steps per truncation (default 20)")
@@ -320,10 +327,17 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
     for f in families:
         if f not in task_registry.family_names():
             raise UsageError(f"unknown task family {f!r}; valid names: {', '.join(task_registry.family_names())}")
-    if args.method not in ("tbptt", "surrogate", "es"):
-        raise UsageError(f"--method {args.method!r} is invalid: expected tbptt, surrogate or es")
+    if args.method not in ("tbptt", "surrogate", "es", "pes"):
+        raise UsageError(f"--method {args.method!r} is invalid: expected tbptt, surrogate, es or pes")
+    for flag, value in (("--pairs", args.pairs), ("--workers", args.workers), ("--steps", args.steps),
+                        ("--unroll", args.unroll)):
+        if value < 1:
+            raise UsageError(f"{flag} {value} is invalid: must be a positive integer")
+    if not (math.isfinite(args.sigma) and args.sigma > 0):
+        raise UsageError(f"--sigma {args.sigma} is invalid: must be a positive number")
     cfg = MetaConfig(families=families, unroll=args.unroll, horizon=max(args.horizon, args.unroll),
-                     outer_steps=args.steps, seed=args.seed, method=args.method)
+                     outer_steps=args.steps, seed=args.seed, method=args.method, es_pairs=args.pairs,
+                     es_sigma=args.sigma, workers=args.workers)
     torch_threads()
     net = nets[args.net]()
     t0 = time.perf_counter()
@@ -368,6 +382,11 @@ def meta_record(net: str, cfg: object, history: list[dict], seconds: float) -> d
     settings = dict(vars(cfg))
     settings["families"] = list(settings["families"])
     method = "" if settings.get("method", "tbptt") == "tbptt" else f" --method {settings['method']}"
+    if settings.get("method") in ("es", "pes"):
+        method += f" --pairs {settings['es_pairs']} --sigma {settings['es_sigma']:g}"
+    for flag, key, default in (("--steps", "outer_steps", 3000), ("--unroll", "unroll", 20), ("--horizon", "horizon", 200)):
+        if settings.get(key, default) != default:
+            method += f" {flag} {settings[key]}"
     return {"command": f"nestopt meta-train --net {net}{method} --out DIR", "config": settings, "seconds": round(seconds, 1),
             "history": [[h["step"], round(h["meta_loss"], 5)] for h in history[stride - 1::stride]]}
 

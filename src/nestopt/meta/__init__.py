@@ -2,6 +2,7 @@
 (:mod:`.train`)."""
 
 from .nets import CoordinateLSTM, DirectUpdateMLP, GradientAttention, HybridAdamNet, UpdateNet
-from .train import MetaConfig, meta_train
+from .train import MetaConfig, PersistentES, Unrolls, meta_train
 
-__all__ = ["CoordinateLSTM", "DirectUpdateMLP", "GradientAttention", "HybridAdamNet", "MetaConfig", "UpdateNet", "meta_train"]
+__all__ = ["CoordinateLSTM", "DirectUpdateMLP", "GradientAttention", "HybridAdamNet", "MetaConfig", "PersistentES", "UpdateNet",
+           "Unrolls", "meta_train"]

@@ -12,17 +12,26 @@ is sampled. ``second_order=False`` (default) treats each inner gradient as a con
 ``method="surrogate"`` trains instead on the research note's per-step surrogate (cosine to the
 negative gradient plus a log-magnitude match to ``surrogate_lr``), the baseline it describes for
 ``DirectUpdateMLP``. ``method="es"`` estimates the meta-gradient by antithetic evolution
-strategies (:func:`es_gradient`) instead of backpropagation.
+strategies (:func:`es_gradient`) instead of backpropagation. ``method="pes"`` is persistent ES
+(Vicol et al. 2021, :class:`PersistentES`): each antithetic pair of particles keeps its own inner
+run across truncations and the sum ``xi`` of the perturbations it has used since its task began,
+so the per-truncation estimates add up to an unbiased estimate of the gradient of the whole
+run's meta-loss (truncated ES and truncated backpropagation only see each truncation's own effect:
+the short-horizon bias).
+
+``workers > 1`` spreads the ES/PES unrolls (the particles) over that many processes; every unroll
+is a deterministic function of its inputs, so the result does not depend on the worker count.
 
 The loop writes a checkpoint (network, outer optimizer, counters, RNG) every ``checkpoint_every``
-outer steps and resumes from one. Not here yet: persistent ES (unbiased over truncations), and
-spreading tasks over processes (tasks are small; one process runs them in turn).
+outer steps and resumes from one (a resumed run starts a fresh task).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import multiprocessing as mp
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -38,7 +47,7 @@ from .._checks import check_choice, check_int, check_number
 from .nets import UpdateNet
 
 
-METHODS = ("tbptt", "surrogate", "es")
+METHODS = ("tbptt", "surrogate", "es", "pes")
 
 
 @dataclass
@@ -58,6 +67,7 @@ class MetaConfig:
     es_sigma: float = 0.01
     es_pairs: int = 8
     checkpoint_every: int = 50
+    workers: int = 1
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -75,6 +85,7 @@ class MetaConfig:
         check_number("surrogate_lr", self.surrogate_lr, lo=0.0, lo_open=True)
         check_number("es_sigma", self.es_sigma, lo=0.0, lo_open=True)
         check_int("es_pairs", self.es_pairs, lo=1)
+        check_int("workers", self.workers, lo=1)
 
 
 class _Loss(nn.Module):
@@ -92,6 +103,7 @@ class _Inner:
     """One task's inner training run, carried across truncations."""
 
     def __init__(self, net: UpdateNet, family: str, seed: int) -> None:
+        self.family, self.seed = family, seed
         self.task = task_registry.family(family).sample(seed)
         model = self.task.init(seed)
         self.module = _Loss(self.task, model)
@@ -170,32 +182,143 @@ class _Inner:
         return torch.stack(terms).mean(), losses
 
 
+def _unroll_one(net: UpdateNet, inner: _Inner, flat: torch.Tensor, snap: tuple[Any, ...], steps: int,
+                batches: list[Any]) -> tuple[float, list[float], tuple[Any, ...]]:
+    """One unroll of ``inner`` from ``snap`` with the network's weights set to ``flat``."""
+    torch.nn.utils.vector_to_parameters(flat, list(net.parameters()))
+    inner.restore(snap)
+    meta_loss, losses = inner.unroll(net, steps, False, batches)
+    return float(meta_loss.detach()), losses, inner.snapshot()
+
+
+def _dump(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+_WORKER_INNER: dict[tuple[str, int], _Inner] = {}
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+
+
+def _unroll_job(payload: bytes) -> bytes:
+    """Worker side of :class:`Unrolls`: rebuilds the task once per (family, seed) and runs one unroll."""
+    net, family, seed, flat, snap, steps, batches = torch.load(io.BytesIO(payload), weights_only=False)
+    inner = _WORKER_INNER.get((family, seed))
+    if inner is None:
+        _WORKER_INNER.clear()  # one task at a time
+        inner = _WORKER_INNER[(family, seed)] = _Inner(net, family, seed)
+    return _dump(_unroll_one(net, inner, flat, snap, steps, batches))
+
+
+class Unrolls:
+    """Runs a batch of unrolls (weights, starting snapshot) of one task, in this process or spread
+    over ``workers`` spawned processes (each one thread). Use as a context manager, or ``close()``."""
+
+    def __init__(self, workers: int = 1) -> None:
+        check_int("workers", workers, lo=1)
+        self.pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init) if workers > 1 else None
+
+    def run(self, net: UpdateNet, inner: _Inner, specs: list[tuple[torch.Tensor, tuple[Any, ...]]], steps: int,
+            batches: list[Any]) -> list[tuple[float, list[float], tuple[Any, ...]]]:
+        """``(meta_loss, losses, end snapshot)`` of each ``(flat weights, snapshot)`` in ``specs``.
+        Leaves the network's weights as they were; ``inner`` ends in an unspecified snapshot."""
+        params = list(net.parameters())
+        base = torch.nn.utils.parameters_to_vector(params).detach().clone()
+        try:
+            if self.pool is None:
+                return [_unroll_one(net, inner, f, s, steps, batches) for f, s in specs]
+            jobs = [_dump((net, inner.family, inner.seed, f, s, steps, batches)) for f, s in specs]
+            return [torch.load(io.BytesIO(r), weights_only=False) for r in self.pool.map(_unroll_job, jobs)]
+        finally:
+            torch.nn.utils.vector_to_parameters(base, params)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
+            self.pool = None
+
+    def __enter__(self) -> Unrolls:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def es_gradient(inner: _Inner, net: UpdateNet, steps: int, sigma: float, pairs: int, gen: torch.Generator,
-                batches: list[Any]) -> torch.Tensor:
+                batches: list[Any], unrolls: Unrolls | None = None) -> torch.Tensor:
     """Antithetic evolution-strategies estimate of d(meta-loss)/d(Phi) over one truncation:
     ``mean_i (L(Phi + e_i) - L(Phi - e_i)) / (2 sigma^2) e_i``, ``e_i ~ N(0, sigma^2)``, every
     unroll from the same inner state and on the same batches. Needs no backpropagation through
     the unroll, so its cost does not grow with the unroll's memory. Leaves ``inner`` and ``net``
     as they were."""
     snap = inner.snapshot()
-    params = list(net.parameters())
-    flat = torch.nn.utils.parameters_to_vector(params).detach().clone()
-    grad = torch.zeros_like(flat)
+    flat = torch.nn.utils.parameters_to_vector(list(net.parameters())).detach()
+    eps = [torch.randn(flat.shape, generator=gen, dtype=flat.dtype) * sigma for _ in range(pairs)]
+    specs = [(flat + sign * e, snap) for e in eps for sign in (1.0, -1.0)]
     try:
-        for _ in range(pairs):
-            eps = torch.randn(flat.shape, generator=gen, dtype=flat.dtype) * sigma
-            vals = []
-            for sign in (1.0, -1.0):
-                torch.nn.utils.vector_to_parameters(flat + sign * eps, params)
-                inner.restore(snap)
-                meta_loss, _ = inner.unroll(net, steps, False, batches)
-                vals.append(float(meta_loss.detach()))
-            if all(map(math.isfinite, vals)):
-                grad += (vals[0] - vals[1]) / (2 * sigma * sigma * pairs) * eps
+        results = (unrolls or Unrolls()).run(net, inner, specs, steps, batches)
     finally:
-        torch.nn.utils.vector_to_parameters(flat, params)
         inner.restore(snap)
+    grad = torch.zeros_like(flat)
+    for j, e in enumerate(eps):
+        plus, minus = results[2 * j][0], results[2 * j + 1][0]
+        if math.isfinite(plus) and math.isfinite(minus):
+            grad += (plus - minus) / (2 * sigma * sigma * pairs) * e
     return grad
+
+
+class PersistentES:
+    """Persistent evolution strategies over one task's inner run (Vicol et al. 2021).
+
+    ``pairs`` antithetic pairs of particles start from the task's initial state; at each truncation
+    pair ``j`` draws ``e_j ~ N(0, sigma^2)``, runs its particles with ``Phi + e_j`` and
+    ``Phi - e_j`` from their own states, on the same batches, and adds ``e_j`` to its running sum
+    ``xi_j``. The estimate ``sum_j xi_j (L_j^+ - L_j^-) / (2 sigma^2 pairs)`` credits each
+    truncation's loss to every perturbation that shaped the particle's state, so the estimates
+    summed over a run are unbiased for the gradient of the run's total meta-loss.
+    """
+
+    def __init__(self, net: UpdateNet, family: str, seed: int, pairs: int) -> None:
+        check_int("pairs", pairs, lo=1)
+        self.inner = _Inner(net, family, seed)  # draws the batches; its snapshot starts every particle
+        start = self.inner.snapshot()
+        self.snaps = [start] * (2 * pairs)
+        n = sum(p.numel() for p in net.parameters())
+        self.xi = [torch.zeros(n) for _ in range(pairs)]
+        self.name = self.inner.name
+
+    @property
+    def t(self) -> int:
+        return self.inner.t
+
+    def step(self, net: UpdateNet, steps: int, sigma: float, gen: torch.Generator, unrolls: Unrolls | None = None
+             ) -> tuple[torch.Tensor, float, list[float]] | None:
+        """One truncation: ``(gradient estimate, mean meta-loss of the particles, the first particle's
+        losses)``, or ``None`` when a particle's loss is not finite (the run has diverged)."""
+        t0 = self.inner.t
+        batches = self.inner.draw(steps)
+        flat = torch.nn.utils.parameters_to_vector(list(net.parameters())).detach()
+        pairs = len(self.xi)
+        eps = [torch.randn(flat.shape, generator=gen, dtype=flat.dtype) * sigma for _ in range(pairs)]
+        specs = [(flat + sign * e, self.snaps[2 * j + k]) for j, e in enumerate(eps)
+                 for k, sign in enumerate((1.0, -1.0))]
+        results = (unrolls or Unrolls()).run(net, self.inner, specs, steps, batches)
+        self.inner.restore(results[0][2])
+        self.inner.t = t0 + steps
+        vals = [r[0] for r in results]
+        if not all(map(math.isfinite, vals)):
+            return None
+        self.snaps = [r[2] for r in results]
+        grad = torch.zeros_like(flat)
+        for j, e in enumerate(eps):
+            self.xi[j] += e
+            grad += (vals[2 * j] - vals[2 * j + 1]) / (2 * sigma * sigma * pairs) * self.xi[j]
+        return grad, sum(vals) / len(vals), results[0][1]
 
 
 def meta_train(net: UpdateNet, cfg: MetaConfig, *, checkpoint: str | Path | None = None, resume: bool = False,
@@ -213,21 +336,32 @@ def meta_train(net: UpdateNet, cfg: MetaConfig, *, checkpoint: str | Path | None
         outer.load_state_dict(saved["outer"])
         history, start = saved["history"], saved["step"]
         gen.set_state(saved["generator"])
-    inner: _Inner | None = None
-    task_count = start
+    with Unrolls(cfg.workers if cfg.method in ("es", "pes") else 1) as unrolls:
+        _loop(net, cfg, outer, history, start, gen, ckpt, progress, unrolls)
+    return history
+
+
+def _loop(net: UpdateNet, cfg: MetaConfig, outer: torch.optim.Optimizer, history: list[dict[str, Any]], start: int,
+          gen: torch.Generator, ckpt: Path | None, progress: Callable[[dict[str, Any]], None] | None,
+          unrolls: Unrolls) -> None:
+    inner: _Inner | PersistentES | None = None
     t0 = time.perf_counter()
     for step in range(start, cfg.outer_steps):
         if inner is None or inner.t >= cfg.horizon:
             family = cfg.families[int(torch.randint(len(cfg.families), (1,), generator=gen))]
-            inner = _Inner(net, family, seed=int(torch.randint(2**31 - 1, (1,), generator=gen)))
-            task_count += 1
+            seed = int(torch.randint(2**31 - 1, (1,), generator=gen))
+            inner = PersistentES(net, family, seed, cfg.es_pairs) if cfg.method == "pes" else _Inner(net, family, seed)
         outer.zero_grad(set_to_none=True)
         es_grad = None
-        if cfg.method == "surrogate":
+        if isinstance(inner, PersistentES):
+            out = inner.step(net, cfg.unroll, cfg.es_sigma, gen, unrolls)
+            es_grad, value, losses = out if out is not None else (None, math.nan, [math.nan])
+            meta_loss = torch.tensor(value)
+        elif cfg.method == "surrogate":
             meta_loss, losses = inner.surrogate(net, cfg.unroll, cfg.surrogate_lr)
         elif cfg.method == "es":
             batches = inner.draw(cfg.unroll)
-            es_grad = es_gradient(inner, net, cfg.unroll, cfg.es_sigma, cfg.es_pairs, gen, batches)
+            es_grad = es_gradient(inner, net, cfg.unroll, cfg.es_sigma, cfg.es_pairs, gen, batches, unrolls)
             meta_loss, losses = inner.unroll(net, cfg.unroll, False, batches)  # advance with Phi itself
             meta_loss = meta_loss.detach()  # the ES estimate replaces backpropagation
         else:
@@ -237,12 +371,14 @@ def meta_train(net: UpdateNet, cfg: MetaConfig, *, checkpoint: str | Path | None
         row = {"step": step + 1, "task": inner.name, "inner_t": inner.t, "meta_loss": float(meta_loss.detach()),
                "last_loss": losses[-1], "time_s": time.perf_counter() - t0, "skipped": False}
         if torch.isfinite(total):
-            total.backward()
+            if total.requires_grad:  # (with reg 0, an ES step has nothing to backpropagate)
+                total.backward()
             if es_grad is not None:
                 offset = 0
                 for p in net.parameters():
                     n = p.numel()
-                    p.grad.add_(es_grad[offset:offset + n].view_as(p))
+                    g = es_grad[offset:offset + n].view_as(p)
+                    p.grad = g.clone() if p.grad is None else p.grad.add_(g)
                     offset += n
             grads = [p.grad for p in net.parameters() if p.grad is not None]
             norm = float(torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip)) if grads else 0.0
@@ -261,4 +397,3 @@ def meta_train(net: UpdateNet, cfg: MetaConfig, *, checkpoint: str | Path | None
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"net": net.state_dict(), "outer": outer.state_dict(), "history": history, "step": step + 1,
                         "generator": gen.get_state(), "config": json.dumps(asdict(cfg))}, ckpt)
-    return history

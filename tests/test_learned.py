@@ -304,3 +304,58 @@ def test_pes_meta_training_is_the_same_over_two_worker_processes():
         assert torch.equal(p, q)
     with pytest.raises(ValueError, match="workers"):
         MetaConfig(workers=0).check()
+
+
+def _meta_controller():
+    from nestopt.optim.controller import Controller
+    from nestopt.optim.nested import DEFAULT_FEATURES, FEATURES
+
+    return Controller(sum(FEATURES[f] for f in DEFAULT_FEATURES), hidden=8, features=DEFAULT_FEATURES)
+
+
+def test_controller_runs_replay_exactly_and_keep_the_weights_set_now():
+    from nestopt.meta.train import make_inner
+
+    ctl = _meta_controller()
+    with torch.no_grad():
+        ctl.net[-1].weight.normal_(0, 0.5)
+    inner = make_inner(ctl, "teacher-mlp", 4)
+    assert 1e-4 <= inner.lr <= 1e-2
+    snap = inner.snapshot()
+    batches = inner.draw(6)
+    first, _ = inner.unroll(ctl, 6, False, batches)
+    inner.restore(snap)
+    again, _ = inner.unroll(ctl, 6, False, batches)
+    assert float(first) == float(again)
+    flat = torch.nn.utils.parameters_to_vector(list(ctl.parameters())).detach()
+    torch.nn.utils.vector_to_parameters(flat * 3, list(ctl.parameters()))  # new storage, as ES sets it
+    inner.restore(snap)
+    assert torch.equal(torch.nn.utils.parameters_to_vector(list(ctl.parameters())), flat * 3)
+    other, _ = inner.unroll(ctl, 6, False, batches)
+    assert float(other) != float(first)  # the run sees the weights set now, not stale cached ones
+    x = torch.randn(3, ctl.n_features, dtype=torch.float64)
+    z, _ = ctl.forward_numpy(x.numpy())
+    torch.testing.assert_close(torch.from_numpy(z).float(), ctl(x.float())[0].detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_controller_meta_training_writes_a_file_the_nested_optimizer_loads(tmp_path):
+    from nestopt.optim import NestedOptimizer
+    from nestopt.optim.controller import Controller
+
+    ctl = _meta_controller()
+    with pytest.raises(ValueError, match="es' or 'pes"):
+        meta_train(ctl, MetaConfig(families=("quadratic",), unroll=2, horizon=4, outer_steps=1))
+    hist = meta_train(ctl, MetaConfig(families=("teacher-mlp",), unroll=3, horizon=6, outer_steps=3, method="pes",
+                                      es_pairs=2, seed=1))
+    assert len(hist) == 3 and not any(h["skipped"] for h in hist)
+    path = save_net(ctl, tmp_path / "ctl.safetensors")
+    model = _mlp()
+    opt = NestedOptimizer(model.parameters(), signal="frozen", controller=path, lr=1e-3)
+    assert isinstance(opt.controller, Controller) and opt.features_on == ctl.features
+    x, y = _data()
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    with pytest.raises(ValueError, match="made for"):
+        NestedOptimizer(model.parameters(), signal="frozen", controller=path, features=("grad_norm",))
+    with pytest.raises(ValueError, match="not an update network"):
+        LearnedOptimizer(model.parameters(), net=path)

@@ -3,7 +3,7 @@
     nestopt bench --suite quick|full [--tasks T,..] [--optimizers O,..] [--seeds N] [--steps N]
                   [--workers N] --out DIR
     nestopt study polyak|large-lr|controller|learned|hpo|games --out DIR [--net LABEL=PATH ...]
-    nestopt meta-train [--net hybrid|mlp|mlp-seed|lstm|attention] [--method tbptt|es|pes|surrogate] [--steps N]
+    nestopt meta-train [--net hybrid|mlp|mlp-seed|lstm|attention|controller] [--method tbptt|es|pes|surrogate] [--steps N]
                        [--unroll N] [--horizon N] [--pairs N] [--sigma S] [--workers N]
                        [--families F,..] [--seed N] [--resume] --out DIR
     nestopt tasks
@@ -82,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("optimizers", help="list the registered optimizers")
 
     m = sub.add_parser("meta-train", help="meta-train an update network for LearnedOptimizer")
-    m.add_argument("--net", default="hybrid", help="hybrid (default), mlp, mlp-seed, lstm or attention")
+    m.add_argument("--net", default="hybrid",
+                   help="hybrid (default), mlp, mlp-seed, lstm, attention, or controller (the nested optimizer's, "
+                        "with --method es or pes; its runs draw AdamW rates from 1e-4 to 1e-2)")
     m.add_argument("--method", default="tbptt",
                    help="tbptt (default), es (antithetic evolution strategies), pes (persistent ES: unbiased over "
                         "the whole inner run) or surrogate (the note's baseline)")
@@ -317,7 +319,10 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
     from .optim.learned import save_net
 
     nets = {"hybrid": HybridAdamNet, "mlp": DirectUpdateMLP, "mlp-seed": lambda: DirectUpdateMLP("seed"),
-            "lstm": CoordinateLSTM, "attention": GradientAttention}
+            "lstm": CoordinateLSTM, "attention": GradientAttention, "controller": _meta_controller}
+    if args.net == "controller" and args.method not in ("es", "pes"):
+        raise UsageError(f"--method {args.method} is invalid with --net controller: a nested optimizer's runs are "
+                         "not differentiable; use es or pes")
     if args.net not in nets:
         raise UsageError(f"--net {args.net!r} is invalid: expected one of {', '.join(nets)}")
     out = _writable_dir(args.out)
@@ -354,6 +359,13 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
     (out / "history.json").write_text(json.dumps(history))
     print(f"meta-train: {len(history)} outer steps in {wall:.0f} s; wrote {out / 'net.safetensors'}")
     return 0
+
+
+def _meta_controller():
+    from .optim.controller import Controller
+    from .optim.nested import DEFAULT_FEATURES, FEATURES
+
+    return Controller(sum(FEATURES[f] for f in DEFAULT_FEATURES), hidden=8, features=DEFAULT_FEATURES)
 
 
 def _net_args(items: list[str], out: Path) -> dict[str, str]:

@@ -28,6 +28,7 @@ outer steps and resumes from one (a resumed run starts a fresh task).
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -182,6 +183,84 @@ class _Inner:
         return torch.stack(terms).mean(), losses
 
 
+class _ControllerInner:
+    """A task trained by ``NestedOptimizer(AdamW, signal="frozen", controller=net)``, one group per
+    tensor, at a base rate drawn log-uniformly from ``CONTROLLER_LRS`` by the task's seed: the
+    controller meta-trained on these runs has to correct rates up to 10x off either way. Same
+    interface as :class:`_Inner` for ES and PES (its meta-loss is not differentiable in ``net``)."""
+
+    def __init__(self, net: Any, family: str, seed: int) -> None:
+        from ..optim.nested import NestedOptimizer
+
+        self.family, self.seed = family, seed
+        self.task = task_registry.family(family).sample(seed)
+        self.model = self.task.init(seed)
+        lo, hi = (math.log(x) for x in CONTROLLER_LRS)
+        u = torch.rand((), generator=torch.Generator().manual_seed(seed + 1)).item()
+        self.lr = math.exp(lo + (hi - lo) * u)
+        self.opt = NestedOptimizer(self.model.parameters(), torch.optim.AdamW, controller=net, signal="frozen",
+                                   features=net.features, per_tensor_groups=True, lr=self.lr)
+        self.next_batch = self.task.sampler(seed)
+        self.t = 0
+        self.loss0: float | None = None
+        self.name = f"{getattr(self.task, 'name', family)} lr {self.lr:.1e}"
+
+    def draw(self, steps: int) -> list[Any]:
+        return [self.next_batch(self.t + i) for i in range(steps + 1)]
+
+    def snapshot(self) -> tuple[Any, ...]:
+        return ({k: v.clone() for k, v in self.model.state_dict().items()}, _without_controller(self.opt.state_dict()),
+                self.t, self.loss0)
+
+    def restore(self, snap: tuple[Any, ...]) -> None:
+        model, opt, self.t, self.loss0 = snap
+        self.model.load_state_dict(model)
+        weights = {k: v.clone() for k, v in self.opt.controller.state_dict().items()}
+        opt = {**opt, "nested": {**opt["nested"], "controller": weights,
+                                 "controller_opt": self.opt.controller_opt.state_dict()}}
+        self.opt.load_state_dict(opt)  # the controller's weights are the ones set now, not the snapshot's
+
+    def unroll(self, net: Any, steps: int, second_order: bool, batches: list[Any] | None = None
+               ) -> tuple[torch.Tensor, list[float]]:
+        if second_order:
+            raise ValueError("a nested controller is meta-trained by ES or PES: its runs are not differentiable")
+        terms, losses = [], []
+
+        def loss_at(j: int) -> torch.Tensor:
+            return self.task.loss(self.model, batches[j] if batches is not None else self.next_batch(self.t))
+
+        for j in range(steps):
+            self.opt.zero_grad(set_to_none=True)
+            loss = loss_at(j)
+            if self.loss0 is None:
+                self.loss0 = max(float(loss.detach()), 1e-12)
+            loss.backward()
+            self.opt.step(loss=loss)
+            self.t += 1
+            terms.append(math.log(float(loss.detach()) / self.loss0 + 1e-12))
+            losses.append(float(loss.detach()))
+        with torch.no_grad():
+            last = float(loss_at(steps))
+        terms.append(math.log(last / self.loss0 + 1e-12) if math.isfinite(last) else math.nan)
+        return torch.tensor(sum(terms) / len(terms)), losses
+
+
+CONTROLLER_LRS = (1e-4, 1e-2)
+
+
+def _without_controller(sd: dict[str, Any]) -> dict[str, Any]:
+    nested = {k: v for k, v in sd["nested"].items() if k not in ("controller", "controller_opt")}
+    return copy.deepcopy({**sd, "nested": nested})
+
+
+def make_inner(net: Any, family: str, seed: int) -> _Inner | _ControllerInner:
+    """The inner run a network is meta-trained on: an update network's own, or a nested optimizer's
+    for a :class:`~nestopt.optim.controller.Controller`."""
+    from ..optim.controller import Controller
+
+    return _ControllerInner(net, family, seed) if isinstance(net, Controller) else _Inner(net, family, seed)
+
+
 def _unroll_one(net: UpdateNet, inner: _Inner, flat: torch.Tensor, snap: tuple[Any, ...], steps: int,
                 batches: list[Any]) -> tuple[float, list[float], tuple[Any, ...]]:
     """One unroll of ``inner`` from ``snap`` with the network's weights set to ``flat``."""
@@ -210,7 +289,7 @@ def _unroll_job(payload: bytes) -> bytes:
     inner = _WORKER_INNER.get((family, seed))
     if inner is None:
         _WORKER_INNER.clear()  # one task at a time
-        inner = _WORKER_INNER[(family, seed)] = _Inner(net, family, seed)
+        inner = _WORKER_INNER[(family, seed)] = make_inner(net, family, seed)
     return _dump(_unroll_one(net, inner, flat, snap, steps, batches))
 
 
@@ -285,7 +364,7 @@ class PersistentES:
 
     def __init__(self, net: UpdateNet, family: str, seed: int, pairs: int) -> None:
         check_int("pairs", pairs, lo=1)
-        self.inner = _Inner(net, family, seed)  # draws the batches; its snapshot starts every particle
+        self.inner = make_inner(net, family, seed)  # draws the batches; its snapshot starts every particle
         start = self.inner.snapshot()
         self.snaps = [start] * (2 * pairs)
         n = sum(p.numel() for p in net.parameters())
@@ -323,8 +402,17 @@ class PersistentES:
 
 def meta_train(net: UpdateNet, cfg: MetaConfig, *, checkpoint: str | Path | None = None, resume: bool = False,
                progress: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Meta-train ``net`` in place; return the history (one row per outer step)."""
+    """Meta-train ``net`` in place; return the history (one row per outer step). ``net`` is an
+    update network, or a nested optimizer's ``Controller`` (``method`` ``"es"`` or ``"pes"``)."""
     cfg.check()
+    from ..optim.controller import Controller
+
+    if isinstance(net, Controller):
+        if cfg.method not in ("es", "pes"):
+            raise ValueError(f"method={cfg.method!r} is invalid for a nested controller: its training runs are "
+                             "not differentiable; use 'es' or 'pes'")
+        if net.features is None:
+            raise ValueError("the controller needs its feature names (Controller(..., features=...)) to be meta-trained")
     outer = torch.optim.Adam(net.parameters(), lr=cfg.outer_lr)
     history: list[dict[str, Any]] = []
     start = 0
@@ -350,7 +438,7 @@ def _loop(net: UpdateNet, cfg: MetaConfig, outer: torch.optim.Optimizer, history
         if inner is None or inner.t >= cfg.horizon:
             family = cfg.families[int(torch.randint(len(cfg.families), (1,), generator=gen))]
             seed = int(torch.randint(2**31 - 1, (1,), generator=gen))
-            inner = PersistentES(net, family, seed, cfg.es_pairs) if cfg.method == "pes" else _Inner(net, family, seed)
+            inner = PersistentES(net, family, seed, cfg.es_pairs) if cfg.method == "pes" else make_inner(net, family, seed)
         outer.zero_grad(set_to_none=True)
         es_grad = None
         if isinstance(inner, PersistentES):

@@ -24,13 +24,19 @@ class Controller(nn.Module):
     The last layer is zero-initialised, so ``z = 0`` (multiplier 1) until it is trained.
     """
 
-    def __init__(self, n_features: int, hidden: int = 32, scratchpad: int = 0, seed: int = 0) -> None:
+    kind = "nested-controller"
+
+    def __init__(self, n_features: int, hidden: int = 32, scratchpad: int = 0, seed: int = 0,
+                 features: tuple[str, ...] | list[str] | None = None) -> None:
         super().__init__()
         check_int("n_features", n_features, lo=1)
         check_int("hidden", hidden, lo=1)
         check_int("scratchpad", scratchpad, lo=0)
         check_int("seed", seed, lo=0)
         self.n_features, self.hidden, self.scratchpad = n_features, hidden, scratchpad
+        self.seed = seed
+        # the feature names it reads, when it was made for a given set (a meta-trained controller)
+        self.features = tuple(features) if features is not None else None
         with torch.random.fork_rng(devices=[]):  # the same weights for the same seed, whatever the global RNG
             torch.manual_seed(seed)
             self.memory = nn.Linear(n_features + scratchpad, scratchpad) if scratchpad else None
@@ -38,6 +44,11 @@ class Controller(nn.Module):
                                      nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 1))
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
+
+    def config(self) -> dict[str, object]:
+        """What :func:`~nestopt.meta.nets.build` needs to rebuild it (saved next to the weights)."""
+        return {"kind": self.kind, "n_features": self.n_features, "hidden": self.hidden,
+                "scratchpad": self.scratchpad, "features": list(self.features) if self.features is not None else None}
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.memory is not None:
@@ -49,10 +60,10 @@ class Controller(nn.Module):
     def forward_numpy(self, x: np.ndarray, memory: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """The same map in NumPy (float64), for the optimizer's per-step use: a few microseconds
         where eager torch spends tens on each tiny op. The weights are cached and re-read whenever
-        any of them changes (torch's in-place version counter)."""
+        any of them changes (torch's in-place version counter, or new storage set through ``.data``)."""
         mods = ([self.memory] if self.memory is not None else []) + [self.net[0], self.net[2], self.net[4]]
         tensors = [t for m in mods for t in (m.weight, m.bias)]
-        version = [(id(t), t._version) for t in tensors]
+        version = [(id(t), t._version, t.data_ptr()) for t in tensors]
         if self.__dict__.get("_np_version") != version:
             self._np = [(m.weight.detach().double().numpy().T.copy(), m.bias.detach().double().numpy().copy())
                         for m in mods]

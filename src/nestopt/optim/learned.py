@@ -54,7 +54,7 @@ def save_net(net: UpdateNet, path: str | Path, meta: dict[str, Any] | None = Non
     return path
 
 
-def load_net(path: str | Path) -> UpdateNet:
+def load_net(path: str | Path) -> torch.nn.Module:
     """The network stored at ``path`` (see :func:`save_net`); ``ValueError`` naming the file if
     it is missing, unreadable, of another format, or its tensors do not fit its configuration."""
     path = Path(path)
@@ -101,7 +101,11 @@ def _resolve(net: UpdateNet | str | Path) -> UpdateNet:
                              f"weights yet (expected {SHIPPED}); pass an UpdateNet or a path written by save_net")
         return load_net(SHIPPED)
     if isinstance(net, str | Path):
-        return load_net(net)
+        loaded = load_net(net)
+        if not isinstance(loaded, UpdateNet):
+            raise ValueError(f"net file {str(net)!r} holds a {loaded.config()['kind']}, not an update network: "
+                             "pass it to NestedOptimizer(controller=...)")
+        return loaded
     raise ValueError(f"net={net!r} is invalid: expected 'default', a path to a .safetensors file, or an UpdateNet")
 
 

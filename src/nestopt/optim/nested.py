@@ -80,6 +80,7 @@ import copy
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -137,10 +138,12 @@ class NestedOptimizer(Optimizer):
     Args:
         params: parameters or param-group dicts (a group may carry ``"depth"`` and ``"head"``).
         base: the optimizer class to wrap; ``base_kwargs`` go to it (``lr=...``, ``fused=True``...).
-        controller: a :class:`Controller` (its ``n_features`` must match the features), or ``None``
-            for a fresh one.
+        controller: a :class:`Controller` (its ``n_features`` must match the features), a path to
+            a controller file (``nestopt meta-train --net controller`` writes one), or ``None`` for
+            a fresh one.
         signal: ``"hindsight"``, ``"proxy"``, ``"validation"`` or ``"frozen"``.
-        features: names from :data:`FEATURES` (default :data:`DEFAULT_FEATURES`).
+        features: names from :data:`FEATURES` (default: the controller's own, for one made for a
+            given set such as a meta-trained one, else :data:`DEFAULT_FEATURES`).
         mult_range: ``(lo, hi)`` with ``0 < lo < 1 < hi``.
         scratchpad: memory size per group (0: none).
         hidden: the controller's width.
@@ -159,8 +162,8 @@ class NestedOptimizer(Optimizer):
     """
 
     def __init__(self, params: Iterable[Any], base: type[Optimizer] = torch.optim.AdamW, *,
-                 controller: Controller | None = None, signal: str = "hindsight",
-                 features: Sequence[str] = DEFAULT_FEATURES, mult_range: tuple[float, float] = (0.1, 10.0),
+                 controller: Controller | str | Path | None = None, signal: str = "hindsight",
+                 features: Sequence[str] | None = None, mult_range: tuple[float, float] = (0.1, 10.0),
                  scratchpad: int = 0, hidden: int = 32, controller_lr: float = 3e-3, stats_every: int = 8,
                  window: int = 8, period: int = 32, grid: Sequence[float] = DEFAULT_GRID, explore: float = 0.2,
                  seed: int = 0, per_tensor_groups: bool = False, **base_kwargs: Any) -> None:
@@ -172,6 +175,19 @@ class NestedOptimizer(Optimizer):
         if not (isinstance(base, type) and issubclass(base, Optimizer)):
             raise ValueError(f"base={base!r} is invalid: expected a torch.optim.Optimizer subclass")
         check_choice("signal", signal, SIGNALS)
+        if isinstance(controller, str | Path):
+            from .learned import load_net
+
+            controller = load_net(controller)
+            if not isinstance(controller, Controller):
+                raise ValueError(f"controller file holds a {controller.config()['kind']} network, not a nested "
+                                 "optimizer's controller")
+        known = controller.features if isinstance(controller, Controller) else None
+        if features is None:
+            features = known if known is not None else DEFAULT_FEATURES
+        elif known is not None and tuple(features) != known:
+            raise ValueError(f"features={list(features)!r} is invalid for this controller: it was made for "
+                             f"{list(known)}")
         feats = tuple(features)
         for f in feats:
             check_choice("features", f, FEATURES)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from nestopt.studies import controller as C
 
 
@@ -53,3 +55,16 @@ def test_small_study_end_to_end(tmp_path):
     assert saved["best_lr"]["quad-asym"] > 0
     for f in ("robustness.png", "ablations.png", "heads.png"):
         assert (tmp_path / f).stat().st_size > 1000
+
+
+def test_frozen_sweep_of_an_untrained_controller_is_adamw(tmp_path):
+    from nestopt.optim.controller import Controller
+    from nestopt.optim.learned import save_net
+    from nestopt.optim.nested import DEFAULT_FEATURES, FEATURES
+    from nestopt.studies.controller import frozen_sweep
+
+    path = save_net(Controller(sum(FEATURES[f] for f in DEFAULT_FEATURES), hidden=8, features=DEFAULT_FEATURES),
+                    tmp_path / "ctl.safetensors")
+    (row,) = frozen_sweep(str(path), tasks=("quad-asym",), lrs=(1e-2,), seeds=1)
+    assert row["multiplier"] == 1.0  # the untrained controller's last layer is zero: multiplier 1
+    assert row["frozen"] == pytest.approx(row["adamw"], rel=1e-4)

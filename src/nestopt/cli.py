@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("meta-train", help="meta-train an update network for LearnedOptimizer")
     m.add_argument("--net", default="hybrid",
                    help="hybrid (default), mlp, mlp-seed, lstm, attention, or controller (the nested optimizer's, "
-                        "with --method es or pes; its runs draw AdamW rates from 1e-4 to 1e-2)")
+                        "with --method es or pes; its runs draw AdamW rates from 1e-4 to 1)")
     m.add_argument("--method", default="tbptt",
                    help="tbptt (default), es (antithetic evolution strategies), pes (persistent ES: unbiased over "
                         "the whole inner run) or surrogate (the note's baseline)")

@@ -209,6 +209,41 @@ def trace_multipliers(task_name: str, lr: float, seed: int = 0, config: str = "h
     return {"task": task_name, "lr": lr, "names": names, **out}
 
 
+def frozen_sweep(controller: str, tasks: tuple[str, ...] = ("digits-mlp", "diabetes-mlp", "quad-asym"),
+                 lrs: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 3e-2, 1e-1), seeds: int = 3) -> list[dict[str, Any]]:
+    """A frozen controller (a file from ``nestopt meta-train --net controller``) against AdamW at
+    the same base rates: median final validation loss over seeds, and the controller's median
+    multiplier at the end of the run. Run with ``python -c "from nestopt.studies.controller import
+    frozen_sweep; print(frozen_sweep('net.safetensors'))"``."""
+    from .. import tasks as task_registry
+
+    rows = []
+    for name in tasks:
+        task = task_registry.get(name)
+        for lr in lrs:
+            row: dict[str, Any] = {"task": name, "lr": lr}
+            for label in ("adamw", "frozen"):
+                finals, mults = [], []
+                for seed in range(seeds):
+                    model = task.init(seed)
+                    opt = (_nested(model.parameters(), lr, signal="frozen", controller=controller) if label == "frozen"
+                           else torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01))
+                    next_batch = task.sampler(seed)
+                    for step in range(task.default_steps):
+                        opt.zero_grad(set_to_none=True)
+                        loss = task.loss(model, next_batch(step))
+                        loss.backward()
+                        opt.step(loss=loss) if label == "frozen" else opt.step()
+                    finals.append(task.evaluate(model)["val_loss"])
+                    if isinstance(opt, NestedOptimizer):
+                        mults.append(statistics.median(opt.multipliers()))
+                row[label] = statistics.median(finals)
+                if mults:
+                    row["multiplier"] = statistics.median(mults)
+            rows.append(row)
+    return rows
+
+
 # -- analysis -----------------------------------------------------------------------------------
 
 INF = float("inf")

@@ -187,8 +187,8 @@ class _ControllerInner:
     """A task trained by ``NestedOptimizer(AdamW, signal="frozen", controller=net)``, one group per
     tensor, at a base rate drawn log-uniformly from ``CONTROLLER_LRS`` (1e-4 to 1) by the task's
     seed: rates far too small and far too large for every family, so a controller that helps
-    across them has to correct in both directions. Same
-    interface as :class:`_Inner` for ES and PES (its meta-loss is not differentiable in ``net``)."""
+    across them has to correct in both directions. Same interface as :class:`_Inner` for ES and
+    PES (its meta-loss is not differentiable in ``net``)."""
 
     def __init__(self, net: Any, family: str, seed: int) -> None:
         from ..optim.nested import NestedOptimizer
@@ -262,7 +262,7 @@ def make_inner(net: Any, family: str, seed: int) -> _Inner | _ControllerInner:
     return _ControllerInner(net, family, seed) if isinstance(net, Controller) else _Inner(net, family, seed)
 
 
-def _unroll_one(net: UpdateNet, inner: _Inner, flat: torch.Tensor, snap: tuple[Any, ...], steps: int,
+def _unroll_one(net: nn.Module, inner: _Inner | _ControllerInner, flat: torch.Tensor, snap: tuple[Any, ...], steps: int,
                 batches: list[Any]) -> tuple[float, list[float], tuple[Any, ...]]:
     """One unroll of ``inner`` from ``snap`` with the network's weights set to ``flat``."""
     torch.nn.utils.vector_to_parameters(flat, list(net.parameters()))
@@ -277,7 +277,7 @@ def _dump(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-_WORKER_INNER: dict[tuple[str, int], _Inner] = {}
+_WORKER_INNER: dict[tuple[str, int], _Inner | _ControllerInner] = {}
 
 
 def _worker_init() -> None:
@@ -302,7 +302,7 @@ class Unrolls:
         check_int("workers", workers, lo=1)
         self.pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init) if workers > 1 else None
 
-    def run(self, net: UpdateNet, inner: _Inner, specs: list[tuple[torch.Tensor, tuple[Any, ...]]], steps: int,
+    def run(self, net: nn.Module, inner: _Inner | _ControllerInner, specs: list[tuple[torch.Tensor, tuple[Any, ...]]], steps: int,
             batches: list[Any]) -> list[tuple[float, list[float], tuple[Any, ...]]]:
         """``(meta_loss, losses, end snapshot)`` of each ``(flat weights, snapshot)`` in ``specs``.
         Leaves the network's weights as they were; ``inner`` ends in an unspecified snapshot."""
@@ -329,7 +329,7 @@ class Unrolls:
         self.close()
 
 
-def es_gradient(inner: _Inner, net: UpdateNet, steps: int, sigma: float, pairs: int, gen: torch.Generator,
+def es_gradient(inner: _Inner | _ControllerInner, net: nn.Module, steps: int, sigma: float, pairs: int, gen: torch.Generator,
                 batches: list[Any], unrolls: Unrolls | None = None) -> torch.Tensor:
     """Antithetic evolution-strategies estimate of d(meta-loss)/d(Phi) over one truncation:
     ``mean_i (L(Phi + e_i) - L(Phi - e_i)) / (2 sigma^2) e_i``, ``e_i ~ N(0, sigma^2)``, every
@@ -363,7 +363,7 @@ class PersistentES:
     summed over a run are unbiased for the gradient of the run's total meta-loss.
     """
 
-    def __init__(self, net: UpdateNet, family: str, seed: int, pairs: int) -> None:
+    def __init__(self, net: nn.Module, family: str, seed: int, pairs: int) -> None:
         check_int("pairs", pairs, lo=1)
         self.inner = make_inner(net, family, seed)  # draws the batches; its snapshot starts every particle
         start = self.inner.snapshot()
@@ -376,7 +376,7 @@ class PersistentES:
     def t(self) -> int:
         return self.inner.t
 
-    def step(self, net: UpdateNet, steps: int, sigma: float, gen: torch.Generator, unrolls: Unrolls | None = None
+    def step(self, net: nn.Module, steps: int, sigma: float, gen: torch.Generator, unrolls: Unrolls | None = None
              ) -> tuple[torch.Tensor, float, list[float]] | None:
         """One truncation: ``(gradient estimate, mean meta-loss of the particles, the first particle's
         losses)``, or ``None`` when a particle's loss is not finite (the run has diverged)."""
@@ -401,7 +401,7 @@ class PersistentES:
         return grad, sum(vals) / len(vals), results[0][1]
 
 
-def meta_train(net: UpdateNet, cfg: MetaConfig, *, checkpoint: str | Path | None = None, resume: bool = False,
+def meta_train(net: nn.Module, cfg: MetaConfig, *, checkpoint: str | Path | None = None, resume: bool = False,
                progress: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Meta-train ``net`` in place; return the history (one row per outer step). ``net`` is an
     update network, or a nested optimizer's ``Controller`` (``method`` ``"es"`` or ``"pes"``)."""
@@ -430,10 +430,10 @@ def meta_train(net: UpdateNet, cfg: MetaConfig, *, checkpoint: str | Path | None
     return history
 
 
-def _loop(net: UpdateNet, cfg: MetaConfig, outer: torch.optim.Optimizer, history: list[dict[str, Any]], start: int,
+def _loop(net: nn.Module, cfg: MetaConfig, outer: torch.optim.Optimizer, history: list[dict[str, Any]], start: int,
           gen: torch.Generator, ckpt: Path | None, progress: Callable[[dict[str, Any]], None] | None,
           unrolls: Unrolls) -> None:
-    inner: _Inner | PersistentES | None = None
+    inner: _Inner | _ControllerInner | PersistentES | None = None
     t0 = time.perf_counter()
     for step in range(start, cfg.outer_steps):
         if inner is None or inner.t >= cfg.horizon:

@@ -16,7 +16,6 @@ closures (``create_graph``) are listed but not measured: fixed gradients carry n
 
 from __future__ import annotations
 
-import ctypes
 import math
 import gc
 import statistics
@@ -28,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .._malloc import settle
 from ..optim import registry as opt_registry
 
 REFERENCES: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
@@ -105,29 +105,11 @@ def _rss_kb(field: str) -> int:
     raise OSError(field)
 
 
-def _malloc(measuring_memory: bool) -> None:
-    """glibc's allocator for the two halves of a measurement (no effect outside glibc).
-
-    Memory: blocks above 64 KB are mapped and returned to the system when freed, so an
-    optimizer's peak RSS is not hidden by memory freed by the one before. Time: blocks up to
-    32 MB come from the heap and the heap is not trimmed, which is where glibc's own adaptive
-    thresholds settle in a long-running training process; otherwise an optimizer that allocates
-    temporaries every step would pay fresh page faults for them each time (measured: the
-    per-element MLP's step took 2.5 s instead of 1.0 s)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    mmap_max, trim = (64 * 1024, 128 * 1024) if measuring_memory else (32 * 2**20, 64 * 2**20)
-    libc.mallopt(-3, mmap_max)  # M_MMAP_THRESHOLD (setting it turns off glibc's adaptive growth)
-    libc.mallopt(-1, trim)  # M_TRIM_THRESHOLD
-
-
 def measure(names: Sequence[str] | None = None, n_params: int = 10_000_000, steps: int = 10, rounds: int = 3,
             warmup: int = 3, device: str = "cpu") -> list[Row]:
     """Rows for the references and each registered optimizer in ``names`` (default: all). Peak
     memory is read over the first round's warm-up steps, timing over the steps after them (see
-    :func:`_malloc`)."""
+    :mod:`nestopt._malloc`)."""
     builders: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = dict(REFERENCES)
     losses: dict[str, bool] = {}
     skipped: list[str] = []
@@ -153,7 +135,7 @@ def measure(names: Sequence[str] | None = None, n_params: int = 10_000_000, step
             params = [p.detach().clone().requires_grad_() for p in base]
             for p, b in zip(params, base):
                 p.grad = b.grad.clone()
-            _malloc(measuring_memory=True)
+            settle(measuring_memory=True)
             gc.collect()
             if cuda:
                 torch.cuda.synchronize()
@@ -175,7 +157,7 @@ def measure(names: Sequence[str] | None = None, n_params: int = 10_000_000, step
                     peaks[name] = (_rss_kb("VmHWM") - rss0) / 1024
                 else:
                     peaks[name] = None
-            _malloc(measuring_memory=False)
+            settle(measuring_memory=False)
             opt.step(closure) if closure else opt.step()  # its temporaries now come from the heap
             if cuda:
                 torch.cuda.synchronize()

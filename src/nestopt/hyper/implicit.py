@@ -182,8 +182,10 @@ class _AutogradOps:
         return [t.detach() for t in grads[:n]], [t.detach() for t in grads[n:]]
 
     def hvp(self, v: list) -> list:
-        hv = torch.autograd.grad(self.g, self.w, v, retain_graph=True, allow_unused=True, materialize_grads=True)
-        return T.axpy(self.damping, v, list(hv)) if self.damping else list(hv)
+        hv = list(torch.autograd.grad(self.g, self.w, v, retain_graph=True, allow_unused=True, materialize_grads=True))
+        if self.damping:
+            torch._foreach_add_(hv, v, alpha=self.damping)  # hv is freshly allocated: add in place
+        return hv
 
     def cross(self, x: list) -> list:
         if not any(t.requires_grad for t in self.g):
@@ -357,18 +359,26 @@ def _neumann(hvp, b: list, iters: int, alpha: float | None, check: bool) -> tupl
         alpha = 1.0 / lam
     # x_K = alpha * sum_{k<K} p_k with p_{k+1} = p_k - alpha H p_k, p_0 = b; the residual b - H x_K is p_K.
     tiny = torch.finfo(b[0].dtype).tiny
-    p = b
-    acc = b
+    inplace = not T._plain()  # outside torch.func transforms: update owned copies in place
+    p = [t.clone() for t in b] if inplace else b
+    acc = [t.clone() for t in b] if inplace else b
     min_curv = None
     for k in range(iters):
         hp = hvp(p)
         if check:
             curv = T.dot(p, hp) / torch.clamp(T.dot(p, p), min=tiny)
             min_curv = curv if min_curv is None else torch.minimum(min_curv, curv)
-        p = T.axpy(-alpha, hp, p)
-        if k + 1 < iters:
-            acc = T.add(acc, p)
-    x = T.scale(alpha, acc)
+        if inplace:
+            torch._foreach_add_(p, hp, alpha=-alpha)
+            if k + 1 < iters:
+                torch._foreach_add_(acc, p)
+        else:
+            p = T.axpy(-alpha, hp, p)
+            if k + 1 < iters:
+                acc = T.add(acc, p)
+    if inplace:
+        torch._foreach_mul_(acc, alpha)
+    x = acc if inplace else T.scale(alpha, acc)
     info = SolveInfo("neumann", iters, None, None, alpha, None)
     if check:
         bn = _as_float(torch.sqrt(T.dot(b, b)), "residual")

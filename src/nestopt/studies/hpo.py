@@ -33,6 +33,7 @@ import torch
 from torch.func import functional_call
 from torch.nn import functional as F
 
+from .._malloc import settle
 from ..hyper import Bilevel, SelfTuningMLP, STNTrainer, implicit_hypergradient, unrolled_hypergradient
 from ._common import finite
 
@@ -50,11 +51,9 @@ def _libc() -> Any:
 
 
 def _mallopt_for_measurement() -> None:
-    """Large blocks straight from mmap, so freed memory leaves the process and peak RSS is honest."""
-    libc = _libc()
-    if libc is not None:
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+    """Large blocks straight from mmap, so freed memory leaves the process and peak RSS is honest
+    (:func:`_time` switches to the allocator's long-run setting while it times, and back)."""
+    settle(measuring_memory=True)
 
 
 def _status_kb(field: str) -> int | None:
@@ -205,13 +204,19 @@ def _decay_problem(sizes: tuple[int, ...], n_train: int, seed: int = 0) -> dict[
 
 
 def _time(fn, repeats: int) -> float:
-    fn()
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+    """Best of ``repeats`` calls after one warm-up, with the allocator as in a long run (freed blocks
+    reused, :mod:`nestopt._malloc`); the memory setting is restored afterwards."""
+    settle(measuring_memory=False)
+    try:
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        best = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        return best
+    finally:
+        settle(measuring_memory=True)
 
 
 def _torchopt_fn(p: dict[str, Any], solver: str, iters: int, alpha: float):

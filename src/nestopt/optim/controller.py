@@ -34,7 +34,6 @@ class Controller(nn.Module):
         check_int("scratchpad", scratchpad, lo=0)
         check_int("seed", seed, lo=0)
         self.n_features, self.hidden, self.scratchpad = n_features, hidden, scratchpad
-        self.seed = seed
         # the feature names it reads, when it was made for a given set (a meta-trained controller)
         self.features = tuple(features) if features is not None else None
         with torch.random.fork_rng(devices=[]):  # the same weights for the same seed, whatever the global RNG

@@ -135,7 +135,7 @@ def measure(names: Sequence[str] | None = None, n_params: int = 10_000_000, step
             params = [p.detach().clone().requires_grad_() for p in base]
             for p, b in zip(params, base):
                 p.grad = b.grad.clone()
-            settle(measuring_memory=True)
+            settle(measuring_memory=rnd == 0)  # peak memory is read in the first round only
             gc.collect()
             if cuda:
                 torch.cuda.synchronize()
@@ -157,8 +157,8 @@ def measure(names: Sequence[str] | None = None, n_params: int = 10_000_000, step
                     peaks[name] = (_rss_kb("VmHWM") - rss0) / 1024
                 else:
                     peaks[name] = None
-            settle(measuring_memory=False)
-            opt.step(closure) if closure else opt.step()  # its temporaries now come from the heap
+                settle(measuring_memory=False)
+                opt.step(closure) if closure else opt.step()  # its temporaries now come from the heap
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()

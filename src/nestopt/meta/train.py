@@ -206,8 +206,7 @@ class _ControllerInner:
         self.loss0: float | None = None
         self.name = f"{getattr(self.task, 'name', family)} lr {self.lr:.1e}"
 
-    def draw(self, steps: int) -> list[Any]:
-        return [self.next_batch(self.t + i) for i in range(steps + 1)]
+    draw = _Inner.draw
 
     def snapshot(self) -> tuple[Any, ...]:
         return ({k: v.clone() for k, v in self.model.state_dict().items()}, _without_controller(self.opt.state_dict()),
@@ -263,12 +262,13 @@ def make_inner(net: Any, family: str, seed: int) -> _Inner | _ControllerInner:
 
 
 def _unroll_one(net: nn.Module, inner: _Inner | _ControllerInner, flat: torch.Tensor, snap: tuple[Any, ...], steps: int,
-                batches: list[Any]) -> tuple[float, list[float], tuple[Any, ...]]:
-    """One unroll of ``inner`` from ``snap`` with the network's weights set to ``flat``."""
+                batches: list[Any], keep_end: bool) -> tuple[float, list[float], tuple[Any, ...] | None]:
+    """One unroll of ``inner`` from ``snap`` with the network's weights set to ``flat``; the end
+    snapshot only when ``keep_end`` (persistent particles need it, plain ES does not)."""
     torch.nn.utils.vector_to_parameters(flat, list(net.parameters()))
     inner.restore(snap)
     meta_loss, losses = inner.unroll(net, steps, False, batches)
-    return float(meta_loss.detach()), losses, inner.snapshot()
+    return float(meta_loss.detach()), losses, inner.snapshot() if keep_end else None
 
 
 def _dump(obj: Any) -> bytes:
@@ -286,12 +286,12 @@ def _worker_init() -> None:
 
 def _unroll_job(payload: bytes) -> bytes:
     """Worker side of :class:`Unrolls`: rebuilds the task once per (family, seed) and runs one unroll."""
-    net, family, seed, flat, snap, steps, batches = torch.load(io.BytesIO(payload), weights_only=False)
+    net, family, seed, flat, snap, steps, batches, keep_end = torch.load(io.BytesIO(payload), weights_only=False)
     inner = _WORKER_INNER.get((family, seed))
     if inner is None:
         _WORKER_INNER.clear()  # one task at a time
         inner = _WORKER_INNER[(family, seed)] = make_inner(net, family, seed)
-    return _dump(_unroll_one(net, inner, flat, snap, steps, batches))
+    return _dump(_unroll_one(net, inner, flat, snap, steps, batches, keep_end))
 
 
 class Unrolls:
@@ -303,15 +303,15 @@ class Unrolls:
         self.pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init) if workers > 1 else None
 
     def run(self, net: nn.Module, inner: _Inner | _ControllerInner, specs: list[tuple[torch.Tensor, tuple[Any, ...]]], steps: int,
-            batches: list[Any]) -> list[tuple[float, list[float], tuple[Any, ...]]]:
-        """``(meta_loss, losses, end snapshot)`` of each ``(flat weights, snapshot)`` in ``specs``.
-        Leaves the network's weights as they were; ``inner`` ends in an unspecified snapshot."""
+            batches: list[Any], keep_end: bool = True) -> list[tuple[float, list[float], tuple[Any, ...] | None]]:
+        """``(meta_loss, losses, end snapshot or None)`` of each ``(flat weights, snapshot)`` in
+        ``specs``. Leaves the network's weights as they were; ``inner`` ends in an unspecified snapshot."""
         params = list(net.parameters())
         base = torch.nn.utils.parameters_to_vector(params).detach().clone()
         try:
             if self.pool is None:
-                return [_unroll_one(net, inner, f, s, steps, batches) for f, s in specs]
-            jobs = [_dump((net, inner.family, inner.seed, f, s, steps, batches)) for f, s in specs]
+                return [_unroll_one(net, inner, f, s, steps, batches, keep_end) for f, s in specs]
+            jobs = [_dump((net, inner.family, inner.seed, f, s, steps, batches, keep_end)) for f, s in specs]
             return [torch.load(io.BytesIO(r), weights_only=False) for r in self.pool.map(_unroll_job, jobs)]
         finally:
             torch.nn.utils.vector_to_parameters(base, params)
@@ -341,7 +341,7 @@ def es_gradient(inner: _Inner | _ControllerInner, net: nn.Module, steps: int, si
     eps = [torch.randn(flat.shape, generator=gen, dtype=flat.dtype) * sigma for _ in range(pairs)]
     specs = [(flat + sign * e, snap) for e in eps for sign in (1.0, -1.0)]
     try:
-        results = (unrolls or Unrolls()).run(net, inner, specs, steps, batches)
+        results = (unrolls or Unrolls()).run(net, inner, specs, steps, batches, keep_end=False)
     finally:
         inner.restore(snap)
     grad = torch.zeros_like(flat)
@@ -388,8 +388,7 @@ class PersistentES:
         specs = [(flat + sign * e, self.snaps[2 * j + k]) for j, e in enumerate(eps)
                  for k, sign in enumerate((1.0, -1.0))]
         results = (unrolls or Unrolls()).run(net, self.inner, specs, steps, batches)
-        self.inner.restore(results[0][2])
-        self.inner.t = t0 + steps
+        self.inner.t = t0 + steps  # only its clock matters: every unroll restores its particle first
         vals = [r[0] for r in results]
         if not all(map(math.isfinite, vals)):
             return None

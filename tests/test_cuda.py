@@ -78,3 +78,27 @@ def test_nested_on_cuda_round_trips_and_replays():
     assert a.multipliers() == c.multipliers()
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
+
+
+def test_hybrid_learned_and_hd_adam_take_the_cuda_kernel_with_host_step_counters():
+    """Both call torch's AdamW kernel with host step counters; the fused CUDA kernel refuses those
+    (a regression: ``adamw-hd`` raised on CUDA), so on a GPU they must take the foreach kernel."""
+    from nestopt.meta.nets import HybridAdamNet
+    from nestopt.optim.hypergradient import HypergradientAdam
+    from nestopt.optim.learned import LearnedOptimizer
+
+    torch.manual_seed(0)
+    net = HybridAdamNet()
+    for make in (lambda ps: LearnedOptimizer(ps, net=net), lambda ps: HypergradientAdam(ps, lr=1e-2)):
+        out = []
+        for device in ("cpu", "cuda"):
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2)).to(device)
+            x, y = torch.randn(64, 6).to(device), torch.randn(64, 2).to(device)
+            opt = make(model.parameters())
+            for _ in range(10):
+                opt.step(mse_closure(opt, model, x, y))
+            assert all(float(opt.state[p]["step"]) == 10 for p in model.parameters())
+            out.append([p.detach().cpu() for p in model.parameters()])
+        for a, b in zip(*out):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

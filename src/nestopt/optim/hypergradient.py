@@ -188,8 +188,9 @@ class HypergradientAdam(_Hypergradient):
             group["hd_scale"] = self._new_scale(group, dot, gsq, usq)
             st = [self.state[p] for p in ps]
             b1, b2 = group["betas"]
+            fused = fused_ok(ps)
             _adamw(ps, [p.grad for p in ps], [x["exp_avg"] for x in st], [x["exp_avg_sq"] for x in st], [],
-                   [x["step"] for x in st], foreach=False, fused=fused_ok(ps), amsgrad=False, beta1=b1, beta2=b2,
+                   [x["step"] for x in st], foreach=not fused, fused=fused, amsgrad=False, beta1=b1, beta2=b2,
                    lr=group["lr"] * group["hd_scale"], weight_decay=group["weight_decay"], eps=group["eps"],
                    maximize=False)
             group["hd"]["steps"] += 1
@@ -212,6 +213,10 @@ def _evaluate(closure: Any) -> Any:
 
 
 def fused_ok(ps: list[torch.Tensor]) -> bool:
-    """Whether torch's fused AdamW kernel takes these tensors (one device type and dtype it supports)."""
-    return all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    """Whether torch's fused AdamW kernel takes these tensors: on the CPU, one dtype it supports.
+
+    Our step counters live on the host (the hypergradient and the learned rates read them every step
+    without a device sync). torch's fused CUDA kernel wants them on the GPU, so CUDA tensors take the
+    foreach kernel instead, which accepts host counters (torch's own default on CUDA)."""
+    return all(p.device.type == "cpu" and p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
                and p.dtype == ps[0].dtype for p in ps)

@@ -185,11 +185,11 @@ class LearnedOptimizer(Optimizer):
         if not all(math.isfinite(lr_i) for lr_i, _, _ in plan):
             return False  # a degenerate feature: nothing has been touched yet
         for (group, p), g, m, (lr_i, mm, vs) in zip(work, gs, ms, plan):
-            st = self.state[p]
+            st, fused = self.state[p], fused_ok([p])
             # torch's AdamW kernel at this tensor's rate (it advances st["step"] itself)
-            _adamw([p], [g], [m], [st["exp_avg_sq"]], [], [st["step"]], foreach=False,
-                                    fused=fused_ok([p]), amsgrad=False, beta1=b1, beta2=b2, lr=lr_i,
-                                    weight_decay=group["weight_decay"], eps=net.eps, maximize=False)
+            _adamw([p], [g], [m], [st["exp_avg_sq"]], [], [st["step"]], foreach=not fused,
+                   fused=fused, amsgrad=False, beta1=b1, beta2=b2, lr=lr_i,
+                   weight_decay=group["weight_decay"], eps=net.eps, maximize=False)
             st["m_sq"], st["v_sum"] = mm, vs
         return True
 

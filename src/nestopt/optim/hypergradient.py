@@ -158,28 +158,8 @@ class HypergradientAdam(_Hypergradient):
             work.append((group, ps))
         if not work:
             return loss
-        rows = []
-        for group, ps in work:
-            eps = group["eps"]
-            b1, b2 = group["betas"]
-            dot = usq = gsq = torch.zeros((), dtype=torch.float64, device=ps[0].device)
-            for p in ps:
-                st, g = self.state[p], p.grad.reshape(-1)
-                gsq = gsq + torch.dot(g, g).double()
-                t = float(st["step"])
-                if t == 0:
-                    continue
-                bc1, bc2 = 1 - b1**t, 1 - b2**t
-                # u = (m / bc1) / (sqrt(v / bc2) + eps) = (sqrt(bc2) / bc1) * m / (sqrt(v) + eps sqrt(bc2))
-                q = self._scratch(p)  # one reused buffer (the largest tensor's size): no allocation per step
-                torch.sqrt(st["exp_avg_sq"], out=q).add_(eps * math.sqrt(bc2))
-                torch.div(st["exp_avg"], q, out=q)
-                q = q.reshape(-1)
-                c = math.sqrt(bc2) / bc1
-                dot = dot + c * torch.dot(g, q).double()
-                usq = usq + c * c * torch.dot(q, q).double()
-            rows.append(torch.stack([dot, gsq, usq]))
-        host = torch.stack(rows).tolist()  # one host sync
+        host = [self._hd_stats(group, ps) for group, ps in work]
+        host = _to_host(host)  # one host sync for every group
         if not all(math.isfinite(v) for row in host for v in row):
             for group, _ in work:
                 group["hd"]["nonfinite"] += 1
@@ -196,6 +176,51 @@ class HypergradientAdam(_Hypergradient):
             group["hd"]["steps"] += 1
         return loss
 
+    def _hd_stats(self, group: dict[str, Any], ps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``[g . u, ||g||^2, ||u||^2]`` for one group as device scalars (``u`` the previous Adam
+        direction, recomputed from the moments), left on the device for one shared sync."""
+        eps = group["eps"]
+        b1, b2 = group["betas"]
+        gs = [p.grad.reshape(-1) for p in ps]
+        prev = []  # (flat gradient, exp_avg, exp_avg_sq, c, eps') of tensors stepped before
+        for p, g in zip(ps, gs):
+            st = self.state[p]
+            t = float(st["step"])
+            if t > 0:
+                bc1, bc2 = 1 - b1**t, 1 - b2**t
+                # u = (m / bc1) / (sqrt(v / bc2) + eps) = c * m / (sqrt(v) + eps sqrt(bc2)), c = sqrt(bc2) / bc1
+                prev.append((g, st["exp_avg"], st["exp_avg_sq"], math.sqrt(bc2) / bc1, eps * math.sqrt(bc2)))
+        cpu = gs[0].device.type == "cpu"
+        if cpu:  # BLAS dot reads a tensor faster than the multi-tensor norm on the CPU
+            gsq = torch.stack([torch.dot(g, g) for g in gs]).double().sum()
+        else:
+            gsq = torch.stack(torch._foreach_norm(gs)).double().square().sum()
+        if not prev:
+            zero = torch.zeros((), dtype=torch.float64, device=gsq.device)
+            return [zero, gsq, zero]
+        cs = torch.tensor([c for *_, c, _ in prev], dtype=torch.float64)
+        if cpu:
+            # one reused buffer (the largest tensor's size): no allocation and no page faults per step
+            dots, usqs = [], []
+            for g, m, v, _, e in prev:
+                q = self._scratch(m)
+                torch.sqrt(v, out=q).add_(e)
+                torch.div(m, q, out=q)
+                q = q.reshape(-1)
+                dots.append(torch.dot(g, q))
+                usqs.append(torch.dot(q, q))
+            dot, usq = torch.stack(dots).double(), torch.stack(usqs).double()
+        else:
+            # a few multi-tensor kernels instead of several launches per tensor (a GPU step is
+            # bound by launches); the temporaries come from the caching allocator
+            qs = torch._foreach_sqrt([v for _, _, v, _, _ in prev])
+            torch._foreach_add_(qs, [e for *_, e in prev])
+            torch._foreach_reciprocal_(qs)
+            torch._foreach_mul_(qs, [m for _, m, _, _, _ in prev])
+            usq = torch.stack(torch._foreach_norm(qs)).double().square()
+            dot = torch.stack([torch.dot(g, q.reshape(-1)) for (g, *_), q in zip(prev, qs)]).double()
+            cs = cs.to(dot.device, non_blocking=True)
+        return [(cs * dot).sum(), gsq, (cs * cs * usq).sum()]
 
     def _scratch(self, p: torch.Tensor) -> torch.Tensor:
         buf = self.__dict__.get("_buf")
@@ -203,6 +228,11 @@ class HypergradientAdam(_Hypergradient):
             buf = torch.empty(p.numel(), dtype=p.dtype, device=p.device)
             self.__dict__["_buf"] = buf
         return buf[: p.numel()].view(p.shape)
+
+
+def _to_host(rows: list[list[torch.Tensor]]) -> list[list[float]]:
+    """Rows of device scalars as Python floats, with one sync."""
+    return torch.stack([torch.stack(r) for r in rows]).tolist()
 
 
 def _evaluate(closure: Any) -> Any:

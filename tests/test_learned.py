@@ -196,9 +196,17 @@ def test_study_and_meta_train_command_end_to_end(tmp_path):
     with safe_open(str(net_file), "pt") as f:  # the file names the command that reproduces it
         assert json.loads(f.metadata()["meta"])["command"] == \
             "nestopt meta-train --net hybrid --steps 6 --unroll 2 --horizon 4 --out DIR"
-    doc = run_study(tmp_path / "study", nets={"tiny": str(net_file)}, workers=1, held_out=(("digits-mlp", 101),),
-                    seeds=1, long=None)
-    assert len(doc["rows"]) == 1 and doc["rows"][0]["net"] == "tiny"
+    doc = run_study(tmp_path / "study", nets={"tiny": str(net_file), "sgd (defaults)": "peer:sgd"}, workers=1,
+                    held_out=(("digits-mlp", 101),), seeds=1, long=None)
+    assert [r["net"] for r in doc["rows"]] == ["tiny", "sgd (defaults)"]
+    from nestopt.optim import registry
+    from nestopt.studies.learned import _make
+
+    peer = _make("peer:sgd", [torch.zeros(2, requires_grad=True)], 1.0)  # untuned: its own default rate
+    assert peer.param_groups[0]["lr"] == registry.get("sgd").default_lr != 1.0
+    proc = subprocess.run([sys.executable, "-m", "nestopt.cli", "study", "learned", "--peer", "nope", "--out",
+                           str(tmp_path / "bad")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--peer 'nope' is invalid" in proc.stderr
     report = (tmp_path / "study" / "report.md").read_text()
     assert "| task | steps | net |" in report and "Acceptance" in report
     assert (tmp_path / "study" / "heldout_curves.png").stat().st_size > 1000

@@ -2,7 +2,7 @@
 
     nestopt bench --suite quick|full [--tasks T,..] [--optimizers O,..] [--seeds N] [--steps N]
                   [--workers N] --out DIR
-    nestopt study polyak|large-lr|controller|learned|hpo|games --out DIR [--net LABEL=PATH ...]
+    nestopt study polyak|large-lr|controller|learned|hpo|games --out DIR [--net LABEL=PATH ...] [--peer NAME ...]
     nestopt meta-train [--net hybrid|mlp|mlp-seed|lstm|attention|controller] [--method tbptt|es|pes|surrogate] [--steps N]
                        [--unroll N] [--horizon N] [--pairs N] [--sigma S] [--workers N]
                        [--families F,..] [--seed N] [--resume] --out DIR
@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("name", help="polyak, large-lr, controller, learned, hpo or games")
     st.add_argument("--net", action="append", default=[], metavar="LABEL=PATH",
                     help="learned: also evaluate this network file (repeatable)")
+    st.add_argument("--peer", action="append", default=[], metavar="NAME",
+                    help="learned: also run this registry optimizer untuned at its default rate (repeatable)")
     st.add_argument("--out", required=True, help="output folder for report.md, results.json and figures")
 
     sub.add_parser("tasks", help="list the registered tasks, task families and games")
@@ -286,7 +288,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
     elif args.name == "learned":
         from .studies.learned import run_study as run_learned
 
-        nets = _net_args(args.net, out)
+        nets = {**_net_args(args.net, out), **_peer_args(args.peer)}
         doc = run_learned(out, nets=nets)
         for r in doc["rows"] + doc["long"]:
             print(f"{r['name'][:44]:44s} {r['steps']:5d} {r['net'][:22]:22s} speedup {r['speedup']:.2f} "
@@ -385,6 +387,22 @@ def _net_args(items: list[str], out: Path) -> dict[str, str]:
             raise UsageError(str(e))
         nets[label] = path
     return nets
+
+
+def _peer_args(names: list[str]) -> dict[str, str]:
+    """``--peer NAME`` arguments: registry optimizers that are installed."""
+    from .optim import registry
+    from .studies.learned import PEER
+
+    peers = {}
+    for name in names:
+        if name not in registry.names(available_only=False):
+            raise UsageError(f"--peer {name!r} is invalid: expected one of {', '.join(registry.names(available_only=False))}")
+        spec = registry.get(name)
+        if not spec.available():
+            raise UsageError(f"--peer {name!r} needs the package {spec.requires!r}: pip install 'nestopt[peers]'")
+        peers[f"{name} (defaults)"] = PEER + name
+    return peers
 
 
 def meta_record(net: str, cfg: object, history: list[dict], seconds: float) -> dict:

@@ -6,7 +6,9 @@ meta-training (``digits-mlp``, ``trading``) and on one task at a horizon 10x the
 runs' (2000 steps against 200). Baseline: AdamW tuned per task over five rates (3e-4 to 3e-2), its
 target the worst seed's final validation loss at its best rate, as in the bench. Per task and
 network: steps to that target on each of 5 seeds, the speedup over tuned AdamW (its steps / the
-network's) with a bootstrap 90% interval over seeds, and the divergence count.
+network's) with a bootstrap 90% interval over seeds, and the divergence count. Peers
+(``--peer NAME``: a registry optimizer such as ``prodigy``) run the same way, untuned at their
+default rates, as a reference for how hard "faster than tuned AdamW" is.
 """
 
 from __future__ import annotations
@@ -36,9 +38,16 @@ def _task(family: str, index: int) -> Any:
     return task_registry.family(family).sample(index)
 
 
+PEER = "peer:"  # a net value "peer:NAME" runs the registry optimizer NAME, untuned, at its default rate
+
+
 def _make(opt: str, params: Any, lr: float) -> torch.optim.Optimizer:
     if opt == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    if opt.startswith(PEER):
+        from ..optim import registry
+
+        return registry.get(opt[len(PEER):]).make(params)
     from ..optim.learned import LearnedOptimizer
 
     return LearnedOptimizer(params, net=opt, lr=lr)
@@ -161,6 +170,8 @@ def run_study(out: str | Path, nets: dict[str, str] | None = None, workers: int 
 
         histories = {}
         for label, path in nets.items():
+            if path.startswith(PEER):
+                continue
             meta = net_metadata(path)
             if meta.get("history"):
                 surrogate = meta.get("config", {}).get("method") == "surrogate"

@@ -209,6 +209,7 @@ def test_study_and_meta_train_command_end_to_end(tmp_path):
     assert proc.returncode == 2 and "--peer 'nope' is invalid" in proc.stderr
     report = (tmp_path / "study" / "report.md").read_text()
     assert "| task | steps | net |" in report and "Acceptance" in report
+    assert "**sgd (defaults)**" in report and "a reference, not a candidate" in report
     assert (tmp_path / "study" / "heldout_curves.png").stat().st_size > 1000
     assert (tmp_path / "study" / "meta_training.png").stat().st_size > 1000
 

@@ -158,8 +158,7 @@ class HypergradientAdam(_Hypergradient):
             work.append((group, ps))
         if not work:
             return loss
-        host = [self._hd_stats(group, ps) for group, ps in work]
-        host = _to_host(host)  # one host sync for every group
+        host = _to_host([self._hd_stats(group, ps) for group, ps in work])  # one host sync for every group
         if not all(math.isfinite(v) for row in host for v in row):
             for group, _ in work:
                 group["hd"]["nonfinite"] += 1

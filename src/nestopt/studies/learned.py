@@ -253,9 +253,11 @@ def _report(doc: dict[str, Any], seeds: int) -> str:
         rs = [r for r in doc["rows"] if r["net"] == label]
         faster = sum(r["faster"] for r in rs)
         div = sum(r["diverged"] for r in rs + [x for x in doc["long"] if x["net"] == label])
+        verdict = ("a reference, not a candidate" if doc["nets"][label].startswith(PEER) else
+                   f"Acceptance (faster on at least half, no divergence): "
+                   f"**{'met' if faster * 2 >= len(rs) and div == 0 else 'not met'}**")
         L += ["", f"**{label}**: faster than tuned AdamW (median steps to its target) on {faster} of {len(rs)} held-out "
-              f"tasks; {div} diverged runs. Acceptance (faster on at least half, no divergence): "
-              f"**{'met' if faster * 2 >= len(rs) and div == 0 else 'not met'}**."]
+              f"tasks; {div} diverged runs. {verdict}."]
     L += ["", "A speedup of 0 means the network's median seed never reached the target.", ""]
     L += [f"![{f}]({f})" for f in doc["figures"]]
     return "\n".join(L) + "\n"

@@ -32,6 +32,7 @@ from torch.optim import Optimizer
 from torch.optim.adamw import adamw as _adamw
 
 from .._checks import check_choice, check_number
+from .polyak import _host_sq_norms
 
 RULES = ("multiplicative", "additive")
 
@@ -158,7 +159,13 @@ class HypergradientAdam(_Hypergradient):
             work.append((group, ps))
         if not work:
             return loss
-        host = _to_host([self._hd_stats(group, ps) for group, ps in work])  # one host sync for every group
+        pairs = [self._hd_stats(group, ps) for group, ps in work]
+        # ||g||^2 of every tensor and each group's (g . u, ||u||^2), with one host sync for all groups
+        gsq_each, vals = _host_sq_norms([p.grad for _, ps in work for p in ps], *(x for pair in pairs for x in pair))
+        host, off = [], 0
+        for i, (_, ps) in enumerate(work):
+            host.append((vals[2 * i], sum(gsq_each[off:off + len(ps)]), vals[2 * i + 1]))
+            off += len(ps)
         if not all(math.isfinite(v) for row in host for v in row):
             for group, _ in work:
                 group["hd"]["nonfinite"] += 1
@@ -175,30 +182,24 @@ class HypergradientAdam(_Hypergradient):
             group["hd"]["steps"] += 1
         return loss
 
-    def _hd_stats(self, group: dict[str, Any], ps: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``[g . u, ||g||^2, ||u||^2]`` for one group as device scalars (``u`` the previous Adam
-        direction, recomputed from the moments), left on the device for one shared sync."""
+    def _hd_stats(self, group: dict[str, Any], ps: list[torch.Tensor]) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """``(g . u, ||u||^2)`` for one group as device scalars (``u`` the previous Adam direction,
+        recomputed from the moments), left on the device for the step's one sync."""
         eps = group["eps"]
         b1, b2 = group["betas"]
-        gs = [p.grad.reshape(-1) for p in ps]
         prev = []  # (flat gradient, exp_avg, exp_avg_sq, c, eps') of tensors stepped before
-        for p, g in zip(ps, gs):
+        for p in ps:
             st = self.state[p]
             t = float(st["step"])
             if t > 0:
                 bc1, bc2 = 1 - b1**t, 1 - b2**t
                 # u = (m / bc1) / (sqrt(v / bc2) + eps) = c * m / (sqrt(v) + eps sqrt(bc2)), c = sqrt(bc2) / bc1
-                prev.append((g, st["exp_avg"], st["exp_avg_sq"], math.sqrt(bc2) / bc1, eps * math.sqrt(bc2)))
-        cpu = gs[0].device.type == "cpu"
-        if cpu:  # BLAS dot reads a tensor faster than the multi-tensor norm on the CPU
-            gsq = torch.stack([torch.dot(g, g) for g in gs]).double().sum()
-        else:
-            gsq = torch.stack(torch._foreach_norm(gs)).double().square().sum()
+                prev.append((p.grad.reshape(-1), st["exp_avg"], st["exp_avg_sq"], math.sqrt(bc2) / bc1,
+                             eps * math.sqrt(bc2)))
         if not prev:
-            zero = torch.zeros((), dtype=torch.float64, device=gsq.device)
-            return [zero, gsq, zero]
+            return 0.0, 0.0
         cs = torch.tensor([c for *_, c, _ in prev], dtype=torch.float64)
-        if cpu:
+        if ps[0].device.type == "cpu":
             # one reused buffer (the largest tensor's size): no allocation and no page faults per step
             dots, usqs = [], []
             for g, m, v, _, e in prev:
@@ -219,7 +220,7 @@ class HypergradientAdam(_Hypergradient):
             usq = torch.stack(torch._foreach_norm(qs)).double().square()
             dot = torch.stack([torch.dot(g, q.reshape(-1)) for (g, *_), q in zip(prev, qs)]).double()
             cs = cs.to(dot.device, non_blocking=True)
-        return [(cs * dot).sum(), gsq, (cs * cs * usq).sum()]
+        return (cs * dot).sum(), (cs * cs * usq).sum()
 
     def _scratch(self, p: torch.Tensor) -> torch.Tensor:
         buf = self.__dict__.get("_buf")
@@ -227,11 +228,6 @@ class HypergradientAdam(_Hypergradient):
             buf = torch.empty(p.numel(), dtype=p.dtype, device=p.device)
             self.__dict__["_buf"] = buf
         return buf[: p.numel()].view(p.shape)
-
-
-def _to_host(rows: list[list[torch.Tensor]]) -> list[list[float]]:
-    """Rows of device scalars as Python floats, with one sync."""
-    return torch.stack([torch.stack(r) for r in rows]).tolist()
 
 
 def _evaluate(closure: Any) -> Any:

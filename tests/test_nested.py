@@ -11,7 +11,7 @@ from torch import nn
 
 from _helpers import mse_closure, regression_data, tiny_mlp
 
-from nestopt.optim.nested import FEATURES, Controller, NestedOptimizer
+from nestopt.optim.nested import FEATURES, Controller, NestedOptimizer, hindsight_label
 
 
 _mlp = tiny_mlp
@@ -238,6 +238,7 @@ def test_signals_that_need_the_loss_or_closure_say_so():
     ({"features": ("grad_norm", "bogus")}, "features"),
     ({"grid": (0.5, 2.0)}, "grid"),
     ({"window": 8, "period": 4}, "period"),
+    ({"label_shift": 0.0}, "label_shift"),
     ({"signal": "oracle"}, "signal"),
     ({"base": object}, "base"),
     ({"controller": Controller(2)}, "controller"),
@@ -252,3 +253,27 @@ def test_per_tensor_groups_split_plain_parameters_with_depth():
     opt = NestedOptimizer(model.parameters(), signal="frozen", per_tensor_groups=True, lr=0.01)
     assert len(opt.param_groups) == 4
     assert [g["depth"] for g in opt.param_groups] == pytest.approx([0, 1 / 3, 2 / 3, 1])
+
+
+def test_hindsight_label_is_the_best_replay_or_its_shifted_grid_point():
+    scores = {0.1: 3.0, 0.5: 1.0, 1.0: 2.0, 1.5: 4.0, 2.0: 5.0}
+    assert hindsight_label(scores) == 0.5
+    assert hindsight_label(scores, 2.0) == 1.0  # nearest 2 x 0.5 on a log scale
+    assert hindsight_label({**scores, 0.5: 9.0, 2.0: 0.5}, 2.0) == 2.0  # 4 is off the grid: its top
+    assert hindsight_label({**scores, 0.1: 0.0}, 2.0) == 0.1  # 0.2 is nearer 0.1 than 0.5 (log scale)
+    assert hindsight_label({0.5: 1.0, 1.0: 1.0, 2.0: 1.0}) == 1.0  # a tie goes to the multiplier nearest 1
+    assert hindsight_label({0.5: math.inf, 1.0: math.inf, 2.0: math.inf}, 2.0) == 1.0  # nothing finite: no shift
+
+
+def test_mult_feature_is_the_current_log_multiplier_unstandardised():
+    x, y = _data()
+    model = _mlp()
+    opt = NestedOptimizer(_groups(model), signal="frozen", lr=0.01, features=("grad_norm", "mult"))
+    _force(opt, 1.0)
+    for _ in range(3):
+        opt.step(_closure(opt, model, x, y))
+    m = opt.multipliers()
+    assert m[0] > 1.0
+    scale = math.log(10.0)  # the default range is (0.1, 10)
+    assert opt.feature_table()["mult"] == [pytest.approx(math.log(v) / scale) for v in m]  # the previous step's
+    assert opt.last_features[:, 1] == pytest.approx([math.log(v) / scale for v in m])  # not standardised

@@ -68,3 +68,14 @@ def test_frozen_sweep_of_an_untrained_controller_is_adamw(tmp_path):
     (row,) = frozen_sweep(str(path), tasks=("quad-asym",), lrs=(1e-2,), seeds=1)
     assert row["multiplier"] == 1.0  # the untrained controller's last layer is zero: multiplier 1
     assert row["frozen"] == pytest.approx(row["adamw"], rel=1e-4)
+
+
+def test_variants_study_scores_each_variant_against_adamw(tmp_path):
+    doc = C.run_variants(tmp_path, variants=("label shift 1", "label shift 2 (default)"), seeds=1, tasks=("quad-asym",), workers=1)
+    assert set(doc["robustness"]) == {"adamw", "label shift 1", "label shift 2 (default)"}
+    assert all(0 <= m["robust"] <= m["cells"] == len(C.ROBUST) for m in doc["robustness"].values())
+    report = (tmp_path / "variants.md").read_text()
+    assert "| label shift 2 (default) | `label_shift=2.0` |" in report
+    assert json.loads((tmp_path / "variants.json").read_text())["variants"]["label shift 1"] == {"label_shift": 1.0}
+    with pytest.raises(ValueError, match="variant 'bogus' is unknown"):
+        C.run_variants(tmp_path, variants=("bogus",))

@@ -2,7 +2,7 @@
 
     nestopt bench --suite quick|full [--tasks T,..] [--optimizers O,..] [--seeds N] [--steps N]
                   [--workers N] --out DIR
-    nestopt study polyak|large-lr|controller|learned|hpo|games --out DIR [--net LABEL=PATH ...] [--peer NAME ...]
+    nestopt study polyak|large-lr|controller|controller-variants|learned|hpo|games --out DIR [--net LABEL=PATH ...] [--peer NAME ...]
     nestopt meta-train [--net hybrid|mlp|mlp-seed|lstm|attention|controller] [--method tbptt|es|pes|surrogate] [--steps N]
                        [--unroll N] [--horizon N] [--pairs N] [--sigma S] [--workers N]
                        [--families F,..] [--seed N] [--resume] --out DIR
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="output folder for results.json, report.md and figures")
 
     st = sub.add_parser("study", help="run a study that tests a source document's claims")
-    st.add_argument("name", help="polyak, large-lr, controller, learned, hpo or games")
+    st.add_argument("name", help="polyak, large-lr, controller, controller-variants, learned, hpo or games")
     st.add_argument("--net", action="append", default=[], metavar="LABEL=PATH",
                     help="learned: also evaluate this network file (repeatable)")
     st.add_argument("--peer", action="append", default=[], metavar="NAME",
@@ -256,7 +256,7 @@ def _cmd_overhead(args: argparse.Namespace) -> int:
     return 0
 
 
-STUDIES = ("polyak", "large-lr", "controller", "learned", "hpo", "games")
+STUDIES = ("polyak", "large-lr", "controller", "controller-variants", "learned", "hpo", "games")
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
@@ -285,6 +285,12 @@ def _cmd_study(args: argparse.Namespace) -> int:
             print(f"robust rates  {label:18s} {m['robust']}/{m['cells']}")
         for r in doc["ablations"]:
             print(f"{r['what']:28s} {r['verdict']:16s} wins {r['wins']} losses {r['losses']} of {r['pairs']}")
+    elif args.name == "controller-variants":
+        from .studies.controller import run_variants
+
+        doc = run_variants(out)
+        for label, m in doc["robustness"].items():
+            print(f"robust rates  {label:28s} {m['robust']}/{m['cells']}")
     elif args.name == "learned":
         from .studies.learned import run_study as run_learned
 
@@ -310,7 +316,9 @@ def _cmd_study(args: argparse.Namespace) -> int:
         for name, m in doc["gan"]["methods"].items():
             print(f"GAN {name[:32]:32s} modes {m['final_modes']} high-quality "
                   f"{[round(x, 3) for x in m['final_high_quality']]}")
-    print(f"study {args.name}: {time.perf_counter() - t0:.0f} s; wrote {out / 'report.md'}, {out / 'results.json'} and figures")
+    wrote = (f"{out / 'variants.md'} and {out / 'variants.json'}" if args.name == "controller-variants"
+             else f"{out / 'report.md'}, {out / 'results.json'} and figures")
+    print(f"study {args.name}: {time.perf_counter() - t0:.0f} s; wrote {wrote}")
     return 0
 
 

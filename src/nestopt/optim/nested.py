@@ -33,9 +33,11 @@ exactly as its base does.
                       ``step(head_stats=...)``); zeros for groups that are not heads
 ``curvature``         log of the secant curvature ||g_t - g_{t-1}|| / ||p_t - p_{t-1}|| (keeps the
                       previous gradient and parameters: 2 floats per parameter)
+``mult``              the group's current multiplier, ``log m / max(-log lo, log hi)`` (in [-1, 1]),
+                      so the controller can move it relative to where it is
 ====================  ===========================================================================
 
-Every column but ``depth`` is standardised by a running mean and variance (shared by the groups,
+Every column but ``depth`` and ``mult`` is standardised by a running mean and variance (shared by the groups,
 so differences between groups stay visible) and clipped to [-5, 5]: the controller sees the same
 scale whatever the model's size or the loss's units. ``scratchpad=d`` gives the controller a
 ``d``-dimensional memory per group that it reads and rewrites every step
@@ -47,8 +49,11 @@ scale whatever the model's size or the loss's units. ``scratchpad=d`` gives the 
   snapshot with every multiplier of ``grid`` (0.1, 0.5, 1, 1.5, 2) applied on top of the
   multipliers that were used; each replay's end point is scored by the closure's loss on the
   *current* batch (one not used in the window), and the controller is trained with cross-entropy
-  toward the best grid point, relative to the multipliers it used, so repeated labels walk the
-  multiplier across its whole range. Replay uses **cached gradients** (not cached batches): the
+  toward a grid point, relative to the multipliers it used, so repeated labels walk the
+  multiplier across its whole range. The label is the grid point nearest ``label_shift`` (default
+  2) times the best replay's multiplier: a greedy label over a few steps favours steps that are
+  too small (the short-horizon bias; on a quadratic, the best multiplier along the displacement of
+  a rate at the edge of stability is 1/2); ``nestopt study controller-variants`` measures it. Replay uses **cached gradients** (not cached batches): the
   window's gradients are kept and re-applied through the base optimizer, which needs no extra
   forward or backward pass for the replayed steps and keeps the caches serialisable. Memory:
   ``window`` gradient copies plus two snapshots of parameters and base state: for AdamW and
@@ -92,12 +97,25 @@ from .controller import Controller, _RunningNorm
 from .polyak import _host_sq_norms
 
 FEATURES: dict[str, int] = {"grad_norm": 1, "param_norm": 1, "depth": 1, "update_ratio": 1, "loss": 2,
-                            "val": 3, "heads": 3, "curvature": 1}
+                            "val": 3, "heads": 3, "curvature": 1, "mult": 1}
+_RAW = ("depth", "mult")  # features the controller sees as they are (already on a fixed scale)
 DEFAULT_FEATURES = ("grad_norm", "param_norm", "depth", "update_ratio", "loss", "val")
 SIGNALS = ("hindsight", "proxy", "validation", "frozen")
 DEFAULT_GRID = (0.1, 0.5, 1.0, 1.5, 2.0)
 _TINY = 1e-30
 _SAMPLE = 1024  # elements per tensor sampled for the update ratio
+
+
+def hindsight_label(scores: dict[float, float], shift: float = 1.0) -> float:
+    """The grid multiplier a hindsight replay labels: the one whose replay ended lowest (ties go to
+    the one nearest 1), or, with ``shift != 1``, the grid point nearest ``shift`` times it on a log
+    scale (ties to the smaller). ``shift > 1`` leans against the short-horizon bias of a greedy
+    label; a replay that ended non-finite never wins."""
+    grid = list(scores)
+    best = min(grid, key=lambda m: (scores[m], abs(math.log(m))))
+    if shift != 1.0 and math.isfinite(scores[best]):
+        best = min(grid, key=lambda m: (abs(math.log(m) - math.log(shift * best)), m))
+    return best
 
 
 def _snapshot(base: Optimizer, params: list[torch.Tensor]) -> dict[str, Any]:
@@ -153,6 +171,8 @@ class NestedOptimizer(Optimizer):
             gradient norms are exact and read every step; the non-finite check needs them anyway.
         window, period, grid: hindsight replay: the last ``window`` steps every ``period`` steps,
             with each multiplier in ``grid`` (must contain 1).
+        label_shift: hindsight labels the grid point nearest ``label_shift`` times the best
+            replay's multiplier (1: the best itself; see :func:`hindsight_label`).
         explore: standard deviation of the log-multiplier exploration for ``"proxy"`` and
             ``"validation"``.
         seed: seeds the controller's initial weights and the exploration noise.
@@ -165,7 +185,8 @@ class NestedOptimizer(Optimizer):
                  controller: Controller | str | Path | None = None, signal: str = "hindsight",
                  features: Sequence[str] | None = None, mult_range: tuple[float, float] = (0.1, 10.0),
                  scratchpad: int = 0, hidden: int = 32, controller_lr: float = 3e-3, stats_every: int = 8,
-                 window: int = 8, period: int = 32, grid: Sequence[float] = DEFAULT_GRID, explore: float = 0.2,
+                 window: int = 8, period: int = 32, grid: Sequence[float] = DEFAULT_GRID, label_shift: float = 2.0,
+                 explore: float = 0.2,
                  seed: int = 0, per_tensor_groups: bool = False, **base_kwargs: Any) -> None:
         if per_tensor_groups:
             params = list(params)
@@ -206,6 +227,7 @@ class NestedOptimizer(Optimizer):
         grid_t = tuple(check_number("grid", g, lo=0.0, lo_open=True) for g in grid)
         if 1.0 not in grid_t or len(grid_t) < 2:
             raise ValueError(f"grid={list(grid)!r} is invalid: needs 1.0 and at least one other multiplier")
+        check_number("label_shift", label_shift, lo=0.0, lo_open=True)
         check_number("explore", explore, lo=0.0)
         check_int("seed", seed, lo=0)
         n_features = sum(FEATURES[f] for f in feats)
@@ -227,6 +249,7 @@ class NestedOptimizer(Optimizer):
         self._z0 = math.log(-self.log_lo / self.log_hi)  # logit of (0 - log lo) / (log hi - log lo): z = 0 gives m = 1
         self._s0 = 1.0 / (1.0 + math.exp(-self._z0))
         self.stats_every, self.window, self.period, self.grid = stats_every, window, period, grid_t
+        self.label_shift = float(label_shift)
         self.explore = explore
         self.controller = controller
         self.controller_opt = torch.optim.Adam(controller.parameters(), lr=controller_lr)
@@ -480,6 +503,9 @@ class NestedOptimizer(Optimizer):
                 vals = [[v["delta"], v["gap"], v["dev"]]] * G  # type: ignore[list-item]
             elif name == "heads":
                 vals = self._head_features(g_rms, head_stats)
+            elif name == "mult":
+                scale = max(-self.log_lo, self.log_hi)
+                vals = [[math.log(g["nested_mult"]) / scale] for g in self.param_groups]
             else:  # curvature
                 vals = [[math.log(max(c, _TINY))] for c in self._curv]
             raw[name] = [row[0] for row in vals]
@@ -536,9 +562,10 @@ class NestedOptimizer(Optimizer):
         if not np.isfinite(x_raw).all():
             return None
         x = self.norm(x_raw)
-        if "depth" in self.features_on:  # depth is already on [0, 1]: keep it as it is
-            j = sum(FEATURES[f] for f in self.features_on[: self.features_on.index("depth")])
-            x[:, j] = x_raw[:, j]
+        for name in _RAW:  # already on a fixed scale: kept as they are
+            if name in self.features_on:
+                j = sum(FEATURES[f] for f in self.features_on[: self.features_on.index(name)])
+                x[:, j] = x_raw[:, j]
         self.last_features = x
         return x
 
@@ -627,7 +654,7 @@ class NestedOptimizer(Optimizer):
         for p, g in zip(params, real_grads):
             p.grad = g
         self.counters["replays"] += 1
-        best = min(self.grid, key=lambda m: (scores[m], abs(math.log(m))))
+        best = hindsight_label(scores, self.label_shift)
         self.last_hindsight = {"scores": scores, "best": best}
         inputs = w["inputs"]
         w.update(snap=None, grads=[], lrs=[], inputs=[])

@@ -69,10 +69,34 @@ CONFIGS: dict[str, tuple[dict[str, Any], str]] = {
     "plus-scratchpad": ({"scratchpad": 8}, "hindsight"),
 }
 
+# Hindsight configurations compared by ``nestopt study controller-variants``, each with its
+# ``label_shift`` spelled out so that a row means the same whatever the default: label shift 1
+# labels the best replay's multiplier itself (the default until 2026-11-23), label shift 2 the
+# grid point nearest twice it (the default since, against the greedy label's short-horizon bias);
+# the ``mult`` feature lets the controller see where its multiplier is; a 16-step window replays a
+# longer horizon; a 16-step period labels twice as often; the wider grid lets one label move the
+# multiplier 4x.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "label shift 1": {"label_shift": 1.0},
+    "label shift 2 (default)": {"label_shift": 2.0},
+    "mult feature": {"features": (*DEFAULT_FEATURES, "mult"), "label_shift": 1.0},
+    "mult feature, label shift 2": {"features": (*DEFAULT_FEATURES, "mult"), "label_shift": 2.0},
+    "window 16": {"window": 16, "label_shift": 1.0},
+    "label shift 2, period 16": {"label_shift": 2.0, "period": 16},
+    "label shift 2, grid 0.25-4": {"label_shift": 2.0, "grid": (0.25, 0.5, 1.0, 2.0, 4.0)},
+}
+
+
+def _slug(label: str) -> str:
+    return "variant-" + "".join(c if c.isalnum() else "-" for c in label)
+
+
 _BASE = {"default_lr": 1e-3, "needs_loss": True, "nonfinite": "skip", "group_independent": False}
 STUDY_SPECS: dict[str, OptimizerSpec] = {
-    f"nested-{k}": OptimizerSpec(f"{MODULE}:nested-{k}", partial(_nested, **cfg), description=f"nested, {k}", **_BASE)
-    for k, (cfg, _) in CONFIGS.items()
+    **{f"nested-{k}": OptimizerSpec(f"{MODULE}:nested-{k}", partial(_nested, **cfg), description=f"nested, {k}", **_BASE)
+       for k, (cfg, _) in CONFIGS.items()},
+    **{_slug(k): OptimizerSpec(f"{MODULE}:{_slug(k)}", partial(_nested, **cfg), description=f"nested, {k}", **_BASE)
+       for k, cfg in VARIANTS.items()},
 }
 
 
@@ -259,10 +283,12 @@ def _final(r: dict[str, Any]) -> float:
     return INF if (r["diverged"] or v is None) else float(v)
 
 
-def robustness(records: list[dict[str, Any]], tasks: tuple[str, ...], best_lr: dict[str, float]) -> dict[str, Any]:
-    """Per method and task: median time-to-target per base rate, and how many rates are within 2x
-    of the method's best rate."""
-    methods = {"adamw": "adamw", "adamw-hd": "adamw-hd", "nested (default)": _name("hindsight")}
+def robustness(records: list[dict[str, Any]], tasks: tuple[str, ...], best_lr: dict[str, float],
+               methods: dict[str, str] | None = None) -> dict[str, Any]:
+    """Per method (label -> optimizer name) and task: median time-to-target per base rate, and how
+    many rates are within 2x of the method's best rate."""
+    if methods is None:
+        methods = {"adamw": "adamw", "adamw-hd": "adamw-hd", "nested (default)": _name("hindsight")}
     out: dict[str, Any] = {}
     for label, opt in methods.items():
         per_task, robust, cells = {}, 0, 0
@@ -487,6 +513,18 @@ def _fmt(x: float | None, spec: str = ".3g") -> str:
     return format(x, spec)
 
 
+def _tune(seeds: int, tasks: tuple[str, ...], workers: int | None) -> tuple[list[dict[str, Any]], dict[Any, Any],
+                                                                         dict[str, float], set[tuple[str, str, float, int]]]:
+    """Phase 1 (AdamW over its grid): the records, the chosen rates, each task's ``lr*`` and the
+    keys already run."""
+    records, interrupted = run_jobs(plan_tuning(seeds, tasks), workers=workers)
+    if interrupted:
+        raise KeyboardInterrupt
+    chosen = choose_rates(records)
+    best_lr = {t: chosen[(t, "adamw")]["lr"] for t in tasks}
+    return records, chosen, best_lr, {(r["task"], r["optimizer"], r["lr"], r["seed"]) for r in records}
+
+
 def run_study(out: str | Path, seeds: int = 3, ablation_seeds: int = 2, head_seeds: int = 3,
               tasks: tuple[str, ...] = TASKS, workers: int | None = None, head_steps: int | None = None) -> dict[str, Any]:
     """Run every part; write ``report.md``, ``results.json`` and figures to ``out``."""
@@ -495,12 +533,7 @@ def run_study(out: str | Path, seeds: int = 3, ablation_seeds: int = 2, head_see
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    records, interrupted = run_jobs(plan_tuning(seeds, tasks), workers=workers)
-    if interrupted:
-        raise KeyboardInterrupt
-    chosen = choose_rates(records)
-    best_lr = {t: chosen[(t, "adamw")]["lr"] for t in tasks}
-    done = {(r["task"], r["optimizer"], r["lr"], r["seed"]) for r in records}
+    records, chosen, best_lr, done = _tune(seeds, tasks, workers)
     more, interrupted = run_jobs(plan_main(best_lr, seeds, ablation_seeds, tasks, done), workers=workers)
     if interrupted:
         raise KeyboardInterrupt
@@ -532,6 +565,57 @@ def run_study(out: str | Path, seeds: int = 3, ablation_seeds: int = 2, head_see
            "records": [{k: v for k, v in r.items() if k != "curve"} for r in records]}
     (out / "results.json").write_text(json.dumps(finite(doc), indent=1))
     (out / "report.md").write_text(_report(doc, seeds, ablation_seeds, head_seeds, tasks))
+    return doc
+
+
+def _option(key: str, value: Any) -> str:
+    if key == "features":  # the default set plus or minus some names
+        plus = [f for f in value if f not in DEFAULT_FEATURES]
+        minus = [f for f in DEFAULT_FEATURES if f not in value]
+        return "features: default" + "".join(f" + {f}" for f in plus) + "".join(f" - {f}" for f in minus)
+    return f"`{key}={value!r}`"
+
+
+def run_variants(out: str | Path, variants: tuple[str, ...] = tuple(VARIANTS), seeds: int = 3,
+                 tasks: tuple[str, ...] = TASKS, workers: int | None = None) -> dict[str, Any]:
+    """``nestopt study controller-variants``: part 1 of the study (robustness to the base rate) for
+    each of :data:`VARIANTS`, against AdamW; writes ``variants.md`` and ``variants.json``."""
+    for v in variants:
+        if v not in VARIANTS:
+            raise ValueError(f"variant {v!r} is unknown; valid: {', '.join(VARIANTS)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    records, chosen, best_lr, done = _tune(seeds, tasks, workers)
+    methods = {"adamw": "adamw", **{v: f"{MODULE}:{_slug(v)}" for v in variants}}
+    jobs = [Job(t, opt, lr, s, _steps(t)) for t in tasks for opt in methods.values()
+            for lr in _around(best_lr[t], ROBUST) for s in range(seeds) if (t, opt, lr, s) not in done]
+    more, interrupted = run_jobs(jobs, workers=workers)
+    if interrupted:
+        raise KeyboardInterrupt
+    records += more
+    attach_targets(records, targets(chosen))
+    rob = robustness(records, tasks, best_lr, methods)
+    wall = time.perf_counter() - t0
+    doc = {"study": "controller-variants", "wall_s": wall, "runs": len(records), "best_lr": best_lr, "seeds": seeds,
+           "variants": {v: VARIANTS[v] for v in variants}, "robustness": rob}
+    (out / "variants.json").write_text(json.dumps(finite(doc), indent=1, default=list))
+    L = ["# The nested optimizer's default against variants: robustness to the base rate", "",
+         f"Command: `nestopt study controller-variants --out DIR` ({wall:.0f} s here, {len(records)} bench runs). "
+         f"Part 1 of `nestopt study controller` for each variant: base rates lr* x ({', '.join(f'{x:g}' for x in ROBUST)}) "
+         f"around tuned AdamW's rate, {seeds} seeds; a rate is robust when the median time-to-target there is within "
+         "2x of the method's best rate on that task (a target never reached is not within).", "",
+         "| method | options | robust rates |", "|---|---|---|"]
+    for label, m in rob.items():
+        opts = "AdamW" if label == "adamw" else (", ".join(_option(k, v) for k, v in VARIANTS[label].items()) or "-")
+        L.append(f"| {label} | {opts} | {m['robust']} / {m['cells']} |")
+    L += ["", "Median time to target (s) per task and base rate (`-`: not reached):", "",
+          "| task | method | " + " | ".join(f"lr* x {x:g}" for x in ROBUST) + " |", "|---|---|" + "---|" * len(ROBUST)]
+    for t in tasks:
+        for label, m in rob.items():
+            row = m["tasks"][t]["ttt"]
+            L.append(f"| {t} | {label} | " + " | ".join(_fmt(row[str(x)]) for x in ROBUST) + " |")
+    (out / "variants.md").write_text("\n".join(L) + "\n")
     return doc
 
 

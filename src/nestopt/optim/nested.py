@@ -245,6 +245,8 @@ class NestedOptimizer(Optimizer):
         self.state = self.base.state
         self._ready = True
         self.signal, self.features_on = signal, feats
+        # columns of the features in _RAW, which the running standardisation leaves as they are
+        self._raw_cols = [sum(FEATURES[f] for f in feats[:i]) for i, f in enumerate(feats) if f in _RAW]
         self.log_lo, self.log_hi = math.log(lo), math.log(hi)
         self._z0 = math.log(-self.log_lo / self.log_hi)  # logit of (0 - log lo) / (log hi - log lo): z = 0 gives m = 1
         self._s0 = 1.0 / (1.0 + math.exp(-self._z0))
@@ -562,10 +564,7 @@ class NestedOptimizer(Optimizer):
         if not np.isfinite(x_raw).all():
             return None
         x = self.norm(x_raw)
-        for name in _RAW:  # already on a fixed scale: kept as they are
-            if name in self.features_on:
-                j = sum(FEATURES[f] for f in self.features_on[: self.features_on.index(name)])
-                x[:, j] = x_raw[:, j]
+        x[:, self._raw_cols] = x_raw[:, self._raw_cols]  # already on a fixed scale: kept as they are
         self.last_features = x
         return x
 

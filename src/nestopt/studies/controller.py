@@ -568,6 +568,17 @@ def run_study(out: str | Path, seeds: int = 3, ablation_seeds: int = 2, head_see
     return doc
 
 
+def _ttt_table(rob: dict[str, Any], tasks: tuple[str, ...]) -> list[str]:
+    """Report lines: each method's median time to target per task and base rate."""
+    L = ["Median time to target (s) per task and base rate (`-`: not reached):", "",
+         "| task | method | " + " | ".join(f"lr* x {x:g}" for x in ROBUST) + " |", "|---|---|" + "---|" * len(ROBUST)]
+    for t in tasks:
+        for label, m in rob.items():
+            row = m["tasks"][t]["ttt"]
+            L.append(f"| {t} | {label} | " + " | ".join(_fmt(row[str(x)]) for x in ROBUST) + " |")
+    return L
+
+
 def _option(key: str, value: Any) -> str:
     if key == "features":  # the default set plus or minus some names
         plus = [f for f in value if f not in DEFAULT_FEATURES]
@@ -609,12 +620,7 @@ def run_variants(out: str | Path, variants: tuple[str, ...] = tuple(VARIANTS), s
     for label, m in rob.items():
         opts = "AdamW" if label == "adamw" else (", ".join(_option(k, v) for k, v in VARIANTS[label].items()) or "-")
         L.append(f"| {label} | {opts} | {m['robust']} / {m['cells']} |")
-    L += ["", "Median time to target (s) per task and base rate (`-`: not reached):", "",
-          "| task | method | " + " | ".join(f"lr* x {x:g}" for x in ROBUST) + " |", "|---|---|" + "---|" * len(ROBUST)]
-    for t in tasks:
-        for label, m in rob.items():
-            row = m["tasks"][t]["ttt"]
-            L.append(f"| {t} | {label} | " + " | ".join(_fmt(row[str(x)]) for x in ROBUST) + " |")
+    L += ["", *_ttt_table(rob, tasks)]
     (out / "variants.md").write_text("\n".join(L) + "\n")
     return doc
 
@@ -641,13 +647,7 @@ def _report(doc: dict[str, Any], seeds: int, ablation_seeds: int, head_seeds: in
     nd, aw = rob["nested (default)"]["fraction"], rob["adamw"]["fraction"]
     L += ["", f"**Verdict:** the default nested optimizer is {'more' if nd > aw else 'not more'} robust to the base "
           f"rate than AdamW here ({nd:.2f} vs {aw:.2f} of rates within 2x of the best).", "",
-          "Median time to target (s) per task and base rate (`-`: not reached):", "",
-          "| task | method | " + " | ".join(f"lr* x {x:g}" for x in ROBUST) + " |",
-          "|---|---|" + "---|" * len(ROBUST)]
-    for t in tasks:
-        for label, m in rob.items():
-            row = m["tasks"][t]["ttt"]
-            L.append(f"| {t} | {label} | " + " | ".join(_fmt(row[str(x)]) for x in ROBUST) + " |")
+          *_ttt_table(rob, tasks)]
     L += ["", "![robustness](robustness.png)", "",
           "## 2. Ablations: signals and features", "",
           f"Paired final validation losses over {len(tasks)} tasks x base rates lr* x ({', '.join(f'{x:g}' for x in ABLATION)}) x "

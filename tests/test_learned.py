@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from nestopt.meta import CoordinateLSTM, DirectUpdateMLP, GradientAttention, HybridAdamNet, MetaConfig, meta_train
-from nestopt.optim.learned import SHIPPED, LearnedOptimizer, load_net, save_net
+from nestopt.meta import (CoordinateLSTM, DirectUpdateMLP, GradientAttention, HybridAdamNet, LinearUpdate, MetaConfig,
+                          meta_train)
+from nestopt.optim.learned import SHIPPED, SHIPPED_NETS, LearnedOptimizer, load_net, save_net
 
 
 def _mlp(seed: int = 0) -> nn.Module:
@@ -35,7 +36,7 @@ def _hybrid_trained() -> HybridAdamNet:
 
 
 NETS = {"hybrid": _hybrid_trained, "mlp": DirectUpdateMLP, "mlp-seed": lambda: DirectUpdateMLP("seed"),
-        "lstm": CoordinateLSTM, "attention": GradientAttention}
+        "linear": lambda: LinearUpdate(seed=3), "lstm": CoordinateLSTM, "attention": GradientAttention}
 
 
 @pytest.mark.parametrize("kind", NETS)
@@ -75,10 +76,11 @@ def test_untrained_hybrid_is_adam():
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
-def test_state_dict_round_trip_and_nonfinite_skip():
+@pytest.mark.parametrize("kind", ["hybrid", "linear"])
+def test_state_dict_round_trip_and_nonfinite_skip(kind):
     x, y = _data()
     a, b = _mlp(), _mlp()
-    net = _hybrid_trained()
+    net = NETS[kind]()
     oa, ob = LearnedOptimizer(a.parameters(), net=net), LearnedOptimizer(b.parameters(), net=net)
 
     def step(o, m):
@@ -135,13 +137,70 @@ def test_weight_files_round_trip_and_fail_loudly(tmp_path):
         load_net(tmp_path / "other.safetensors")
 
 
+def _reference_linear(net: LinearUpdate, p0: torch.Tensor, grads: list[torch.Tensor], lr: float, wd: float):
+    p, st = p0.clone(), net.init_state(p0)
+    for t, g in enumerate(grads, 1):
+        p = p * (1 - lr * net.step_mult * wd)  # decoupled decay, then the network's update
+        delta, st = net.update(p, g, st, t)
+        p = p + lr * delta
+    return p
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_network_with_lr_and_weight_decay_matches_its_reference(dtype):
+    gen = torch.Generator().manual_seed(0)
+    net = LinearUpdate(seed=3).to(dtype)
+    for shape in [(30, 40), (7,)]:
+        p0 = torch.randn(shape, generator=gen, dtype=dtype)
+        grads = [torch.randn(shape, generator=gen, dtype=dtype) * 10.0**i for i in range(-2, 4)]
+        want = _reference_linear(net, p0, grads, lr=2.0, wd=0.1)
+        q = p0.clone().requires_grad_()
+        opt = LearnedOptimizer([q], net=net, lr=2.0, weight_decay=0.1, compile=False)
+        for g in grads:
+            q.grad = g.clone()
+            opt.step()
+        torch.testing.assert_close(q.detach(), want, **({} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}))
+        assert not torch.equal(q.detach(), p0)
+
+
+def _compiles() -> bool:
+    try:
+        torch.compile(lambda x: x + 1)(torch.ones(2))
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _compiles(), reason="torch.compile cannot build kernels on this machine")
+def test_linear_network_compiled_pass_matches_the_eager_one():
+    """Large tensors take the torch.compile'd fused pass by default (compile=None)."""
+    gen = torch.Generator().manual_seed(1)
+    net = LinearUpdate(seed=3)
+    p0 = torch.randn(1 << 16, generator=gen)
+    grads = [torch.randn(1 << 16, generator=gen) for _ in range(3)]
+    ends = []
+    for compile_ in (None, False):
+        q = p0.clone().requires_grad_()
+        opt = LearnedOptimizer([q], net=net, weight_decay=0.1, compile=compile_)
+        for g in grads:
+            q.grad = g.clone()
+            opt.step()
+        ends.append(q.detach())
+    torch.testing.assert_close(ends[0], ends[1], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ends[1], _reference_linear(net, p0, grads, 1.0, 0.1))
+    with pytest.raises(ValueError, match="compile="):
+        LearnedOptimizer([q], net=net, compile="yes")  # type: ignore[arg-type]
+
+
 @pytest.mark.skipif(not SHIPPED.is_file(), reason="no shipped weights in this checkout")
-def test_default_loads_the_shipped_network_and_trains():
+@pytest.mark.parametrize("name, kind", [("default", LinearUpdate), ("mlp", DirectUpdateMLP)])
+def test_shipped_networks_load_by_name_and_train(name, kind):
     x, y = _data()
     model = _mlp()
-    opt = LearnedOptimizer(model.parameters())
-    assert isinstance(opt.net, DirectUpdateMLP)
-    start = float(nn.functional.mse_loss(model(x), y))
+    opt = LearnedOptimizer(model.parameters(), net=name)
+    assert isinstance(opt.net, kind)
+    assert SHIPPED_NETS[name].is_file()
+    start = float(nn.functional.mse_loss(model(x), y).detach())
     for _ in range(100):
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()

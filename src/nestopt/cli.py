@@ -3,7 +3,7 @@
     nestopt bench --suite quick|full [--tasks T,..] [--optimizers O,..] [--seeds N] [--steps N]
                   [--workers N] --out DIR
     nestopt study polyak|large-lr|controller|controller-variants|learned|hpo|games --out DIR [--net LABEL=PATH ...] [--peer NAME ...]
-    nestopt meta-train [--net hybrid|mlp|mlp-seed|lstm|attention|controller] [--method tbptt|es|pes|surrogate] [--steps N]
+    nestopt meta-train [--net hybrid|mlp|mlp-seed|linear|lstm|attention|controller] [--method tbptt|es|pes|surrogate] [--steps N]
                        [--unroll N] [--horizon N] [--pairs N] [--sigma S] [--workers N]
                        [--families F,..] [--seed N] [--resume] --out DIR
     nestopt tasks
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("meta-train", help="meta-train an update network for LearnedOptimizer")
     m.add_argument("--net", default="hybrid",
-                   help="hybrid (default), mlp, mlp-seed, lstm, attention, or controller (the nested optimizer's, "
+                   help="hybrid (default), mlp, mlp-seed, linear, lstm, attention, or controller (the nested optimizer's, "
                         "with --method es or pes; its runs draw AdamW rates from 1e-4 to 1)")
     m.add_argument("--method", default="tbptt",
                    help="tbptt (default), es (antithetic evolution strategies), pes (persistent ES: unbiased over "
@@ -325,10 +325,12 @@ def _cmd_study(args: argparse.Namespace) -> int:
 def _cmd_meta_train(args: argparse.Namespace) -> int:
     import json
 
-    from .meta import CoordinateLSTM, DirectUpdateMLP, GradientAttention, HybridAdamNet, MetaConfig, meta_train
+    from .meta import (CoordinateLSTM, DirectUpdateMLP, GradientAttention, HybridAdamNet, LinearUpdate, MetaConfig,
+                       meta_train)
     from .optim.learned import save_net
 
     nets = {"hybrid": HybridAdamNet, "mlp": DirectUpdateMLP, "mlp-seed": lambda: DirectUpdateMLP("seed"),
+            "linear": LinearUpdate,
             "lstm": CoordinateLSTM, "attention": GradientAttention, "controller": _meta_controller}
     if args.net == "controller" and args.method not in ("es", "pes"):
         raise UsageError(f"--method {args.method} is invalid with --net controller: a nested optimizer's runs are "
@@ -379,12 +381,13 @@ def _meta_controller():
 
 
 def _net_args(items: list[str], out: Path) -> dict[str, str]:
-    """``--net LABEL=PATH`` arguments, plus the shipped network and, as the reference for what
+    """``--net LABEL=PATH`` arguments, plus the shipped networks and, as the reference for what
     meta-training bought, the same network untrained (written to OUT)."""
     from .meta import HybridAdamNet
-    from .optim.learned import SHIPPED, load_net, save_net
+    from .optim.learned import SHIPPED_NETS, load_net, save_net
 
-    nets = {"shipped (mlp)": str(SHIPPED), "hybrid, untrained (Adam 1e-3)": str(save_net(HybridAdamNet(), out / "untrained.safetensors"))}
+    nets = {"shipped default (linear)": str(SHIPPED_NETS["default"]), "shipped MLP (net='mlp')": str(SHIPPED_NETS["mlp"]),
+            "hybrid, untrained (Adam 1e-3)": str(save_net(HybridAdamNet(), out / "untrained.safetensors"))}
     for item in items:
         label, sep, path = item.partition("=")
         if not sep or not label or not path:

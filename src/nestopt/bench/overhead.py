@@ -43,10 +43,18 @@ def _nested_frozen(p: list[torch.Tensor]) -> torch.optim.Optimizer:
     return NestedOptimizer(p, torch.optim.AdamW, signal="frozen", lr=1e-3, fused=True)
 
 
+def _learned_mlp(p: list[torch.Tensor]) -> torch.optim.Optimizer:
+    from ..optim.learned import LearnedOptimizer
+
+    return LearnedOptimizer(p, net="mlp")
+
+
 # Configurations that are not registry entries but whose step cost an issue asks for. The frozen
-# nested optimizer still computes every default feature and runs the controller every step.
+# nested optimizer still computes every default feature and runs the controller every step; the
+# shipped per-element MLP is the learned optimizer that is not the default.
 EXTRA: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
     "nested-adamw (frozen)": _nested_frozen,
+    "learned (net='mlp')": _learned_mlp,
 }
 
 

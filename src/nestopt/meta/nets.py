@@ -20,6 +20,9 @@ tensors, the optimizer's buffers), so one network serves any number of parameter
   ``m/sqrt(v)`` and ``g/sqrt(v)``. The output ``(d, a)`` gives ``delta = -c d exp(c a)`` with
   ``c = 1e-3`` (a small initial step, as in Metz et al.'s MLP optimizers). 1 buffer per
   parameter for ``"seed"``, 3 for ``"extended"``.
+- :class:`LinearUpdate`: a per-element update linear in the gradient, both momenta and the parameter
+  (each divided by a per-tensor scale) and the Adam ratios: the shipped default, cheap enough to
+  run as one fused elementwise pass. 3 buffers per parameter.
 - :class:`CoordinateLSTM`: Andrychowicz et al. (2016)'s coordinatewise LSTM on log/sign
   preprocessed gradients (``2 * hidden`` buffers per parameter).
 - :class:`GradientAttention`: one attention head over each element's last ``window`` normalised
@@ -219,6 +222,58 @@ class DirectUpdateMLP(UpdateNet):
         return delta.reshape(p.shape).to(p.dtype), new
 
 
+class LinearUpdate(UpdateNet):
+    """A per-element update linear in cheap, scale-free features: the shipped default, because its
+    whole step is one elementwise pass plus two per-tensor dot products (see
+    :class:`~nestopt.optim.LearnedOptimizer`), where a per-element MLP costs tens of Adam steps.
+
+    ``delta = -c (w . x + b)`` with ``c`` = ``step_mult`` and
+    ``x = [g/r, m/r, m_slow/r, p/r_p, m_hat/v_hat, g/v_hat]``: momenta 0.9 (``m``) and 0.99
+    (``m_slow``), ``v`` the 0.999 average of ``g^2`` (``m_hat``, ``v_hat = sqrt(v/(1-0.999^t)) + 1e-8``
+    bias-corrected as in Adam), ``r = sqrt(vbar/(1-0.999^t))`` with ``vbar`` the same average of
+    the tensor's mean ``g^2`` (one scalar per tensor, so ``r`` is the tensor's gradient RMS over the
+    same window), and ``r_p`` the parameter's RMS plus 1e-3. Every feature is unchanged when the
+    loss is scaled. 3 buffers and one scalar per parameter tensor.
+    """
+
+    kind = "linear"
+    buffers = ("m", "m_slow", "v")
+
+    def __init__(self, step_mult: float = 1e-3, seed: int = 0) -> None:
+        super().__init__()
+        check_number("step_mult", step_mult, lo=0.0, lo_open=True)
+        self.step_mult = step_mult
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.net = nn.Linear(6, 1)
+
+    def config(self) -> dict[str, object]:
+        return {"kind": self.kind, "step_mult": self.step_mult}
+
+    def init_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return {"m": z, "m_slow": z.clone(), "v": z.clone(), "v_bar": torch.zeros((), dtype=torch.float64)}
+
+    @staticmethod
+    def scales(g_sq_mean: float, v_bar: float, p_sq_mean: float, t: int) -> tuple[float, float, float]:
+        """``(v_bar', r, r_p)`` from the tensor's mean ``g^2`` and ``p^2`` (host floats: what the
+        optimizer's fast path computes once per tensor)."""
+        v_bar = 0.999 * v_bar + 0.001 * g_sq_mean
+        return v_bar, math.sqrt(v_bar / (1 - 0.999**t) + 1e-30), math.sqrt(p_sq_mean + 1e-30) + 1e-3
+
+    def update(self, p, g, state, t):  # type: ignore[no-untyped-def]
+        m = torch.lerp(state["m"], g, 0.1)
+        m_slow = torch.lerp(state["m_slow"], g, 0.01)
+        v = state["v"] * 0.999 + 0.001 * g * g
+        v_bar = state["v_bar"] * 0.999 + 0.001 * g.double().pow(2).mean()
+        r = (v_bar / (1 - 0.999**t) + 1e-30).sqrt().to(g.dtype)
+        r_p = (p.double().pow(2).mean() + 1e-30).sqrt().to(p.dtype) + 1e-3
+        vh = (v / (1 - 0.999**t)).sqrt() + _EPS
+        x = torch.stack([g / r, m / r, m_slow / r, p / r_p, (m / (1 - 0.9**t)) / vh, g / vh], -1)
+        delta = -self.step_mult * self.net(x.to(self.net.weight.dtype)).squeeze(-1)
+        return delta.to(p.dtype), {"m": m, "m_slow": m_slow, "v": v, "v_bar": v_bar}
+
+
 def _preprocess(g: torch.Tensor, p: float = 10.0) -> torch.Tensor:
     """Andrychowicz et al.'s gradient preprocessing, per element: ``(log|g| / p, sign g)`` when
     ``|g| >= e^-p``, else ``(-1, e^p g)``. Returns ``(numel, 2)``."""
@@ -301,7 +356,7 @@ class GradientAttention(UpdateNet):
         return delta.reshape(p.shape).to(p.dtype), {"history": hist}
 
 
-KINDS = {"hybrid": HybridAdamNet, "mlp": DirectUpdateMLP, "lstm": CoordinateLSTM, "attention": GradientAttention}
+KINDS = {"hybrid": HybridAdamNet, "mlp": DirectUpdateMLP, "linear": LinearUpdate, "lstm": CoordinateLSTM, "attention": GradientAttention}
 
 
 def build(config: dict[str, object]) -> nn.Module:

@@ -290,5 +290,5 @@ if _shipped():
     register(OptimizerSpec(
         "learned", _learned, default_lr=1.0, nonfinite="skip", origin="nestopt", requires="safetensors",
         conformance_lr=1.0,
-        description="LearnedOptimizer with the shipped meta-trained network (per-element MLP, extended "
-                    "features), untuned"))
+        description="LearnedOptimizer with the shipped meta-trained network (linear in momenta, Adam ratios "
+                    "and parameter, per-tensor normalised), untuned"))

@@ -147,7 +147,7 @@ def run_study(out: str | Path, nets: dict[str, str] | None = None, workers: int 
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    nets = nets or {"shipped (mlp)": str(SHIPPED)}
+    nets = nets or {"shipped default (linear)": str(SHIPPED)}
     t0 = time.perf_counter()
     jobs = [(f, i, "adamw", lr, s) for f, i in held_out for lr in ADAMW_LRS for s in range(seeds)]
     jobs += [(f, i, path, 1.0, s) for f, i in held_out for path in nets.values() for s in range(seeds)]

@@ -224,6 +224,8 @@ class LearnedOptimizer(Optimizer):
             return False
         w = net.net.weight.detach().reshape(-1).tolist()
         b = float(net.net.bias.detach())
+        batch: list[tuple[torch.Tensor, dict[str, Any], list[float]]] = []  # for the multi-tensor pass
+        size = 0
         for (group, p), g_sq, p_sq in zip(work, sq[:n], sq[n:]):
             st = self.state[p]
             st["step"] += 1
@@ -233,20 +235,29 @@ class LearnedOptimizer(Optimizer):
             st["v_bar"], r, r_p = net.scales(g_sq / p.numel(), st["v_bar"], p_sq * dec * dec / p.numel(), t)
             k = [dec * (1 - a * w[3] / r_p), a * w[0] / r, a * w[1] / r, a * w[2] / r, a * b,
                  a * w[4] / (1 - 0.9**t), a * w[5], 1 / (1 - 0.999**t), 1e-8]
-            args = [_flat(x) for x in (p, p.grad, st["m"], st["m_slow"], st["v"])]
-            self._kernel(p)(*args, torch.tensor(k, dtype=p.dtype, device=p.device))
+            compiled = self._compiled(p)
+            if compiled is not None:
+                compiled(*(_flat(x) for x in (p, p.grad, st["m"], st["m_slow"], st["v"])),
+                         torch.tensor(k, dtype=p.dtype, device=p.device))
+                continue
+            batch.append((p, st, k))
+            size += p.numel()
+            if size >= _BATCH:  # bounds the pass's temporaries to a few batches' worth of floats
+                _linear_foreach(batch)
+                batch, size = [], 0
+        if batch:
+            _linear_foreach(batch)
         return True
 
-    def _kernel(self, p: torch.Tensor) -> Callable[..., None]:
-        """The compiled elementwise pass for ``p`` where ``compile`` asks for it, else the eager one."""
+    def _compiled(self, p: torch.Tensor) -> Callable[..., None] | None:
+        """The compiled elementwise pass for ``p`` where ``compile`` asks for it; ``None``: the
+        multi-tensor eager pass."""
         global _COMPILED
         if self.compile is False or (self.compile is None and (p.numel() < _COMPILE_MIN or _COMPILED is False)):
-            return _linear_pass
-        if _COMPILED is None or _COMPILED is False:
+            return None
+        if not _COMPILED:
             _COMPILED = torch.compile(_linear_pass, dynamic=True)
-        if self.compile:
-            return _COMPILED
-        return _try_compiled
+        return _COMPILED if self.compile else _try_compiled
 
     def _net_on(self, device: torch.device) -> UpdateNet:
         """The network on ``device`` (a copy per device, made once; the CPU original is kept)."""
@@ -301,18 +312,48 @@ def _mlp_apply_(net: DirectUpdateMLP, p: torch.Tensor, g: torch.Tensor, state: d
 
 
 _COMPILE_MIN = 1 << 16
+_BATCH = 1 << 22
 _COMPILED: Any = None  # torch.compile(_linear_pass) once built; False once compiling has failed
 
 
 def _linear_pass(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, m_slow: torch.Tensor, v: torch.Tensor,
                  k: torch.Tensor) -> None:
     """:class:`~nestopt.meta.nets.LinearUpdate`'s step with its per-tensor scalars folded into
-    ``k`` (see ``LearnedOptimizer._linear``): the buffers advance and ``p`` moves in place."""
+    ``k`` (see ``LearnedOptimizer._linear``): the buffers advance and ``p`` moves in place. The
+    source of the compiled kernel; :func:`_linear_foreach` is the same arithmetic, in the same
+    order, over many tensors at once."""
     m.lerp_(g, 0.1)
     m_slow.lerp_(g, 0.01)
     v.mul_(0.999).addcmul_(g, g, value=0.001)
     vh = (v * k[7]).sqrt() + k[8]
     p.mul_(k[0]).sub_(k[1] * g + k[2] * m + k[3] * m_slow + k[4] + (k[5] * m + k[6] * g) / vh)
+
+
+def _linear_foreach(batch: list[tuple[torch.Tensor, dict[str, Any], list[float]]]) -> None:
+    """:func:`_linear_pass` for each ``(p, state, k)`` in ``batch``, by multi-tensor kernels: a
+    dozen launches for the whole batch instead of a dozen per tensor (small tensors are bound by
+    launches, not memory)."""
+    ps = [p for p, _, _ in batch]
+    gs = [p.grad for p in ps]
+    ms, mss, vs = ([st[key] for _, st, _ in batch] for key in ("m", "m_slow", "v"))
+    ks = [[k[j] for _, _, k in batch] for j in range(9)]
+    torch._foreach_lerp_(ms, gs, 0.1)
+    torch._foreach_lerp_(mss, gs, 0.01)
+    torch._foreach_mul_(vs, 0.999)
+    torch._foreach_addcmul_(vs, gs, gs, value=0.001)
+    vh = torch._foreach_mul(vs, ks[7])
+    torch._foreach_sqrt_(vh)
+    torch._foreach_add_(vh, ks[8])
+    adam = torch._foreach_mul(ms, ks[5])
+    torch._foreach_add_(adam, torch._foreach_mul(gs, ks[6]))
+    torch._foreach_div_(adam, vh)
+    d = torch._foreach_mul(gs, ks[1])
+    torch._foreach_add_(d, torch._foreach_mul(ms, ks[2]))
+    torch._foreach_add_(d, torch._foreach_mul(mss, ks[3]))
+    torch._foreach_add_(d, ks[4])
+    torch._foreach_add_(d, adam)
+    torch._foreach_mul_(ps, ks[0])
+    torch._foreach_sub_(ps, d)
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:

@@ -154,6 +154,27 @@ def test_global_share_equals_global_scope_and_norm_share_equalises_step_lengths(
     assert float(c[1].norm()) == pytest.approx(2.0 / 5.1, rel=1e-12)
 
 
+def test_one_group_fast_path_matches_the_general_path_bitwise():
+    # One param group and scope="global" take a shortcut; two groups sharing one step size take
+    # the general path. Same arithmetic, so the same bits, counters and eta.
+    torch.manual_seed(0)
+    shapes = [(3, 4), (4,), (40000,)]  # the last takes the BLAS-dot branch of the norm pass
+    init = [torch.randn(s, dtype=torch.float32) for s in shapes]
+    grads = [[torch.randn(s, dtype=torch.float32) for s in shapes] for _ in range(3)]
+    a = [t.clone().requires_grad_() for t in init]
+    b = [t.clone().requires_grad_() for t in init]
+    fast = Polyak(a, lr=0.5, max_lr=2e-5)  # binding: eta = 2 / ||g||^2 is about 5e-5
+    general = Polyak([{"params": b[:1]}, {"params": b[1:]}], lr=0.5, max_lr=2e-5)
+    for gs in grads:
+        for p, q, g in zip(a, b, gs):
+            p.grad, q.grad = g.clone(), g.clone()
+        fast.step(loss=2.0)
+        general.step(loss=2.0)
+        for p, q in zip(a, b):
+            assert torch.equal(p, q)
+        assert general.param_groups[1]["polyak"] == fast.param_groups[0]["polyak"]
+
+
 def test_group_scope_gives_one_step_size_per_group():
     a, b, c = (torch.zeros(2, dtype=F64, requires_grad=True) for _ in range(3))
     opt = Polyak([{"params": [a, b]}, {"params": [c]}], scope="group")

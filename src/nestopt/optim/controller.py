@@ -60,8 +60,16 @@ class Controller(nn.Module):
         """The same map in NumPy (float64), for the optimizer's per-step use: a few microseconds
         where eager torch spends tens on each tiny op. The weights are cached and re-read whenever
         any of them changes (torch's in-place version counter, or new storage set through ``.data``)."""
-        mods = ([self.memory] if self.memory is not None else []) + [self.net[0], self.net[2], self.net[4]]
-        tensors = [t for m in mods for t in (m.weight, m.bias)]
+        # The layers' parameter dicts are looked up once per set of modules (Module attribute
+        # access costs microseconds each, which this per-step path pays for nothing).
+        net, mem = self.net, self.memory
+        key = (mem, *net._modules.values())
+        cached = self.__dict__.get("_np_dicts")
+        if cached is None or len(cached[0]) != len(key) or any(a is not b for a, b in zip(cached[0], key)):
+            mods = ([mem] if mem is not None else []) + [net[0], net[2], net[4]]
+            self._np_dicts = cached = (key, mods, [m._parameters for m in mods])
+        mods = cached[1]
+        tensors = [d[k] for d in cached[2] for k in ("weight", "bias")]
         version = [(id(t), t._version, t.data_ptr()) for t in tensors]
         if self.__dict__.get("_np_version") != version:
             self._np = [(m.weight.detach().double().numpy().T.copy(), m.bias.detach().double().numpy().copy())
@@ -89,14 +97,16 @@ class _RunningNorm:
         self.count = 0
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        # sum / n is what ndarray.mean computes, and minimum/maximum what clip does on finite
+        # input, without their Python-level wrappers (this runs every optimizer step).
         self.count += 1
-        b = self.beta
-        self.mean = b * self.mean + (1 - b) * x.mean(0)
-        self.sq = b * self.sq + (1 - b) * (x * x).mean(0)
+        b, n = self.beta, x.shape[0]
+        self.mean = b * self.mean + (1 - b) * (x.sum(0) / n)
+        self.sq = b * self.sq + (1 - b) * ((x * x).sum(0) / n)
         c = 1 - b**self.count
         mean = self.mean / c
         var = np.maximum(self.sq / c - mean * mean, 0.0)
-        return np.clip((x - mean) / np.sqrt(var + 1e-8), -5.0, 5.0)
+        return np.minimum(np.maximum((x - mean) / np.sqrt(var + 1e-8), -5.0), 5.0)
 
     def state(self) -> dict[str, Any]:
         return {"mean": torch.from_numpy(self.mean.copy()), "sq": torch.from_numpy(self.sq.copy()), "count": self.count}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import math
 
+import numpy as np
+
 import pytest
 import torch
 from torch import nn
@@ -277,3 +279,32 @@ def test_mult_feature_is_the_current_log_multiplier_unstandardised():
     scale = math.log(10.0)  # the default range is (0.1, 10)
     assert opt.feature_table()["mult"] == [pytest.approx(math.log(v) / scale) for v in m]  # the previous step's
     assert opt.last_features[:, 1] == pytest.approx([math.log(v) / scale for v in m])  # not standardised
+
+
+def test_controller_numpy_forward_follows_every_kind_of_weight_change():
+    # The NumPy forward caches its layers and weights; each way of changing them must show.
+    from nestopt.optim.controller import Controller
+
+    ctl = Controller(4, hidden=8, scratchpad=2, seed=3)
+    x = np.random.default_rng(0).standard_normal((3, 4))
+    mem = np.zeros((3, 2))
+
+    def same():
+        z, m = ctl.forward_numpy(x, mem)
+        zt, mt = ctl(torch.from_numpy(x).float(), torch.from_numpy(mem).float())
+        torch.testing.assert_close(torch.from_numpy(z).float(), zt.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.from_numpy(m).float(), mt.detach(), rtol=1e-5, atol=1e-6)
+        return z
+
+    z0 = same()
+    with torch.no_grad():
+        ctl.net[4].weight.add_(0.5)  # in place
+    z1 = same()
+    ctl.net[4].bias = nn.Parameter(torch.full((1,), 0.3))  # a new Parameter object
+    z2 = same()
+    ctl.net[0] = nn.Linear(6, 8)  # a new layer inside the Sequential
+    z3 = same()
+    ctl.memory.weight.data = torch.randn(2, 6)  # new storage through .data
+    z4 = same()
+    for a, b in zip((z0, z1, z2, z3), (z1, z2, z3, z4)):
+        assert not np.allclose(a, b)

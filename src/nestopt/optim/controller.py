@@ -76,7 +76,7 @@ class Controller(nn.Module):
                         for m in mods]
             self._np_version = version
         layers = list(self._np)
-        if self.memory is not None:
+        if mem is not None:
             assert memory is not None
             w, b = layers.pop(0)
             memory = np.tanh(np.concatenate([x, memory], axis=1) @ w + b)

@@ -325,13 +325,11 @@ def _cmd_study(args: argparse.Namespace) -> int:
 def _cmd_meta_train(args: argparse.Namespace) -> int:
     import json
 
-    from .meta import (CoordinateLSTM, DirectUpdateMLP, GradientAttention, HybridAdamNet, LinearUpdate, MetaConfig,
-                       meta_train)
+    from .meta import DirectUpdateMLP, MetaConfig, meta_train
+    from .meta.nets import KINDS
     from .optim.learned import save_net
 
-    nets = {"hybrid": HybridAdamNet, "mlp": DirectUpdateMLP, "mlp-seed": lambda: DirectUpdateMLP("seed"),
-            "linear": LinearUpdate,
-            "lstm": CoordinateLSTM, "attention": GradientAttention, "controller": _meta_controller}
+    nets = {**KINDS, "mlp-seed": lambda: DirectUpdateMLP("seed"), "controller": _meta_controller}
     if args.net == "controller" and args.method not in ("es", "pes"):
         raise UsageError(f"--method {args.method} is invalid with --net controller: a nested optimizer's runs are "
                          "not differentiable; use es or pes")

@@ -28,6 +28,37 @@ def test_robustness_counts_rates_within_2x_of_the_methods_best():
     assert rob["adamw-hd"]["robust"] == 0  # never reaches the target
 
 
+def _two_tasks(nested_ttt):
+    """Records on two tasks, 3 seeds: AdamW reaches the target only at lr* (1 robust rate per
+    task); the nested optimizer's time to target per (seed, factor) comes from ``nested_ttt``."""
+    best = {"t1": 0.01, "t2": 0.1}
+    recs = []
+    for t in best:
+        for f, lr in zip(C.ROBUST, C._around(best[t], C.ROBUST)):
+            for s in range(3):
+                recs.append(_rec(t, "adamw", lr, s, 1.0, 1.0 if f == 1.0 else None))
+                recs.append(_rec(t, "n", lr, s, 1.0, nested_ttt(s, f)))
+    return recs, best
+
+
+def test_robust_difference_separates_a_clear_lead_from_seed_luck():
+    # Clearly more robust: every seed reaches the target at every rate within 2x of the best.
+    recs, best = _two_tasks(lambda s, f: 1.0 + 0.1 * s)
+    d = C.robust_difference(recs, ("t1", "t2"), best, "n", "adamw", draws=300)
+    assert d["observed"] == 10 - 2
+    assert d["interval90"][0] > 0 and d["ahead"] == 1.0
+    assert C.robust_verdict(d) == "more"
+    # A lead that rests on one seed per cell: the nested optimizer reaches the target away from lr*
+    # on seeds 0 and 1 only at factor 0.316, else on seed 0 alone (median: not reached).
+    recs, best = _two_tasks(lambda s, f: 1.0 if (f == 1.0 or (f == 0.316 and s < 2)) else None)
+    d = C.robust_difference(recs, ("t1", "t2"), best, "n", "adamw", draws=300)
+    assert d["observed"] == 4 - 2
+    assert d["interval90"][0] <= 0 < d["interval90"][1]
+    assert C.robust_verdict(d) == "no clear difference"
+    # Reproducible for a given seed.
+    assert C.robust_difference(recs, ("t1", "t2"), best, "n", "adamw", draws=300) == d
+
+
 def test_paired_verdict_needs_a_clear_margin():
     best = {"t": 1.0}
     recs = []
@@ -50,6 +81,8 @@ def test_small_study_end_to_end(tmp_path):
     for section in ("## 1. Robustness", "## 2. Ablations", "## 3. Per-head feedback", "## 4. Cost and peers"):
         assert section in report
     assert len(doc["ablations"]) == len(C.CONFIGS) - 1
+    assert C.robust_verdict(doc["robust_difference"]) in ("more", "less", "no clear difference")
+    assert "90% interval" in report
     assert all(r["verdict"] in ("helped", "hurt", "no clear effect") for r in doc["ablations"])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["best_lr"]["quad-asym"] > 0
@@ -76,6 +109,10 @@ def test_variants_study_scores_each_variant_against_adamw(tmp_path):
     assert all(0 <= m["robust"] <= m["cells"] == len(C.ROBUST) for m in doc["robustness"].values())
     report = (tmp_path / "variants.md").read_text()
     assert "| label shift 2 (default) | `label_shift=2.0` |" in report
+    d = doc["robust_difference"]["label shift 1"]
+    lo, hi = d["interval90"]
+    assert lo == hi == d["observed"]  # one seed: every draw resamples the same run
+    assert f"{d['observed']:+d} [{lo:+d}, {hi:+d}]" in report
     assert json.loads((tmp_path / "variants.json").read_text())["variants"]["label shift 1"] == {"label_shift": 1.0}
     with pytest.raises(ValueError, match="variant 'bogus' is unknown"):
         C.run_variants(tmp_path, variants=("bogus",))

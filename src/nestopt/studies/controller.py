@@ -10,6 +10,7 @@ batches, evaluation and timing rules; time is training time, the controller's wo
    ``lr*`` and the target come from AdamW over its 9-point grid (1e-4 to 1): the target is the
    final validation loss AdamW reaches at ``lr*`` on its worst seed. For each task and method, a
    rate counts as *robust* when its median time-to-target is within 2x of that method's best rate.
+   The difference from AdamW's count carries a 90% interval from a paired bootstrap over seeds.
 2. **Ablations of signals and features** at base rates ``lr* x`` 0.1, 1 and 10, 2 seeds: each signal
    against ``frozen`` (the untrained controller, i.e. AdamW with the controller's bookkeeping),
    and each feature removed from (or added to) the default. Verdicts come from paired
@@ -304,6 +305,53 @@ def robustness(records: list[dict[str, Any]], tasks: tuple[str, ...], best_lr: d
     return out
 
 
+def robust_difference(records: list[dict[str, Any]], tasks: tuple[str, ...], best_lr: dict[str, float], a: str,
+                      b: str, draws: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """How sure is "``a`` has more robust rates than ``b``"? A paired bootstrap over seeds: each
+    draw resamples, in every (task, rate) cell, the seeds with replacement (the same seeds for both
+    methods, since a seed fixes the data and the initial weights), recounts both methods' robust
+    rates as :func:`robustness` does, and records ``count(a) - count(b)``. Returns the observed
+    difference, its 90% interval, and the share of draws in which ``a`` is ahead and behind."""
+    cells: dict[tuple[str, float], dict[str, dict[int, float]]] = {}
+    for t in tasks:
+        for f, lr in zip(ROBUST, _around(best_lr[t], ROBUST)):
+            cells[(t, f)] = {opt: {r["seed"]: _ttt(r) for r in records
+                                   if r["task"] == t and r["optimizer"] == opt and r["lr"] == lr} for opt in (a, b)}
+
+    def count(opt: str, picks: dict[tuple[str, float], list[int]] | None) -> int:
+        n = 0
+        for t in tasks:
+            ttt = {}
+            for f in ROBUST:
+                runs = cells[(t, f)][opt]
+                chosen = picks[(t, f)] if picks is not None else sorted(runs)
+                ttt[f] = _median([runs[s] for s in chosen if s in runs])
+            best = min(ttt.values())
+            n += sum(1 for v in ttt.values() if math.isfinite(v) and v <= 2 * best)
+        return n
+
+    observed = count(a, None) - count(b, None)
+    rng = torch.Generator().manual_seed(seed)
+    diffs = []
+    for _ in range(draws):
+        picks = {}
+        for key, runs in cells.items():
+            seeds = sorted(set(runs[a]) | set(runs[b]))
+            idx = torch.randint(0, len(seeds), (len(seeds),), generator=rng).tolist() if seeds else []
+            picks[key] = [seeds[i] for i in idx]
+        diffs.append(count(a, picks) - count(b, picks))
+    diffs.sort()
+    lo, hi = diffs[int(0.05 * (draws - 1))], diffs[int(math.ceil(0.95 * (draws - 1)))]
+    return {"a": a, "b": b, "observed": observed, "interval90": [lo, hi], "draws": draws,
+            "ahead": sum(d > 0 for d in diffs) / draws, "behind": sum(d < 0 for d in diffs) / draws}
+
+
+def robust_verdict(diff: dict[str, Any]) -> str:
+    """"more" / "less" when the 90% interval of the difference excludes 0, else "no clear difference"."""
+    lo, hi = diff["interval90"]
+    return "more" if lo > 0 else "less" if hi < 0 else "no clear difference"
+
+
 def paired(records: list[dict[str, Any]], a: str, b: str, factors: tuple[float, ...], seeds: int,
            best_lr: dict[str, float], tol: float = 0.01) -> dict[str, Any]:
     """Final validation loss of ``a`` against ``b`` on the same (task, rate, seed), at the rates
@@ -551,6 +599,7 @@ def run_study(out: str | Path, seeds: int = 3, ablation_seeds: int = 2, head_see
     traces = [trace_multipliers("digits-mlp", lr) for lr in _around(best_lr["digits-mlp"], ABLATION)] \
         if "digits-mlp" in tasks else []
     rob = robustness(records, tasks, best_lr)
+    diff = robust_difference(records, tasks, best_lr, _name("hindsight"), "adamw")
     abl = ablations(records, ablation_seeds, best_lr)
     cost = costs(records, tasks, best_lr)
     peer = peers(records, chosen, tasks, best_lr)
@@ -558,7 +607,8 @@ def run_study(out: str | Path, seeds: int = 3, ablation_seeds: int = 2, head_see
     figures = _figures(rob, abl, heads, head_runs, traces, tasks, out)
     wall = time.perf_counter() - t0
     doc = {"study": "controller", "wall_s": wall, "bench_s": t_bench, "runs": len(records), "targets": tgt,
-           "best_lr": best_lr, "head_lr": head_lr, "robustness": rob, "ablations": abl, "costs": cost,
+           "best_lr": best_lr, "head_lr": head_lr, "robustness": rob, "robust_difference": diff, "ablations": abl,
+           "costs": cost,
            "peers": peer, "heads": heads,
            "head_runs": [{k: v for k, v in r.items() if k != "trace"} for r in head_runs],
            "traces": traces, "figures": figures,
@@ -607,19 +657,23 @@ def run_variants(out: str | Path, variants: tuple[str, ...] = tuple(VARIANTS), s
     records += more
     attach_targets(records, targets(chosen))
     rob = robustness(records, tasks, best_lr, methods)
+    diffs = {v: robust_difference(records, tasks, best_lr, methods[v], "adamw") for v in variants}
     wall = time.perf_counter() - t0
     doc = {"study": "controller-variants", "wall_s": wall, "runs": len(records), "best_lr": best_lr, "seeds": seeds,
-           "variants": {v: VARIANTS[v] for v in variants}, "robustness": rob}
+           "variants": {v: VARIANTS[v] for v in variants}, "robustness": rob, "robust_difference": diffs}
     (out / "variants.json").write_text(json.dumps(finite(doc), indent=1, default=list))
     L = ["# The nested optimizer's default against variants: robustness to the base rate", "",
          f"Command: `nestopt study controller-variants --out DIR` ({wall:.0f} s here, {len(records)} bench runs). "
          f"Part 1 of `nestopt study controller` for each variant: base rates lr* x ({', '.join(f'{x:g}' for x in ROBUST)}) "
          f"around tuned AdamW's rate, {seeds} seeds; a rate is robust when the median time-to-target there is within "
-         "2x of the method's best rate on that task (a target never reached is not within).", "",
-         "| method | options | robust rates |", "|---|---|---|"]
+         "2x of the method's best rate on that task (a target never reached is not within). The difference "
+         "from AdamW carries a 90% interval from a paired bootstrap over seeds (see `robust_difference`).", "",
+         "| method | options | robust rates | minus AdamW's (90% interval) |", "|---|---|---|---|"]
     for label, m in rob.items():
         opts = "AdamW" if label == "adamw" else (", ".join(_option(k, v) for k, v in VARIANTS[label].items()) or "-")
-        L.append(f"| {label} | {opts} | {m['robust']} / {m['cells']} |")
+        d = diffs.get(label)
+        vs = "-" if d is None else f"{d['observed']:+d} [{d['interval90'][0]:+d}, {d['interval90'][1]:+d}]"
+        L.append(f"| {label} | {opts} | {m['robust']} / {m['cells']} | {vs} |")
     L += ["", *_ttt_table(rob, tasks)]
     (out / "variants.md").write_text("\n".join(L) + "\n")
     return doc
@@ -644,9 +698,15 @@ def _report(doc: dict[str, Any], seeds: int, ablation_seeds: int, head_seeds: in
          "| method | robust rates | fraction |", "|---|---|---|"]
     for label, m in rob.items():
         L.append(f"| {label} | {m['robust']} / {m['cells']} | {m['fraction']:.2f} |")
-    nd, aw = rob["nested (default)"]["fraction"], rob["adamw"]["fraction"]
-    L += ["", f"**Verdict:** the default nested optimizer is {'more' if nd > aw else 'not more'} robust to the base "
-          f"rate than AdamW here ({nd:.2f} vs {aw:.2f} of rates within 2x of the best).", "",
+    nd, aw = rob["nested (default)"]["robust"], rob["adamw"]["robust"]
+    diff = doc["robust_difference"]
+    verdict = robust_verdict(diff)
+    lo, hi = diff["interval90"]
+    L += ["", f"**Verdict:** {'more' if verdict == 'more' else 'less' if verdict == 'less' else 'not shown more'} "
+          f"robust to the base rate than AdamW: {nd} vs {aw} robust rates, a difference of {diff['observed']:+d} "
+          f"with a 90% interval of [{lo:+d}, {hi:+d}] from a paired bootstrap over seeds ({diff['draws']} draws; "
+          f"the default is ahead in {diff['ahead']:.0%} of them and behind in {diff['behind']:.0%}). The verdict "
+          "is \"more\" only when the interval lies above 0.", "",
           *_ttt_table(rob, tasks)]
     L += ["", "![robustness](robustness.png)", "",
           "## 2. Ablations: signals and features", "",

@@ -284,6 +284,13 @@ def _final(r: dict[str, Any]) -> float:
     return INF if (r["diverged"] or v is None) else float(v)
 
 
+def _within_2x(ttt: dict[float, float]) -> list[float]:
+    """The base-rate factors whose time to target is within 2x of the best one (a target never
+    reached is not within)."""
+    best = min(ttt.values())
+    return [f for f, v in ttt.items() if math.isfinite(v) and v <= 2 * best]
+
+
 def robustness(records: list[dict[str, Any]], tasks: tuple[str, ...], best_lr: dict[str, float],
                methods: dict[str, str] | None = None) -> dict[str, Any]:
     """Per method (label -> optimizer name) and task: median time-to-target per base rate, and how
@@ -296,9 +303,8 @@ def robustness(records: list[dict[str, Any]], tasks: tuple[str, ...], best_lr: d
         for t in tasks:
             ttt = {f: _median([_ttt(r) for r in records if r["task"] == t and r["optimizer"] == opt and r["lr"] == lr])
                    for f, lr in zip(ROBUST, _around(best_lr[t], ROBUST))}
-            best = min(ttt.values())
-            ok = [lr for lr, v in ttt.items() if math.isfinite(v) and v <= 2 * best]
-            per_task[t] = {"ttt": {str(k): v for k, v in ttt.items()}, "best": best, "robust_lrs": ok}
+            ok = _within_2x(ttt)
+            per_task[t] = {"ttt": {str(k): v for k, v in ttt.items()}, "best": min(ttt.values()), "robust_lrs": ok}
             robust += len(ok)
             cells += len(ROBUST)
         out[label] = {"tasks": per_task, "robust": robust, "cells": cells, "fraction": robust / max(cells, 1)}
@@ -326,8 +332,7 @@ def robust_difference(records: list[dict[str, Any]], tasks: tuple[str, ...], bes
                 runs = cells[(t, f)][opt]
                 chosen = picks[(t, f)] if picks is not None else sorted(runs)
                 ttt[f] = _median([runs[s] for s in chosen if s in runs])
-            best = min(ttt.values())
-            n += sum(1 for v in ttt.values() if math.isfinite(v) and v <= 2 * best)
+            n += len(_within_2x(ttt))
         return n
 
     observed = count(a, None) - count(b, None)

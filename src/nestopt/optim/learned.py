@@ -15,8 +15,8 @@ file raises ``ValueError`` naming the file and what was expected; nothing falls 
 
 Fast paths (each tested against the network's reference ``update``): the linear network reads
 each tensor's gradient and parameter once for two dot products (one host sync for all tensors),
-then runs one elementwise pass per tensor, compiled by ``torch.compile`` into a single fused loop
-for large tensors (see ``compile``); the hybrid network runs torch's fused AdamW kernel per tensor
+then runs one elementwise pass: compiled by ``torch.compile`` into a single fused loop per large
+tensor (see ``compile``), and as multi-tensor kernels over batches of the others; the hybrid network runs torch's fused AdamW kernel per tensor
 at the learned rate, with its per-tensor statistics kept by exact recursions (one extra read of
 gradients, momenta and parameters); the per-element MLP is evaluated in chunks so the hidden
 activations stay in cache.

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from _helpers import mse_closure, regression_data, tiny_mlp
 
@@ -103,6 +104,37 @@ def test_scheduler_owns_lr_and_multiplier_applies_on_top():
         sched.step()
 
 
+def test_step_hooks_run_on_the_nested_optimizer_and_on_its_base_when_registered():
+    """The base's own step wrapper is skipped on the hot path, but never while something is hooked
+    into it: hooks on the nested optimizer, on its base and global ones all still run, and the
+    parameters come out the same either way."""
+    x, y = _data()
+    a, b = _mlp(), _mlp()
+    plain = NestedOptimizer(_groups(a), torch.optim.AdamW, signal="frozen", lr=0.01)
+    hooked = NestedOptimizer(_groups(b), torch.optim.AdamW, signal="frozen", lr=0.01)
+    calls = {"outer": 0, "base": 0, "global": 0}
+    hooked.register_step_pre_hook(lambda *_: calls.__setitem__("outer", calls["outer"] + 1))
+    handle = hooked.base.register_step_post_hook(lambda *_: calls.__setitem__("base", calls["base"] + 1))
+    for _ in range(3):
+        plain.step(_closure(plain, a, x, y))
+        hooked.step(_closure(hooked, b, x, y))
+    assert calls == {"outer": 3, "base": 3, "global": 0}
+    handle.remove()
+    glob = register_optimizer_step_post_hook(
+        lambda opt, *_: calls.__setitem__("global", calls["global"] + (opt is hooked.base)))
+    try:
+        plain.step(_closure(plain, a, x, y))
+        hooked.step(_closure(hooked, b, x, y))
+    finally:
+        glob.remove()
+    assert calls == {"outer": 4, "base": 3, "global": 1}
+    plain.step(_closure(plain, a, x, y))
+    hooked.step(_closure(hooked, b, x, y))
+    assert calls == {"outer": 5, "base": 3, "global": 1}  # nothing hooked into the base: wrapper skipped
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
 @pytest.mark.parametrize("where", ["loss", "grad"])
 def test_nonfinite_loss_or_gradient_skips_everything(where):
     x, y = _data()
@@ -184,11 +216,11 @@ def test_state_dict_round_trip_carries_controller_caches_and_scratchpad():
     assert torch.equal(opt_a.memory, opt_c.memory)
 
 
-def _quadratic_run(lr: float, steps: int = 200) -> NestedOptimizer:
+def _quadratic_run(lr: float, steps: int = 200, **kw) -> NestedOptimizer:
     """SGD on f(w) = 0.5 * sum(c_i w_i^2) with curvatures 1..4: the best rate is about 0.4."""
     w = torch.nn.Parameter(torch.ones(4))
     c = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    opt = NestedOptimizer([w], torch.optim.SGD, lr=lr, features=("grad_norm", "loss"), window=4, period=8)
+    opt = NestedOptimizer([w], torch.optim.SGD, lr=lr, features=("grad_norm", "loss"), window=4, period=8, **kw)
 
     def closure():
         opt.zero_grad(set_to_none=True)
@@ -206,6 +238,46 @@ def test_hindsight_raises_a_rate_that_is_too_small_and_lowers_one_that_is_too_la
     assert small.multipliers()[0] > 3.0, small.multipliers()
     large = _quadratic_run(lr=0.6)  # unstable for curvature 4 (2/4 = 0.5)
     assert large.multipliers()[0] < 0.9, large.multipliers()  # 0.76 here, 0.83 with torch 2.11 on a GPU machine
+
+
+def test_follow_moves_the_scale_by_the_labels_and_leaves_the_controller_untrained():
+    """follow=1: each replay's label multiplies the scale directly (a line search over time), so a
+    rate that is too small rises to the top of the range within a few replays and one that is too
+    large falls, while the controller's weights (trained on the remaining share, none) stay put."""
+    small = _quadratic_run(lr=0.01, steps=40, follow=1.0)
+    assert small.counters["replays"] == 4 and small.counters["controller_updates"] == 0
+    assert small.multipliers()[0] == pytest.approx(10.0)  # labels of 2 per replay, capped at 10
+    assert torch.equal(small.controller.net[-1].weight, torch.zeros_like(small.controller.net[-1].weight))
+    large = _quadratic_run(lr=0.6, steps=40, follow=1.0)
+    assert large.multipliers()[0] < 0.9, large.multipliers()
+    # a share in between trains the controller on the rest, and the scale moves by label ** 0.5
+    half = _quadratic_run(lr=0.01, steps=9, follow=0.5)
+    assert half.counters["controller_updates"] == 4
+    assert half._scale == pytest.approx(half.last_hindsight["best"] ** 0.5)
+
+
+def test_follow_scale_is_saved_and_needs_the_hindsight_signal():
+    x, y = _data()
+    a, b = _mlp(), _mlp()
+    kw = dict(window=2, period=3, follow=1.0, lr=0.001)
+    opt_a = NestedOptimizer(a.parameters(), torch.optim.AdamW, **kw)
+    opt_b = NestedOptimizer(b.parameters(), torch.optim.AdamW, **kw)
+    for _ in range(7):
+        opt_a.step(_closure(opt_a, a, x, y))
+        opt_b.step(_closure(opt_b, b, x, y))
+    assert opt_b._scale != 1.0
+    opt_c = NestedOptimizer(b.parameters(), torch.optim.AdamW, **kw)
+    opt_c.load_state_dict(opt_b.state_dict())
+    for _ in range(5):
+        opt_a.step(_closure(opt_a, a, x, y))
+        opt_c.step(_closure(opt_c, b, x, y))
+    assert opt_a._scale == opt_c._scale and opt_a.multipliers() == opt_c.multipliers()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="follow=1.0 is invalid with signal='frozen'"):
+        NestedOptimizer(a.parameters(), signal="frozen", follow=1.0)
+    with pytest.raises(ValueError, match="follow"):
+        NestedOptimizer(a.parameters(), follow=1.5)
 
 
 def test_head_and_validation_features_are_read_per_group():

@@ -171,3 +171,27 @@ def test_the_large_lr_recipe_joins_the_bench():
     assert s(0) == pytest.approx(0.01) and s(5) == pytest.approx(0.3) and s(100) == pytest.approx(1e-5)
     rec = run_job(Job("digits-logreg", "sgd-largelr", 0.3, 0, 40))
     assert not rec["diverged"] and rec["final_val_loss"] < rec["curve"]["val_loss"][0]
+
+
+def test_overhead_floor_rows_read_every_gradient_then_step_as_the_reference(monkeypatch):
+    """The floor rows of ``nestopt overhead`` are the reference optimizer after one norm pass over
+    all gradients: same parameters as the reference, one pass per step, nothing else."""
+    from nestopt.bench import overhead
+    from nestopt.optim import polyak
+
+    read = []
+    real = polyak._host_sq_norms
+    monkeypatch.setattr(polyak, "_host_sq_norms", lambda ts, *e: read.append(len(ts)) or real(ts, *e))
+    base = overhead.synthetic_params(5000)
+    a = [p.detach().clone().requires_grad_() for p in base]
+    b = [p.detach().clone().requires_grad_() for p in base]
+    for x, y, p in zip(a, b, base):
+        x.grad, y.grad = p.grad.clone(), p.grad.clone()
+    floor = overhead.REFERENCES["norm pass + AdamW(fused=True)"](a)
+    ref = overhead.REFERENCES["torch AdamW(fused=True)"](b)
+    for _ in range(3):
+        floor.step()
+        ref.step()
+    assert read == [len(base)] * 3
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)

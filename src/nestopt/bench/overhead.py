@@ -5,7 +5,10 @@ bias vectors (the last matrix trimmed to hit the count), gradients drawn once an
 only ``optimizer.step()`` is timed. The references, ``AdamW(fused=True)``, ``SGD(foreach=True)``
 and ``SGD(momentum=0.9, foreach=True)`` (heavy ball, the reference for momentum methods such as
 ``ComplexMomentum``), are measured in the same process, interleaved with the others round by
-round; each number is the median over rounds of the mean step time in a round.
+round; each number is the median over rounds of the mean step time in a round. Two more rows
+give the floor of the optimizers that read the gradients' norms before they step (Polyak's rule,
+the nested optimizer): the reference's step after one pass that reads every gradient's squared
+norm to the host (the same pass those optimizers run, with its one sync).
 
 Memory: ``state floats/param`` counts the optimizer's state tensors (what a checkpoint carries);
 ``peak MB`` is the growth of the process's peak memory over the warm-up steps: on CUDA
@@ -30,10 +33,28 @@ import torch
 from .._malloc import settle
 from ..optim import registry as opt_registry
 
+def _after_norm_pass(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """``opt`` whose every step first reads all gradients' squared norms to the host (in reverse,
+    as Polyak and the nested optimizer do): what one extra gradient read costs, with nothing else."""
+    from ..optim.polyak import _host_sq_norms
+
+    grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None][::-1]
+    step = opt.step
+
+    def step_after_norms(closure: Callable[[], Any] | None = None) -> Any:
+        _host_sq_norms(grads)
+        return step(closure)
+
+    opt.step = step_after_norms  # type: ignore[method-assign]
+    return opt
+
+
 REFERENCES: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
     "torch AdamW(fused=True)": lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True),
     "torch SGD(foreach=True)": lambda p: torch.optim.SGD(p, lr=1e-3, foreach=True),
     "torch SGD(momentum=0.9, foreach=True)": lambda p: torch.optim.SGD(p, lr=1e-3, momentum=0.9, foreach=True),
+    "norm pass + AdamW(fused=True)": lambda p: _after_norm_pass(torch.optim.AdamW(p, lr=1e-3, fused=True)),
+    "norm pass + SGD(foreach=True)": lambda p: _after_norm_pass(torch.optim.SGD(p, lr=1e-3, foreach=True)),
 }
 
 

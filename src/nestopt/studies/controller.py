@@ -76,7 +76,8 @@ CONFIGS: dict[str, tuple[dict[str, Any], str]] = {
 # grid point nearest twice it (the default since, against the greedy label's short-horizon bias);
 # the ``mult`` feature lets the controller see where its multiplier is; a 16-step window replays a
 # longer horizon; a 16-step period labels twice as often; the wider grid lets one label move the
-# multiplier 4x.
+# multiplier 4x; ``follow=1`` takes the labels directly (a line search over time, the controller
+# untrained): is the signal or the controller's learning of it what limits robustness?
 VARIANTS: dict[str, dict[str, Any]] = {
     "label shift 1": {"label_shift": 1.0},
     "label shift 2 (default)": {"label_shift": 2.0},
@@ -85,6 +86,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "window 16": {"window": 16, "label_shift": 1.0},
     "label shift 2, period 16": {"label_shift": 2.0, "period": 16},
     "label shift 2, grid 0.25-4": {"label_shift": 2.0, "grid": (0.25, 0.5, 1.0, 2.0, 4.0)},
+    "labels followed directly": {"label_shift": 2.0, "follow": 1.0},
+    "labels followed directly, period 16": {"label_shift": 2.0, "follow": 1.0, "period": 16},
 }
 
 

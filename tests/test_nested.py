@@ -274,6 +274,13 @@ def test_follow_scale_is_saved_and_needs_the_hindsight_signal():
     assert opt_a._scale == opt_c._scale and opt_a.multipliers() == opt_c.multipliers()
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
+    # a non-finite controller output keeps the multipliers as they were, the scale not applied twice
+    before, scale = opt_a.multipliers(), opt_a._scale
+    assert scale != 1.0 and before != [1.0]
+    with torch.no_grad():
+        opt_a.controller.net[-1].bias.fill_(float("nan"))
+    opt_a.step(_closure(opt_a, a, x, y))
+    assert opt_a.multipliers() == before and opt_a.counters["controller_skipped"] == 1
     with pytest.raises(ValueError, match="follow=1.0 is invalid with signal='frozen'"):
         NestedOptimizer(a.parameters(), signal="frozen", follow=1.0)
     with pytest.raises(ValueError, match="follow"):

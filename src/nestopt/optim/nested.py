@@ -453,17 +453,17 @@ class NestedOptimizer(Optimizer):
             logm = np.clip(logm + self.explore * noise.double().numpy(), self.log_lo, self.log_hi)
         if not np.isfinite(logm).all():
             self.counters["controller_skipped"] += 1
-            mults = [g["nested_mult"] for g in groups]
+            mults = [g["nested_mult"] for g in groups]  # as they were (the scale already in them)
+            own = [m / self._scale for m in mults]
         else:
-            mults = np.exp(logm).tolist()
+            own = mults = np.exp(logm).tolist()
             if mem is not None:
                 self.memory = torch.from_numpy(mem).float()
+            if self._scale != 1.0:  # the followed share of the hindsight labels, on top of the controller's
+                lo, hi, sc = math.exp(self.log_lo), math.exp(self.log_hi), self._scale
+                mults = [min(max(sc * m, lo), hi) for m in mults]
         if self.signal == "proxy" and loss_v is not None:
             self._pending = {"loss": loss_v, "x": xt, "mem": mem_in.clone(), "noise": noise}
-        own = mults
-        if self._scale != 1.0:  # the followed share of the hindsight labels, on top of the controller's
-            lo, hi, sc = math.exp(self.log_lo), math.exp(self.log_hi), self._scale
-            mults = [min(max(sc * m, lo), hi) for m in mults]
         if self.signal == "hindsight":
             self._record_window(xt, mem_in, own, mults, params)
         self._base_step(mults, refresh, pflat)

@@ -58,6 +58,9 @@ def test_bench_micro_suite_smoke(tmp_path):
     (["meta-train", "--method", "nope", "--out", "{tmp}"], ["--method 'nope'", "pes"]),
     (["meta-train", "--method", "pes", "--sigma", "0", "--out", "{tmp}"], ["--sigma 0"]),
     (["meta-train", "--method", "pes", "--workers", "0", "--out", "{tmp}"], ["--workers 0"]),
+    (["study", "controller-variants", "--variant", "nope", "--out", "{tmp}"], ["--variant 'nope'", "'window 16'"]),
+    (["study", "controller-variants", "--seeds", "0", "--out", "{tmp}"], ["--seeds 0"]),
+    (["study", "polyak", "--seeds", "5", "--out", "{tmp}"], ["options of the controller-variants study"]),
 ])
 def test_bad_input_exits_2_with_a_clear_message(tmp_path, args, expect):
     blocker = tmp_path / "a-file"

@@ -3,6 +3,7 @@
     nestopt bench --suite quick|full [--tasks T,..] [--optimizers O,..] [--seeds N] [--steps N]
                   [--workers N] --out DIR
     nestopt study polyak|large-lr|controller|controller-variants|learned|hpo|games --out DIR [--net LABEL=PATH ...] [--peer NAME ...]
+                  [--variant NAME ... --seeds N]   (controller-variants)
     nestopt meta-train [--net hybrid|mlp|mlp-seed|linear|lstm|attention|controller] [--method tbptt|es|pes|surrogate] [--steps N]
                        [--unroll N] [--horizon N] [--pairs N] [--sigma S] [--workers N]
                        [--families F,..] [--seed N] [--resume] --out DIR
@@ -78,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="learned: also evaluate this network file (repeatable)")
     st.add_argument("--peer", action="append", default=[], metavar="NAME",
                     help="learned: also run this registry optimizer untuned at its default rate (repeatable)")
+    st.add_argument("--variant", action="append", default=[], metavar="NAME",
+                    help="controller-variants: run only this variant (repeatable; default: all)")
+    st.add_argument("--seeds", type=_int, help="controller-variants: seeds per task and rate (default 3)")
     st.add_argument("--out", required=True, help="output folder for report.md, results.json and figures")
 
     sub.add_parser("tasks", help="list the registered tasks, task families and games")
@@ -262,6 +266,10 @@ STUDIES = ("polyak", "large-lr", "controller", "controller-variants", "learned",
 def _cmd_study(args: argparse.Namespace) -> int:
     if args.name not in STUDIES:
         raise UsageError(f"unknown study {args.name!r}; valid names: {', '.join(STUDIES)}")
+    if args.name != "controller-variants" and (args.variant or args.seeds is not None):
+        raise UsageError(f"--variant and --seeds are options of the controller-variants study, not of {args.name!r}")
+    if args.seeds is not None and args.seeds < 1:
+        raise UsageError(f"--seeds {args.seeds} is invalid: expected at least 1")
     out = _writable_dir(args.out)
     t0 = time.perf_counter()
     if args.name == "polyak":
@@ -288,7 +296,13 @@ def _cmd_study(args: argparse.Namespace) -> int:
     elif args.name == "controller-variants":
         from .studies.controller import run_variants
 
-        doc = run_variants(out)
+        from .studies.controller import VARIANTS
+
+        for v in args.variant:
+            if v not in VARIANTS:
+                raise UsageError(f"--variant {v!r} is unknown; valid: {', '.join(repr(k) for k in VARIANTS)}")
+        doc = run_variants(out, variants=tuple(args.variant) or tuple(VARIANTS),
+                           seeds=args.seeds if args.seeds is not None else 3)
         for label, m in doc["robustness"].items():
             print(f"robust rates  {label:28s} {m['robust']}/{m['cells']}")
     elif args.name == "learned":

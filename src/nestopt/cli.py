@@ -294,9 +294,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
         for r in doc["ablations"]:
             print(f"{r['what']:28s} {r['verdict']:16s} wins {r['wins']} losses {r['losses']} of {r['pairs']}")
     elif args.name == "controller-variants":
-        from .studies.controller import run_variants
-
-        from .studies.controller import VARIANTS
+        from .studies.controller import VARIANTS, run_variants
 
         for v in args.variant:
             if v not in VARIANTS:

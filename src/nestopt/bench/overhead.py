@@ -33,6 +33,7 @@ import torch
 from .._malloc import settle
 from ..optim import registry as opt_registry
 
+
 def _after_norm_pass(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """``opt`` whose every step first reads all gradients' squared norms to the host (in reverse,
     as Polyak and the nested optimizer do): what one extra gradient read costs, with nothing else."""

@@ -268,8 +268,6 @@ def _cmd_study(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown study {args.name!r}; valid names: {', '.join(STUDIES)}")
     if args.name != "controller-variants" and (args.variant or args.seeds is not None):
         raise UsageError(f"--variant and --seeds are options of the controller-variants study, not of {args.name!r}")
-    if args.seeds is not None and args.seeds < 1:
-        raise UsageError(f"--seeds {args.seeds} is invalid: expected at least 1")
     out = _writable_dir(args.out)
     t0 = time.perf_counter()
     if args.name == "polyak":
@@ -294,13 +292,14 @@ def _cmd_study(args: argparse.Namespace) -> int:
         for r in doc["ablations"]:
             print(f"{r['what']:28s} {r['verdict']:16s} wins {r['wins']} losses {r['losses']} of {r['pairs']}")
     elif args.name == "controller-variants":
-        from .studies.controller import VARIANTS, run_variants
+        from .studies.controller import VARIANTS, check_variants, run_variants
 
-        for v in args.variant:
-            if v not in VARIANTS:
-                raise UsageError(f"--variant {v!r} is unknown; valid: {', '.join(repr(k) for k in VARIANTS)}")
-        doc = run_variants(out, variants=tuple(args.variant) or tuple(VARIANTS),
-                           seeds=args.seeds if args.seeds is not None else 3)
+        variants, seeds = tuple(args.variant) or tuple(VARIANTS), args.seeds if args.seeds is not None else 3
+        try:
+            check_variants(variants, seeds)
+        except ValueError as e:
+            raise UsageError(f"--{e}")  # the message starts with the option's name
+        doc = run_variants(out, variants=variants, seeds=seeds)
         for label, m in doc["robustness"].items():
             print(f"robust rates  {label:28s} {m['robust']}/{m['cells']}")
     elif args.name == "learned":

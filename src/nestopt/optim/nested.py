@@ -259,7 +259,8 @@ class NestedOptimizer(Optimizer):
         self.base = base(params, **base_kwargs)
         # the base's step without torch's hook/profiler wrapper (see _base_step_call)
         step_fn = type(self.base).step
-        self._raw_base_step = getattr(step_fn, "__wrapped__", None) if getattr(step_fn, "hooked", False) else None
+        known = _GLOBAL_PRE_HOOKS is not None and _GLOBAL_POST_HOOKS is not None and getattr(step_fn, "hooked", False)
+        self._raw_base_step = getattr(step_fn, "__wrapped__", None) if known else None
         self._ready = False
         super().__init__(self.base.param_groups, dict(self.base.defaults))
         self.param_groups = self.base.param_groups
@@ -269,6 +270,7 @@ class NestedOptimizer(Optimizer):
         # columns of the features in _RAW, which the running standardisation leaves as they are
         self._raw_cols = [sum(FEATURES[f] for f in feats[:i]) for i, f in enumerate(feats) if f in _RAW]
         self.log_lo, self.log_hi = math.log(lo), math.log(hi)
+        self._lo, self._hi = lo, hi
         self._z0 = math.log(-self.log_lo / self.log_hi)  # logit of (0 - log lo) / (log hi - log lo): z = 0 gives m = 1
         self._s0 = 1.0 / (1.0 + math.exp(-self._z0))
         self.stats_every, self.window, self.period, self.grid = stats_every, window, period, grid_t
@@ -460,7 +462,7 @@ class NestedOptimizer(Optimizer):
             if mem is not None:
                 self.memory = torch.from_numpy(mem).float()
             if self._scale != 1.0:  # the followed share of the hindsight labels, on top of the controller's
-                lo, hi, sc = math.exp(self.log_lo), math.exp(self.log_hi), self._scale
+                lo, hi, sc = self._lo, self._hi, self._scale
                 mults = [min(max(sc * m, lo), hi) for m in mults]
         if self.signal == "proxy" and loss_v is not None:
             self._pending = {"loss": loss_v, "x": xt, "mem": mem_in.clone(), "noise": noise}
@@ -482,8 +484,7 @@ class NestedOptimizer(Optimizer):
         raw = self._raw_base_step
         base = self.base
         if (raw is None or "step" in base.__dict__ or base._optimizer_step_pre_hooks
-                or base._optimizer_step_post_hooks or _GLOBAL_PRE_HOOKS is None or _GLOBAL_POST_HOOKS is None
-                or _GLOBAL_PRE_HOOKS or _GLOBAL_POST_HOOKS):
+                or base._optimizer_step_post_hooks or _GLOBAL_PRE_HOOKS or _GLOBAL_POST_HOOKS):
             base.step()
         else:
             raw(base)
@@ -708,7 +709,7 @@ class NestedOptimizer(Optimizer):
         if not math.isfinite(scores[best]):
             return
         if self.follow > 0:  # the scale takes label ** follow; the controller learns the rest
-            self._scale = min(max(self._scale * best ** self.follow, math.exp(self.log_lo)), math.exp(self.log_hi))
+            self._scale = min(max(self._scale * best ** self.follow, self._lo), self._hi)
             if self.follow == 1.0:
                 return
         log_grid = (1.0 - self.follow) * torch.tensor([math.log(m) for m in self.grid])

@@ -645,13 +645,20 @@ def _option(key: str, value: Any) -> str:
     return f"`{key}={value!r}`"
 
 
+def check_variants(variants: tuple[str, ...], seeds: int) -> None:
+    """``ValueError`` naming the argument for an unknown variant or fewer than one seed."""
+    for v in variants:
+        if v not in VARIANTS:
+            raise ValueError(f"variant {v!r} is unknown; valid: {', '.join(repr(k) for k in VARIANTS)}")
+    if seeds < 1:
+        raise ValueError(f"seeds {seeds} is invalid: expected at least 1")
+
+
 def run_variants(out: str | Path, variants: tuple[str, ...] = tuple(VARIANTS), seeds: int = 3,
                  tasks: tuple[str, ...] = TASKS, workers: int | None = None) -> dict[str, Any]:
     """``nestopt study controller-variants``: part 1 of the study (robustness to the base rate) for
     each of :data:`VARIANTS`, against AdamW; writes ``variants.md`` and ``variants.json``."""
-    for v in variants:
-        if v not in VARIANTS:
-            raise ValueError(f"variant {v!r} is unknown; valid: {', '.join(VARIANTS)}")
+    check_variants(variants, seeds)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

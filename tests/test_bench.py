@@ -8,7 +8,7 @@ import torch
 
 from nestopt.bench import Job, plan, run_bench, run_job, summarize, validate
 from nestopt.bench.scoring import TAU_MAX
-from nestopt.optim import registry
+from nestopt.bench import registry
 
 
 def test_run_job_is_seeded_and_deterministic():
@@ -177,11 +177,11 @@ def test_overhead_floor_rows_read_every_gradient_then_step_as_the_reference(monk
     """The floor rows of ``nestopt overhead`` are the reference optimizer after one norm pass over
     all gradients: same parameters as the reference, one pass per step, nothing else."""
     from nestopt.bench import overhead
-    from nestopt.optim import polyak
+    from nestopt.optim import tensors
 
     read = []
-    real = polyak._host_sq_norms
-    monkeypatch.setattr(polyak, "_host_sq_norms", lambda ts, *e: read.append(len(ts)) or real(ts, *e))
+    real = tensors.host_sq_norms
+    monkeypatch.setattr(tensors, "host_sq_norms", lambda ts, *e: read.append(len(ts)) or real(ts, *e))
     base = overhead.synthetic_params(5000)
     a = [p.detach().clone().requires_grad_() for p in base]
     b = [p.detach().clone().requires_grad_() for p in base]

@@ -27,7 +27,7 @@ def test_bench_micro_suite_smoke(tmp_path):
     assert r.returncode == 0, r.stderr
     doc = json.loads((out / "results.json").read_text())
     assert validate(doc) == []
-    from nestopt.optim import registry
+    from nestopt.bench import registry
 
     # The quick suite's grids (every other rate) for the three tuned optimizers, 2 tasks, 1 seed.
     grids = sum(len(registry.get(o).lr_grid[::2]) for o in ("adamw", "sgd", "adam"))

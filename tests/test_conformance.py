@@ -1,6 +1,6 @@
 """The conformance table: every registered optimizer joins each test here automatically.
 
-An optimizer added to ``nestopt.optim.registry`` is checked for: loss reduction on an asymmetric
+An optimizer added to ``nestopt.bench.registry`` is checked for: loss reduction on an asymmetric
 quadratic and on Rosenbrock, a bitwise ``state_dict`` round trip in lockstep, two param groups
 with different learning rates, a torch ``LRScheduler`` driving it, ``step(closure)`` returning the
 loss, and its declared rule for non-finite gradients.
@@ -17,7 +17,7 @@ from torch import nn
 
 from _helpers import regression_data, tiny_mlp
 
-from nestopt.optim import registry
+from nestopt.bench import registry
 from nestopt.tasks import AxisQuadratic, Rosenbrock
 
 SPECS = registry.specs()

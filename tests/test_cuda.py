@@ -11,7 +11,7 @@ from torch import nn
 
 from _helpers import mse_closure
 
-from nestopt.optim import registry
+from nestopt.bench import registry
 from nestopt.optim.nested import NestedOptimizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -83,7 +83,7 @@ def test_nested_on_cuda_round_trips_and_replays():
 def test_hybrid_learned_and_hd_adam_take_the_cuda_kernel_with_host_step_counters():
     """Both call torch's AdamW kernel with host step counters; the fused CUDA kernel refuses those
     (a regression: ``adamw-hd`` raised on CUDA), so on a GPU they must take the foreach kernel."""
-    from nestopt.meta.nets import HybridAdamNet
+    from nestopt.nets import HybridAdamNet
     from nestopt.optim.hypergradient import HypergradientAdam
     from nestopt.optim.learned import LearnedOptimizer
 

@@ -13,7 +13,8 @@ from torch import nn
 
 from nestopt.meta import (CoordinateLSTM, DirectUpdateMLP, GradientAttention, HybridAdamNet, LinearUpdate, MetaConfig,
                           meta_train)
-from nestopt.optim.learned import SHIPPED, SHIPPED_NETS, LearnedOptimizer, load_net, save_net
+from nestopt.nets import SHIPPED, SHIPPED_NETS, load_net, save_net
+from nestopt.optim import LearnedOptimizer
 
 
 def _mlp(seed: int = 0) -> nn.Module:
@@ -258,7 +259,7 @@ def test_study_and_meta_train_command_end_to_end(tmp_path):
     doc = run_study(tmp_path / "study", nets={"tiny": str(net_file), "sgd (defaults)": "peer:sgd"}, workers=1,
                     held_out=(("digits-mlp", 101),), seeds=1, long=None)
     assert [r["net"] for r in doc["rows"]] == ["tiny", "sgd (defaults)"]
-    from nestopt.optim import registry
+    from nestopt.bench import registry
     from nestopt.studies.learned import _make
 
     peer = _make("peer:sgd", [torch.zeros(2, requires_grad=True)], 1.0)  # untuned: its own default rate
@@ -375,7 +376,7 @@ def test_pes_meta_training_is_the_same_over_two_worker_processes():
 
 
 def _meta_controller():
-    from nestopt.optim.controller import Controller
+    from nestopt.nets import Controller
     from nestopt.optim.nested import DEFAULT_FEATURES, FEATURES
 
     return Controller(sum(FEATURES[f] for f in DEFAULT_FEATURES), hidden=8, features=DEFAULT_FEATURES)
@@ -408,7 +409,7 @@ def test_controller_runs_replay_exactly_and_keep_the_weights_set_now():
 
 def test_controller_meta_training_writes_a_file_the_nested_optimizer_loads(tmp_path):
     from nestopt.optim import NestedOptimizer
-    from nestopt.optim.controller import Controller
+    from nestopt.nets import Controller
 
     ctl = _meta_controller()
     with pytest.raises(ValueError, match="es' or 'pes"):

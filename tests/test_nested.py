@@ -236,8 +236,11 @@ def _quadratic_run(lr: float, steps: int = 200, **kw) -> NestedOptimizer:
 def test_hindsight_raises_a_rate_that_is_too_small_and_lowers_one_that_is_too_large():
     small = _quadratic_run(lr=0.01)
     assert small.multipliers()[0] > 3.0, small.multipliers()
-    large = _quadratic_run(lr=0.6)  # unstable for curvature 4 (2/4 = 0.5)
-    assert large.multipliers()[0] < 0.9, large.multipliers()  # 0.76 here, 0.83 with torch 2.11 on a GPU machine
+    # Unstable for curvature 4 (2/4 = 0.5). Not 0.6: there the stable multipliers (<= 0.83) sit so
+    # near 1 that the default label (twice the best replay's) keeps the rate cycling at the edge,
+    # 0.83-1.5 between steps 160 and 240, and step 200's value depends on the CPU's rounding.
+    large = _quadratic_run(lr=0.8)
+    assert large.multipliers()[0] < 0.9, large.multipliers()  # 0.35-0.42 over steps 160-240
 
 
 def test_follow_moves_the_scale_by_the_labels_and_leaves_the_controller_untrained():
@@ -362,7 +365,7 @@ def test_mult_feature_is_the_current_log_multiplier_unstandardised():
 
 def test_controller_numpy_forward_follows_every_kind_of_weight_change():
     # The NumPy forward caches its layers and weights; each way of changing them must show.
-    from nestopt.optim.controller import Controller
+    from nestopt.nets import Controller
 
     ctl = Controller(4, hidden=8, scratchpad=2, seed=3)
     x = np.random.default_rng(0).standard_normal((3, 4))

@@ -91,8 +91,8 @@ def test_small_study_end_to_end(tmp_path):
 
 
 def test_frozen_sweep_of_an_untrained_controller_is_adamw(tmp_path):
-    from nestopt.optim.controller import Controller
-    from nestopt.optim.learned import save_net
+    from nestopt.nets import Controller
+    from nestopt.nets import save_net
     from nestopt.optim.nested import DEFAULT_FEATURES, FEATURES
     from nestopt.studies.controller import frozen_sweep
 

@@ -136,7 +136,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     from . import tasks as task_registry
     from .bench import run_bench, suite
-    from .optim import registry as opt_registry
+    from .bench import registry as opt_registry
 
     try:
         s = suite(args.suite)
@@ -222,7 +222,7 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def _cmd_optimizers(args: argparse.Namespace) -> int:
-    from .optim import registry
+    from .bench import registry
 
     print(f"{'optimizer':20s} {'origin':7s} {'default lr':>10s} {'tuned on':>9s} {'non-finite':>10s}  description")
     for spec in registry.specs(available_only=False):
@@ -239,7 +239,7 @@ def _cmd_overhead(args: argparse.Namespace) -> int:
     import torch
 
     from .bench.overhead import format_table, measure
-    from .optim import registry
+    from .bench import registry
 
     if args.params < 1:
         raise UsageError(f"--params {args.params} is invalid: must be a positive count")
@@ -337,8 +337,7 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
     import json
 
     from .meta import DirectUpdateMLP, MetaConfig, meta_train
-    from .meta.nets import KINDS
-    from .optim.learned import save_net
+    from .nets import KINDS, save_net
 
     nets = {**KINDS, "mlp-seed": lambda: DirectUpdateMLP("seed"), "controller": _meta_controller}
     if args.net == "controller" and args.method not in ("es", "pes"):
@@ -383,7 +382,7 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
 
 
 def _meta_controller():
-    from .optim.controller import Controller
+    from .nets import Controller
     from .optim.nested import DEFAULT_FEATURES, FEATURES
 
     return Controller(sum(FEATURES[f] for f in DEFAULT_FEATURES), hidden=8, features=DEFAULT_FEATURES)
@@ -393,7 +392,7 @@ def _net_args(items: list[str], out: Path) -> dict[str, str]:
     """``--net LABEL=PATH`` arguments, plus the shipped networks and, as the reference for what
     meta-training bought, the same network untrained (written to OUT)."""
     from .meta import HybridAdamNet
-    from .optim.learned import SHIPPED_NETS, load_net, save_net
+    from .nets import SHIPPED_NETS, load_net, save_net
 
     nets = {"shipped default (linear)": str(SHIPPED_NETS["default"]), "shipped MLP (net='mlp')": str(SHIPPED_NETS["mlp"]),
             "hybrid, untrained (Adam 1e-3)": str(save_net(HybridAdamNet(), out / "untrained.safetensors"))}
@@ -411,7 +410,7 @@ def _net_args(items: list[str], out: Path) -> dict[str, str]:
 
 def _peer_args(names: list[str]) -> dict[str, str]:
     """``--peer NAME`` arguments: registry optimizers that are installed."""
-    from .optim import registry
+    from .bench import registry
     from .studies.learned import PEER
 
     peers = {}

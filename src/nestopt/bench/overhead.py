@@ -31,19 +31,19 @@ from typing import Any
 import torch
 
 from .._malloc import settle
-from ..optim import registry as opt_registry
+from . import registry as opt_registry
 
 
 def _after_norm_pass(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """``opt`` whose every step first reads all gradients' squared norms to the host (in reverse,
     as Polyak and the nested optimizer do): what one extra gradient read costs, with nothing else."""
-    from ..optim.polyak import _host_sq_norms
+    from ..optim import tensors
 
     grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None][::-1]
     step = opt.step
 
     def step_after_norms(closure: Callable[[], Any] | None = None) -> Any:
-        _host_sq_norms(grads)
+        tensors.host_sq_norms(grads)
         return step(closure)
 
     opt.step = step_after_norms  # type: ignore[method-assign]

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from .. import tasks as task_registry
-from ..optim import registry as opt_registry
+from . import registry as opt_registry
 
 DIVERGE_FACTOR = 100.0
 CURVE_POINTS = 50
@@ -173,8 +173,10 @@ def quiet_create_graph_warning() -> None:
     warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
 
 
-def _worker_init() -> None:
+def _worker_init(variants: Sequence[opt_registry.OptimizerSpec] = ()) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    for spec in variants:  # a study's variants, registered in the parent (spawned workers start bare)
+        opt_registry.register_variant(spec)
     torch.set_num_threads(1)
     quiet_create_graph_warning()
 
@@ -207,7 +209,7 @@ def run_jobs(jobs: Sequence[Job], *, workers: int | None = None,
 
     # Longest first keeps both cores busy at the end.
     order = sorted(jobs, key=lambda j: -j.steps * _cost_hint(j.task))
-    pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init)
+    pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(opt_registry.variants(),))
     try:
         results = pool.imap_unordered(run_job, order, chunksize=1)
         for _ in range(len(order)):

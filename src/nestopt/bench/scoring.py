@@ -26,7 +26,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from ..optim import registry as opt_registry
+from . import registry as opt_registry
 
 TAU_MAX = 16.0
 INF = float("inf")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .. import tasks as task_registry
 from .._checks import check_int, unknown_name
-from ..optim import registry as opt_registry
+from . import registry as opt_registry
 from .runner import Job
 
 

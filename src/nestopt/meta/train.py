@@ -45,7 +45,7 @@ from torch.func import functional_call
 
 from .. import tasks as task_registry
 from .._checks import check_choice, check_int, check_number
-from .nets import UpdateNet
+from ..nets import UpdateNet
 
 
 METHODS = ("tbptt", "surrogate", "es", "pes")
@@ -255,8 +255,8 @@ def _without_controller(sd: dict[str, Any]) -> dict[str, Any]:
 
 def make_inner(net: Any, family: str, seed: int) -> _Inner | _ControllerInner:
     """The inner run a network is meta-trained on: an update network's own, or a nested optimizer's
-    for a :class:`~nestopt.optim.controller.Controller`."""
-    from ..optim.controller import Controller
+    for a :class:`~nestopt.nets.Controller`."""
+    from ..nets import Controller
 
     return _ControllerInner(net, family, seed) if isinstance(net, Controller) else _Inner(net, family, seed)
 
@@ -405,7 +405,7 @@ def meta_train(net: nn.Module, cfg: MetaConfig, *, checkpoint: str | Path | None
     """Meta-train ``net`` in place; return the history (one row per outer step). ``net`` is an
     update network, or a nested optimizer's ``Controller`` (``method`` ``"es"`` or ``"pes"``)."""
     cfg.check()
-    from ..optim.controller import Controller
+    from ..nets import Controller
 
     if isinstance(net, Controller):
         if cfg.method not in ("es", "pes"):

@@ -1,15 +1,14 @@
-"""Optimizers, and the registry that the benchmark and the conformance tests read.
-
-``registry.names()`` lists what is available; ``registry.get(name).make(params, lr)`` builds one.
+"""Optimizers: real ``torch.optim.Optimizer`` subclasses. What the benchmark runs them with (grids,
+schedules, the conformance table's rates) lives in :mod:`nestopt.bench.registry`; the networks the
+learned and nested optimizers run live in :mod:`nestopt.nets`.
 """
 
-from . import registry
 from .complex import ComplexAdam, ComplexMomentum
 from .hypergradient import HypergradientAdam, HypergradientSGD
 from .learned import LearnedOptimizer
-from .nested import Controller, NestedOptimizer
+from ..nets import Controller
+from .nested import NestedOptimizer
 from .polyak import Polyak, PolyakAdam
-from .registry import OptimizerSpec, get, names, register
 
-__all__ = ["ComplexAdam", "ComplexMomentum", "Controller", "HypergradientAdam", "HypergradientSGD", "LearnedOptimizer", "NestedOptimizer", "OptimizerSpec", "Polyak",
-           "PolyakAdam", "get", "names", "register", "registry"]
+__all__ = ["ComplexAdam", "ComplexMomentum", "Controller", "HypergradientAdam", "HypergradientSGD", "LearnedOptimizer", "NestedOptimizer", "Polyak",
+           "PolyakAdam"]

@@ -32,7 +32,7 @@ from torch.optim import Optimizer
 from torch.optim.adamw import adamw as _adamw
 
 from .._checks import check_choice, check_number
-from .polyak import _host_sq_norms
+from .tensors import fused_ok, host_sq_norms
 
 RULES = ("multiplicative", "additive")
 
@@ -161,7 +161,7 @@ class HypergradientAdam(_Hypergradient):
             return loss
         pairs = [self._hd_stats(group, ps) for group, ps in work]
         # ||g||^2 of every tensor and each group's (g . u, ||u||^2), with one host sync for all groups
-        gsq_each, vals = _host_sq_norms([p.grad for _, ps in work for p in ps], *(x for pair in pairs for x in pair))
+        gsq_each, vals = host_sq_norms([p.grad for _, ps in work for p in ps], *(x for pair in pairs for x in pair))
         host, off = [], 0
         for i, (_, ps) in enumerate(work):
             host.append((vals[2 * i], sum(gsq_each[off:off + len(ps)]), vals[2 * i + 1]))
@@ -235,13 +235,3 @@ def _evaluate(closure: Any) -> Any:
         return None
     with torch.enable_grad():
         return closure()
-
-
-def fused_ok(ps: list[torch.Tensor]) -> bool:
-    """Whether torch's fused AdamW kernel takes these tensors: on the CPU, one dtype it supports.
-
-    Our step counters live on the host (the hypergradient and the learned rates read them every step
-    without a device sync). torch's fused CUDA kernel wants them on the GPU, so CUDA tensors take the
-    foreach kernel instead, which accepts host counters (torch's own default on CUDA)."""
-    return all(p.device.type == "cpu" and p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-               and p.dtype == ps[0].dtype for p in ps)

@@ -1,5 +1,5 @@
 r"""``LearnedOptimizer``: a drop-in ``torch.optim.Optimizer`` whose update comes from an update
-network (:mod:`nestopt.meta.nets`).
+network (:mod:`nestopt.nets`).
 
     ``p <- p * (1 - lr * c * weight_decay) + lr * delta``,  ``delta, state = net.update(p, g, state, t)``
 
@@ -8,8 +8,8 @@ AdamW). ``lr`` is a plain multiplier (default 1: the network's learned step size
 torch schedulers work; ``step()`` needs no closure; the optimizer holds only the per-parameter
 buffers the network names (``state_dict`` round-trips them), never the network's weights.
 
-``net`` is ``"default"`` (the shipped meta-trained :class:`~nestopt.meta.nets.LinearUpdate`),
-``"mlp"`` (the shipped per-element MLP, slower), an :class:`~nestopt.meta.nets.UpdateNet`, or a
+``net`` is ``"default"`` (the shipped meta-trained :class:`~nestopt.nets.LinearUpdate`),
+``"mlp"`` (the shipped per-element MLP, slower), an :class:`~nestopt.nets.UpdateNet`, or a
 path to a ``.safetensors`` file written by :func:`save_net`. A missing, unreadable or mismatched
 file raises ``ValueError`` naming the file and what was expected; nothing falls back silently.
 
@@ -27,7 +27,6 @@ A non-finite gradient skips the whole step (``opt.counters["nonfinite"]``).
 from __future__ import annotations
 
 import copy
-import json
 import math
 import warnings
 from collections.abc import Callable, Iterable
@@ -39,65 +38,9 @@ from torch.optim import Optimizer
 from torch.optim.adamw import adamw as _adamw
 
 from .._checks import check_number
-from ..meta.nets import DirectUpdateMLP, HybridAdamNet, LinearUpdate, UpdateNet, build
-from .hypergradient import fused_ok
-from .polyak import _host_sq_norms
-
-WEIGHTS = Path(__file__).resolve().parent.parent / "meta" / "weights"
-SHIPPED = WEIGHTS / "default.safetensors"  # the linear network
-SHIPPED_NETS = {"default": SHIPPED, "mlp": WEIGHTS / "mlp.safetensors"}  # names that load a shipped file
-FORMAT = "nestopt-update-net/1"
-
-
-def save_net(net: UpdateNet, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
-    """Write ``net``'s weights and configuration to a ``.safetensors`` file."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    header = {"format": FORMAT, "config": json.dumps(net.config()), "meta": json.dumps(meta or {})}
-    save_file(tensors, str(path), metadata=header)
-    return path
-
-
-def load_net(path: str | Path) -> torch.nn.Module:
-    """The network stored at ``path`` (see :func:`save_net`); ``ValueError`` naming the file if
-    it is missing, unreadable, of another format, or its tensors do not fit its configuration."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"net={str(path)!r} is invalid: no such file (expected a .safetensors file "
-                         "written by nestopt.optim.learned.save_net)")
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise ValueError(f"net file {str(path)!r} could not be read as safetensors: {e}") from e
-    if header.get("format") != FORMAT:
-        raise ValueError(f"net file {str(path)!r} has format {header.get('format')!r}; expected {FORMAT!r}")
-    try:
-        net = build(json.loads(header["config"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"net file {str(path)!r} has an invalid configuration: {e}") from e
-    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in tensors.items()}
-    if expected != got:
-        raise ValueError(f"net file {str(path)!r} does not match its configuration {net.config()}: "
-                         f"expected tensors {expected}, found {got}")
-    net.load_state_dict(tensors)
-    return net
-
-
-def net_metadata(path: str | Path) -> dict[str, Any]:
-    """The ``meta`` record stored with a network file (how it was made), ``{}`` if none."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return json.loads((f.metadata() or {}).get("meta", "{}"))
-
+from ..nets import DirectUpdateMLP, HybridAdamNet, LinearUpdate, UpdateNet
+from ..nets.weights import SHIPPED_NETS, load_net
+from .tensors import fused_ok, host_sq_norms
 
 def _resolve(net: UpdateNet | str | Path) -> UpdateNet:
     if isinstance(net, UpdateNet):
@@ -123,7 +66,7 @@ class LearnedOptimizer(Optimizer):
     Args:
         params: parameters or param-group dicts.
         net: ``"default"`` (the shipped linear network), ``"mlp"`` (the shipped per-element MLP), a
-            path, or an :class:`~nestopt.meta.nets.UpdateNet`.
+            path, or an :class:`~nestopt.nets.UpdateNet`.
         lr: multiplier on the network's update (what a scheduler drives).
         weight_decay: decoupled decay, scaled by ``lr`` and the network's step size.
         chunk: elements per chunk for the per-element MLP's evaluation (default: 32768 on the
@@ -218,7 +161,7 @@ class LearnedOptimizer(Optimizer):
         net = self.net
         assert isinstance(net, LinearUpdate)
         ps = [p for _, p in work]
-        sq, _ = _host_sq_norms([p.grad for p in ps] + ps)  # ||g||^2, ||p||^2: one read each, one sync
+        sq, _ = host_sq_norms([p.grad for p in ps] + ps)  # ||g||^2, ||p||^2: one read each, one sync
         n = len(ps)
         if not all(map(math.isfinite, sq[:n])):
             return False
@@ -318,7 +261,7 @@ _COMPILED: Any = None  # torch.compile(_linear_pass) once built; False once comp
 
 def _linear_pass(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, m_slow: torch.Tensor, v: torch.Tensor,
                  k: torch.Tensor) -> None:
-    """:class:`~nestopt.meta.nets.LinearUpdate`'s step with its per-tensor scalars folded into
+    """:class:`~nestopt.nets.LinearUpdate`'s step with its per-tensor scalars folded into
     ``k`` (see ``LearnedOptimizer._linear``): the buffers advance and ``p`` moves in place. The
     source of the compiled kernel; :func:`_linear_foreach` is the same arithmetic, in the same
     order, over many tensors at once."""

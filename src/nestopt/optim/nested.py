@@ -98,8 +98,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .._checks import check_choice, check_int, check_number
-from .controller import Controller, _RunningNorm
-from .polyak import _host_sq_norms
+from ..nets.controller import Controller, _RunningNorm
+from .tensors import host_sq_norms
 
 FEATURES: dict[str, int] = {"grad_norm": 1, "param_norm": 1, "depth": 1, "update_ratio": 1, "loss": 2,
                             "val": 3, "heads": 3, "curvature": 1, "mult": 1}
@@ -211,7 +211,7 @@ class NestedOptimizer(Optimizer):
             raise ValueError(f"base={base!r} is invalid: expected a torch.optim.Optimizer subclass")
         check_choice("signal", signal, SIGNALS)
         if isinstance(controller, str | Path):
-            from .learned import load_net
+            from ..nets import load_net
 
             controller = load_net(controller)
             if not isinstance(controller, Controller):
@@ -409,7 +409,7 @@ class NestedOptimizer(Optimizer):
         sizes = [len(ps) for ps in have]
         # Read in reverse: the base optimizer then starts on the gradients read last (still cached).
         extra = () if loss is None else (loss,)
-        gsq, loss_v = _host_sq_norms(grads[::-1], *extra)  # the one host sync of a step
+        gsq, loss_v = host_sq_norms(grads[::-1], *extra)  # the one host sync of a step
         gsq, loss_v = gsq[::-1], (loss_v[0] if loss_v else None)
         pflat = [p for ps in have for p in ps]
         if not all(map(math.isfinite, gsq)) or (loss_v is not None and not math.isfinite(loss_v)):
@@ -509,7 +509,7 @@ class NestedOptimizer(Optimizer):
         if sample is not None:
             after = [p.detach().reshape(-1)[::k] for p, k in zip(pflat, strides)]
             n, off = len(pflat), 0
-            host, _ = _host_sq_norms([*torch._foreach_sub(after, sample), *sample])
+            host, _ = host_sq_norms([*torch._foreach_sub(after, sample), *sample])
             for i, g in enumerate(self.param_groups):
                 k = sum(1 for p in g["params"] if p.grad is not None)
                 d = sum(host[j] * strides[j] for j in range(off, off + k))
@@ -594,7 +594,7 @@ class NestedOptimizer(Optimizer):
             dg = torch._foreach_sub(gs, buf["prev_grad"])
             dp = torch._foreach_sub(ps, buf["prev_param"])
             n, off = len(ps), 0
-            host, _ = _host_sq_norms([*dg, *dp])
+            host, _ = host_sq_norms([*dg, *dp])
             for i, grp in enumerate(have):
                 k = len(grp)
                 a, b = sum(host[off:off + k]), sum(host[n + off:n + off + k])

@@ -45,7 +45,7 @@ def _make(opt: str, params: Any, lr: float) -> torch.optim.Optimizer:
     if opt == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     if opt.startswith(PEER):
-        from ..optim import registry
+        from ..bench import registry
 
         return registry.get(opt[len(PEER):]).make(params)
     from ..optim.learned import LearnedOptimizer
@@ -143,7 +143,7 @@ def run_study(out: str | Path, nets: dict[str, str] | None = None, workers: int 
     """Evaluate each network in ``nets`` (label -> .safetensors path) on the held-out tasks."""
     import multiprocessing as mp
 
-    from ..optim.learned import SHIPPED
+    from ..nets import SHIPPED
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,7 +166,7 @@ def run_study(out: str | Path, nets: dict[str, str] | None = None, workers: int 
     rows = analyse(short, nets)
     long_rows = analyse(long_recs, nets) if long_recs else []
     if histories is None:  # the meta-loss curves stored in the weight files
-        from ..optim.learned import net_metadata
+        from ..nets import net_metadata
 
         histories = {}
         for label, path in nets.items():

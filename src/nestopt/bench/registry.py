@@ -1,7 +1,7 @@
 """The optimizer registry: what ``nestopt bench``, ``nestopt overhead`` and the conformance tests
 iterate over. An optimizer joins everything with one call::
 
-    >>> from nestopt.optim import registry
+    >>> from nestopt.bench import registry
     >>> registry.register(registry.OptimizerSpec(
     ...     name="my-sgd", build=lambda params, lr: torch.optim.SGD(params, lr=lr),
     ...     default_lr=0.1, description="plain SGD"))          # doctest: +SKIP
@@ -91,28 +91,41 @@ class OptimizerSpec:
 
 
 _REGISTRY: dict[str, OptimizerSpec] = {}
+# Specs a study runs through the bench's runner without listing them among the optimizers
+# (``names()`` leaves them out); ``run_jobs`` hands them to its worker processes.
+_VARIANTS: dict[str, OptimizerSpec] = {}
 
 
 def register(spec: OptimizerSpec) -> OptimizerSpec:
     """Add ``spec``; a ``ValueError`` if its name is taken."""
-    if spec.name in _REGISTRY:
+    if spec.name in _REGISTRY or spec.name in _VARIANTS:
         raise ValueError(f"name={spec.name!r} is invalid: an optimizer of that name is already registered")
     _REGISTRY[spec.name] = spec
     return spec
 
 
-def get(name: str) -> OptimizerSpec:
-    """The spec called ``name``; ``KeyError`` lists the valid names.
+def register_variant(spec: OptimizerSpec) -> OptimizerSpec:
+    """Add ``spec`` as a study's variant: ``get`` finds it (in the bench's worker processes too, which
+    ``run_jobs`` gives every variant registered here), but ``names()`` and the conformance table do
+    not list it. Registering the same spec again is a no-op; another spec under a taken name is a
+    ``ValueError``."""
+    if spec.name in _REGISTRY or _VARIANTS.get(spec.name, spec) != spec:
+        raise ValueError(f"name={spec.name!r} is invalid: an optimizer of that name is already registered")
+    _VARIANTS[spec.name] = spec
+    return spec
 
-    ``"package.module:key"`` names a spec in that module's ``STUDY_SPECS`` dict: how a study runs
-    variants through the bench's runner (in worker processes too) without registering them."""
+
+def variants() -> list[OptimizerSpec]:
+    """The specs registered with :func:`register_variant`, in registration order."""
+    return list(_VARIANTS.values())
+
+
+def get(name: str) -> OptimizerSpec:
+    """The spec called ``name`` (a registered optimizer or variant); ``KeyError`` lists the valid names."""
     if name in _REGISTRY:
         return _REGISTRY[name]
-    if ":" in name:
-        module, key = name.split(":", 1)
-        specs = getattr(importlib.import_module(module), "STUDY_SPECS", {})
-        if key in specs:
-            return specs[key]
+    if name in _VARIANTS:
+        return _VARIANTS[name]
     raise unknown_name("optimizer", name, _REGISTRY)
 
 
@@ -170,13 +183,13 @@ register(OptimizerSpec(
 
 
 def _polyak(**kw: Any) -> Callable[..., torch.optim.Optimizer]:
-    from .polyak import Polyak
+    from ..optim.polyak import Polyak
 
     return lambda params, lr: Polyak(params, lr=lr, **kw)
 
 
 def _polyak_adam(params: Params, lr: float) -> torch.optim.Optimizer:
-    from .polyak import PolyakAdam
+    from ..optim.polyak import PolyakAdam
 
     return PolyakAdam(params, lr=lr)
 
@@ -193,7 +206,7 @@ register(OptimizerSpec("polyak-rms", _polyak(precondition="rms"), group_independ
 register(OptimizerSpec("polyak-hutchinson", _polyak(precondition="hutchinson"), group_independent=False,
                        create_graph=True, **_POLYAK,
                        description="Polyak magnitude on D^-1 g, D = Hutchinson Hessian-diagonal estimate"))
-register(OptimizerSpec("polyak-adam", _polyak_adam, group_independent=False, **_POLYAK,
+register(OptimizerSpec("polyak-adam", _polyak_adam, group_independent=False, **_POLYAK, conformance_lr=0.5,
                        description="hybrid: Polyak magnitude, Adam direction m_hat/(sqrt(v_hat)+eps)"))
 
 
@@ -218,19 +231,19 @@ register(OptimizerSpec(
 
 
 def _hd_adam(params: Params, lr: float) -> torch.optim.Optimizer:
-    from .hypergradient import HypergradientAdam
+    from ..optim.hypergradient import HypergradientAdam
 
     return HypergradientAdam(params, lr=lr, weight_decay=0.01)
 
 
 def _hd_sgd(params: Params, lr: float) -> torch.optim.Optimizer:
-    from .hypergradient import HypergradientSGD
+    from ..optim.hypergradient import HypergradientSGD
 
     return HypergradientSGD(params, lr=lr)
 
 
 def _nested_adamw(params: Params, lr: float) -> torch.optim.Optimizer:
-    from .nested import NestedOptimizer
+    from ..optim.nested import NestedOptimizer
 
     return NestedOptimizer(params, torch.optim.AdamW, lr=lr, weight_decay=0.01, fused=True, per_tensor_groups=True)
 
@@ -251,13 +264,13 @@ register(OptimizerSpec(
 
 
 def _complex_momentum(params: Params, lr: float) -> torch.optim.Optimizer:
-    from .complex import ComplexMomentum
+    from ..optim.complex import ComplexMomentum
 
     return ComplexMomentum(params, lr=lr, beta=0.9, phase=math.pi / 8)
 
 
 def _complex_adam(params: Params, lr: float) -> torch.optim.Optimizer:
-    from .complex import ComplexAdam
+    from ..optim.complex import ComplexAdam
 
     return ComplexAdam(params, lr=lr, phase=math.pi / 8)
 
@@ -275,13 +288,13 @@ register(OptimizerSpec(
 
 
 def _learned(params: Params, lr: float) -> torch.optim.Optimizer:
-    from .learned import LearnedOptimizer
+    from ..optim.learned import LearnedOptimizer
 
     return LearnedOptimizer(params, net="default", lr=lr)
 
 
 def _shipped() -> bool:
-    from .learned import SHIPPED
+    from ..nets import SHIPPED
 
     return SHIPPED.is_file()
 

@@ -357,20 +357,3 @@ class GradientAttention(UpdateNet):
 
 
 KINDS = {"hybrid": HybridAdamNet, "mlp": DirectUpdateMLP, "linear": LinearUpdate, "lstm": CoordinateLSTM, "attention": GradientAttention}
-
-
-def build(config: dict[str, object]) -> nn.Module:
-    """The network a saved ``config()`` describes (weights not loaded): an update network, or a
-    nested optimizer's :class:`~nestopt.optim.controller.Controller` (kind ``nested-controller``)."""
-    cfg = dict(config)
-    kind = cfg.pop("kind", None)
-    if kind == "nested-controller":
-        from ..optim.controller import Controller
-
-        return Controller(**cfg)  # type: ignore[return-value,arg-type]
-    if kind not in KINDS:
-        raise ValueError(f"config kind={kind!r} is invalid: expected one of {', '.join(KINDS)}, nested-controller")
-    if kind == "hybrid":
-        betas = cfg.pop("betas", (0.9, 0.999))
-        return HybridAdamNet(betas=tuple(betas), **cfg)  # type: ignore[arg-type]
-    return KINDS[kind](**cfg)  # type: ignore[arg-type]

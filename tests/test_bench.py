@@ -195,3 +195,21 @@ def test_overhead_floor_rows_read_every_gradient_then_step_as_the_reference(monk
     assert read == [len(base)] * 3
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+
+
+def test_a_studys_variant_runs_in_the_bench_workers():
+    """Variants are registered explicitly (no import by name): the spawned workers get the
+    parent's, including from a module that registers its own copy when the spec is unpickled."""
+    import _variant_study  # noqa: F401  (registers the variant here)
+
+    from nestopt.bench import run_jobs
+
+    name = "test-variant:sgd-momentum-0.5"
+    assert name in {s.name for s in registry.variants()} and name not in registry.names()
+    jobs = [Job("quad-asym", name, 0.01, s, 30) for s in (0, 1)]
+    parallel, _ = run_jobs(jobs, workers=2)
+    serial, _ = run_jobs(jobs, workers=1)
+    key = lambda r: r["seed"]  # noqa: E731
+    for a, b in zip(sorted(parallel, key=key), sorted(serial, key=key)):
+        assert a["error"] is None and not a["diverged"]
+        assert a["final_val_loss"] == b["final_val_loss"]

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from _helpers import mse_closure, regression_data, tiny_mlp
+from _helpers import mse_closure, nested_quadratic_run, regression_data, tiny_mlp
 
 from nestopt.optim.nested import FEATURES, Controller, NestedOptimizer, hindsight_label
+from nestopt.studies.head_features import HeadFeatures
 
 
 _mlp = tiny_mlp
@@ -169,7 +170,7 @@ def test_nonfinite_feature_skips_the_controller_and_keeps_multipliers():
     model = _mlp()
     groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "head": 0}]
     opt = NestedOptimizer(groups, torch.optim.AdamW, signal="proxy", lr=0.01,
-                          features=("grad_norm", "heads"))
+                          features=("grad_norm", HeadFeatures()))
     for _ in range(3):
         opt.step(_closure(opt, model, x, y), head_stats={"loss": [0.5], "auc": [0.6]})
     mults = opt.multipliers()
@@ -184,7 +185,8 @@ def test_nonfinite_feature_skips_the_controller_and_keeps_multipliers():
 
 def test_state_dict_round_trip_carries_controller_caches_and_scratchpad():
     x, y = _data()
-    feats = tuple(FEATURES)
+    # every built-in feature, and the trading study's head features among them
+    feats = (*list(FEATURES)[:6], HeadFeatures(), *list(FEATURES)[6:])
     groups = lambda m: [{"params": m[0].parameters()}, {"params": m[2].parameters(), "head": 0}]  # noqa: E731
     a, b = _mlp(), _mlp()
     kw = dict(features=feats, scratchpad=4, window=3, period=5, lr=0.01)
@@ -216,21 +218,7 @@ def test_state_dict_round_trip_carries_controller_caches_and_scratchpad():
     assert torch.equal(opt_a.memory, opt_c.memory)
 
 
-def _quadratic_run(lr: float, steps: int = 200, **kw) -> NestedOptimizer:
-    """SGD on f(w) = 0.5 * sum(c_i w_i^2) with curvatures 1..4: the best rate is about 0.4."""
-    w = torch.nn.Parameter(torch.ones(4))
-    c = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    opt = NestedOptimizer([w], torch.optim.SGD, lr=lr, features=("grad_norm", "loss"), window=4, period=8, **kw)
-
-    def closure():
-        opt.zero_grad(set_to_none=True)
-        loss = 0.5 * (c * w * w).sum()
-        loss.backward()
-        return loss
-
-    for _ in range(steps):
-        opt.step(closure)
-    return opt
+_quadratic_run = nested_quadratic_run
 
 
 def test_hindsight_raises_a_rate_that_is_too_small_and_lowers_one_that_is_too_large():
@@ -294,7 +282,7 @@ def test_head_and_validation_features_are_read_per_group():
     x, y = _data()
     model = _mlp()
     groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "head": 1}]
-    opt = NestedOptimizer(groups, torch.optim.AdamW, signal="frozen", lr=0.01, features=("heads", "val"))
+    opt = NestedOptimizer(groups, torch.optim.AdamW, signal="frozen", lr=0.01, features=(HeadFeatures(), "val"))
     opt.observe_validation(2.0)
     opt.observe_validation(1.0)
     opt.observe_validation(float("nan"))  # ignored

@@ -72,16 +72,16 @@ def test_no_step_on_zero_gradient_target_reached_or_nonfinite_loss():
     opt = Polyak([x], f_star=0.0)
     x.grad = torch.zeros_like(x)
     opt.step(loss=torch.tensor(1.0, dtype=F64))
-    assert opt.param_groups[0]["polyak"]["zero_grad"] == 1
+    assert opt.param_groups[0]["counters"]["zero_grad"] == 1
     x.grad = torch.ones_like(x)
     opt.step(loss=0.0)  # at f_star: nothing to gain
     opt.step(loss=-1.0)
-    assert opt.param_groups[0]["polyak"]["at_target"] == 2
+    assert opt.param_groups[0]["counters"]["at_target"] == 2
     for bad in (float("nan"), float("inf")):
         opt.step(loss=bad)
-    assert opt.param_groups[0]["polyak"]["nonfinite"] == 2
+    assert opt.param_groups[0]["counters"]["nonfinite"] == 2
     assert torch.equal(x.detach(), torch.tensor([3.0, 5.0], dtype=F64))
-    assert opt.param_groups[0]["polyak"]["steps"] == 0
+    assert opt.param_groups[0]["counters"]["steps"] == 0
 
 
 @pytest.mark.parametrize("kwargs", [{"scope": "tensor"}, {"precondition": "rms"}, {"momentum": 0.5}, {}])
@@ -99,7 +99,7 @@ def test_nonfinite_gradient_in_any_variant_leaves_everything_untouched(kwargs):
     assert torch.equal(a, snap[0]) and torch.equal(b, snap[1])
     after = {k: v for st in opt.state.values() for k, v in st.items() if torch.is_tensor(v)}
     assert all(torch.equal(after[k], state[k]) for k in state)
-    assert opt.param_groups[0]["polyak"]["nonfinite"] == 1
+    assert opt.param_groups[0]["counters"]["nonfinite"] == 1
 
 
 def test_step_needs_the_loss():
@@ -173,6 +173,7 @@ def test_one_group_fast_path_matches_the_general_path_bitwise():
         for p, q in zip(a, b):
             assert torch.equal(p, q)
         assert general.param_groups[1]["polyak"] == fast.param_groups[0]["polyak"]
+        assert general.param_groups[1]["counters"] == fast.param_groups[0]["counters"]
 
 
 def test_group_scope_gives_one_step_size_per_group():
@@ -245,6 +246,6 @@ def test_half_gradient_whose_norm_overflows_half_still_steps(dtype):
     small.grad = torch.zeros_like(small)
     opt = Polyak([x, small])
     opt.step(loss=torch.tensor(2.0))
-    counts = opt.param_groups[0]["polyak"]
+    counts = opt.param_groups[0]["counters"]
     assert counts["steps"] == 1 and counts["nonfinite"] == 0
-    assert counts["eta"] == pytest.approx(2.0 / 9e9, rel=1e-3)
+    assert opt.param_groups[0]["polyak"]["eta"] == pytest.approx(2.0 / 9e9, rel=1e-3)

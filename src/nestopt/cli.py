@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -73,17 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=_int, help="worker processes (default: one per core)")
     b.add_argument("--out", required=True, help="output folder for results.json, report.md and figures")
 
-    st = sub.add_parser("study", help="run a study that tests a source document's claims")
-    st.add_argument("name", help="polyak, large-lr, controller, controller-variants, learned, hpo or games")
-    st.add_argument("--net", action="append", default=[], metavar="LABEL=PATH",
-                    help="learned: also evaluate this network file (repeatable)")
-    st.add_argument("--peer", action="append", default=[], metavar="NAME",
-                    help="learned: also run this registry optimizer untuned at its default rate (repeatable)")
-    st.add_argument("--variant", action="append", default=[], metavar="NAME",
-                    help="controller-variants: run only this variant (repeatable; default: all)")
-    st.add_argument("--seeds", type=_int, help="controller-variants: seeds per task and rate (default 3)")
-    st.add_argument("--out", required=True, help="output folder for report.md, results.json and figures")
-
+    _study_parser(sub)
     sub.add_parser("tasks", help="list the registered tasks, task families and games")
     sub.add_parser("optimizers", help="list the registered optimizers")
 
@@ -260,76 +251,59 @@ def _cmd_overhead(args: argparse.Namespace) -> int:
     return 0
 
 
-STUDIES = ("polyak", "large-lr", "controller", "controller-variants", "learned", "hpo", "games")
+def _study_parser(sub: Any) -> None:
+    """``nestopt study NAME``: the names and options from the studies' records."""
+    from .studies import registry as studies
+
+    lines = [f"  {s.name:20s} {s.help}" for s in studies.records()]
+    st = sub.add_parser("study", help="run a study that tests a source document's claims",
+                        description="Run a study that tests a source document's claims.\n\nstudies:\n" + "\n".join(lines),
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    st.add_argument("name", help=studies.join(studies.names(), "or"))
+    owners: dict[str, list[str]] = {}
+    options: dict[str, Any] = {}
+    for s in studies.records():  # an option two studies share is one argument, with both names in its help
+        for o in s.options:
+            first = options.setdefault(o.flag, o)
+            if (first.type, first.repeat, first.metavar) != (o.type, o.repeat, o.metavar):
+                raise ValueError(f"studies {owners[o.flag]} and {s.name!r} declare {o.flag} differently")
+            owners.setdefault(o.flag, []).append(s.name)
+    for flag, o in options.items():
+        kind = {"action": "append", "default": []} if o.repeat else {"default": None}
+        if o.metavar:
+            kind["metavar"] = o.metavar
+        st.add_argument(flag, type=_int if o.type is int else o.type, help=f"{', '.join(owners[flag])}: {o.help}", **kind)
+    st.add_argument("--out", required=True, help="output folder for report.md, results.json and figures")
+
+
+def _given(args: argparse.Namespace, option: Any) -> bool:
+    value = getattr(args, option.dest)
+    return bool(value) if option.repeat else value is not None
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
-    if args.name not in STUDIES:
-        raise UsageError(f"unknown study {args.name!r}; valid names: {', '.join(STUDIES)}")
-    if args.name != "controller-variants" and (args.variant or args.seeds is not None):
-        raise UsageError(f"--variant and --seeds are options of the controller-variants study, not of {args.name!r}")
+    from .studies import registry as studies
+
+    if args.name not in studies.names():
+        raise UsageError(f"unknown study {args.name!r}; valid names: {', '.join(studies.names())}")
+    study = studies.get(args.name)
+    for other in studies.records():  # an option of another study: name that study's options
+        if any(o.flag not in study.flags and _given(args, o) for o in other.options):
+            are = "are options" if len(other.options) > 1 else "is an option"
+            raise UsageError(f"{studies.join(other.flags)} {are} of the {other.name} study, not of {args.name!r}")
+    options = {o.dest: (tuple(getattr(args, o.dest)) if o.repeat else getattr(args, o.dest))
+               if _given(args, o) else o.default for o in study.options}
     out = _writable_dir(args.out)
     t0 = time.perf_counter()
-    if args.name == "polyak":
-        from .studies.polyak import run_study
-
-        doc = run_study(out)
-        for key, items in doc["verdicts"].items():
-            for it in items:
-                print(f"{key}  {it['verdict']:10s} {it['claim']}")
-    elif args.name == "large-lr":
-        from .studies.large_lr import run_study as run_large_lr
-
-        doc = run_large_lr(out)
-        for it in doc["verdicts"]:
-            print(f"{it['arm']:9s}  {it['verdict']:13s} {it['claim']}")
-    elif args.name == "controller":
-        from .studies.controller import run_study as run_controller
-
-        doc = run_controller(out)
-        for label, m in doc["robustness"].items():
-            print(f"robust rates  {label:18s} {m['robust']}/{m['cells']}")
-        for r in doc["ablations"]:
-            print(f"{r['what']:28s} {r['verdict']:16s} wins {r['wins']} losses {r['losses']} of {r['pairs']}")
-    elif args.name == "controller-variants":
-        from .studies.controller import VARIANTS, check_variants, run_variants
-
-        variants, seeds = tuple(args.variant) or tuple(VARIANTS), args.seeds if args.seeds is not None else 3
+    if study.prepare is not None:
         try:
-            check_variants(variants, seeds)
+            options = study.prepare(out, **options)
         except ValueError as e:
-            raise UsageError(f"--{e}")  # the message starts with the option's name
-        doc = run_variants(out, variants=variants, seeds=seeds)
-        for label, m in doc["robustness"].items():
-            print(f"robust rates  {label:28s} {m['robust']}/{m['cells']}")
-    elif args.name == "learned":
-        from .studies.learned import run_study as run_learned
-
-        nets = {**_net_args(args.net, out), **_peer_args(args.peer)}
-        doc = run_learned(out, nets=nets)
-        for r in doc["rows"] + doc["long"]:
-            print(f"{r['name'][:44]:44s} {r['steps']:5d} {r['net'][:22]:22s} speedup {r['speedup']:.2f} "
-                  f"reached {r['reached']}/{r['seeds']} diverged {r['diverged']}")
-    elif args.name == "hpo":
-        from .studies.hpo import run_study as run_hpo
-
-        doc = run_hpo(out)
-        for r in doc["hpo"]["rows"]:
-            print(f"seed {r['seed']}: TPE test acc {r['tpe']['test_acc']:.4f} in {r['tpe']['wall_s']:.1f} s; "
-                  f"per-weight implicit {r['implicit']['test_acc']:.4f} in {r['implicit']['wall_s']:.1f} s")
-    elif args.name == "games":
-        from .studies.games import run_study as run_games
-
-        doc = run_games(out)
-        for r in doc["rates"]["rows"]:
-            print(f"{r['method'][:46]:46s} analytic rho {r['rho']:.5f} measured {r['measured']:.5f} "
-                  f"({100 * r['rel_err']:.2f}%)")
-        for name, m in doc["gan"]["methods"].items():
-            print(f"GAN {name[:32]:32s} modes {m['final_modes']} high-quality "
-                  f"{[round(x, 3) for x in m['final_high_quality']]}")
-    wrote = (f"{out / 'variants.md'} and {out / 'variants.json'}" if args.name == "controller-variants"
-             else f"{out / 'report.md'}, {out / 'results.json'} and figures")
-    print(f"study {args.name}: {time.perf_counter() - t0:.0f} s; wrote {wrote}")
+            raise UsageError(str(e))
+    doc = study.run(out, **options)
+    for line in study.summary(doc):
+        print(line)
+    print(f"study {args.name}: {time.perf_counter() - t0:.0f} s; wrote {study.wrote(out)}")
     return 0
 
 
@@ -386,42 +360,6 @@ def _meta_controller():
     from .optim.nested import DEFAULT_FEATURES, FEATURES
 
     return Controller(sum(FEATURES[f] for f in DEFAULT_FEATURES), hidden=8, features=DEFAULT_FEATURES)
-
-
-def _net_args(items: list[str], out: Path) -> dict[str, str]:
-    """``--net LABEL=PATH`` arguments, plus the shipped networks and, as the reference for what
-    meta-training bought, the same network untrained (written to OUT)."""
-    from .meta import HybridAdamNet
-    from .nets import SHIPPED_NETS, load_net, save_net
-
-    nets = {"shipped default (linear)": str(SHIPPED_NETS["default"]), "shipped MLP (net='mlp')": str(SHIPPED_NETS["mlp"]),
-            "hybrid, untrained (Adam 1e-3)": str(save_net(HybridAdamNet(), out / "untrained.safetensors"))}
-    for item in items:
-        label, sep, path = item.partition("=")
-        if not sep or not label or not path:
-            raise UsageError(f"--net {item!r} is invalid: expected LABEL=PATH")
-        try:
-            load_net(path)
-        except ValueError as e:
-            raise UsageError(str(e))
-        nets[label] = path
-    return nets
-
-
-def _peer_args(names: list[str]) -> dict[str, str]:
-    """``--peer NAME`` arguments: registry optimizers that are installed."""
-    from .bench import registry
-    from .studies.learned import PEER
-
-    peers = {}
-    for name in names:
-        if name not in registry.names(available_only=False):
-            raise UsageError(f"--peer {name!r} is invalid: expected one of {', '.join(registry.names(available_only=False))}")
-        spec = registry.get(name)
-        if not spec.available():
-            raise UsageError(f"--peer {name!r} needs the package {spec.requires!r}: pip install 'nestopt[peers]'")
-        peers[f"{name} (defaults)"] = PEER + name
-    return peers
 
 
 def meta_record(net: str, cfg: object, history: list[dict], seconds: float) -> dict:

@@ -4,6 +4,8 @@
 ``run_jobs`` spreads jobs over worker processes (each pinned to one thread), shows progress,
 and on ``KeyboardInterrupt`` returns the records finished so far with ``interrupted=True``.
 
+The loop is :func:`nestopt.train.train_loop`; this module records its curve from its callbacks.
+
 Timing: ``ms_per_step`` is the mean wall time of the training step (batch forward, backward and
 optimizer step) without evaluation; ``time_s`` in the curve accumulates the same quantity, so
 time-to-target counts training time only.
@@ -28,9 +30,8 @@ from typing import Any
 import torch
 
 from .. import tasks as task_registry
+from ..train import DIVERGE_FACTOR, Divergence, LoopResult, train_loop
 from . import registry as opt_registry
-
-DIVERGE_FACTOR = 100.0
 CURVE_POINTS = 50
 
 
@@ -74,7 +75,6 @@ def run_job(job: Job) -> dict[str, Any]:
         scheduler = LargeLRScheduler(opt, spec.schedule(job.lr, job.steps))
     params = [p for p in model.parameters() if p.requires_grad]
     next_batch = task.sampler(job.seed)
-    eval_every = max(1, job.steps // CURVE_POINTS)
 
     def evaluate() -> dict[str, float]:
         if spec.train_eval_modes:
@@ -85,63 +85,29 @@ def run_job(job: Job) -> dict[str, Any]:
         return metrics
 
     curve: dict[str, list[Any]] = {"step": [], "train_loss": [], "val_loss": [], "time_s": []}
-    first = evaluate()
-    v0 = first["val_loss"]
-    curve["step"].append(0)
-    curve["train_loss"].append(None)
-    curve["val_loss"].append(_finite_or_none(v0))
-    curve["time_s"].append(0.0)
-
-    train_time = 0.0
     window: list[float] = []
-    diverged, diverged_step, steps_done = False, None, 0
-    last_metrics = first
-    error = None
-    try:
-        for step in range(job.steps):
-            batch = next_batch(step)
-            t0 = time.perf_counter()
 
-            def closure() -> torch.Tensor:
-                opt.zero_grad(set_to_none=True)
-                loss = task.loss(model, batch)
-                loss.backward(create_graph=spec.create_graph)
-                if spec.clip_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, spec.clip_norm)
-                return loss
+    def on_step(step: int, loss: float, res: LoopResult) -> None:
+        window.append(loss)
 
-            if spec.needs_loss:
-                loss = opt.step(closure)
-            else:
-                loss = closure()
-                opt.step()
-            if scheduler is not None:
-                scheduler.step()
-            lv = float(loss.detach())
-            train_time += time.perf_counter() - t0
-            steps_done = step + 1
-            window.append(lv)
-            if not math.isfinite(lv):
-                diverged, diverged_step = True, steps_done
-                break
-            if steps_done % eval_every == 0 or steps_done == job.steps:
-                last_metrics = evaluate()
-                v = last_metrics["val_loss"]
-                if hasattr(opt, "observe_validation"):  # optimizers that learn from validation
-                    t1 = time.perf_counter()
-                    opt.observe_validation(v)
-                    train_time += time.perf_counter() - t1  # their work counts as training time
-                curve["step"].append(steps_done)
-                curve["train_loss"].append(sum(window) / len(window))
-                curve["val_loss"].append(_finite_or_none(v))
-                curve["time_s"].append(train_time)
-                window = []
-                if not math.isfinite(v) or v > DIVERGE_FACTOR * max(abs(v0), 1e-12):
-                    diverged, diverged_step = True, steps_done
-                    break
-    except (RuntimeError, ValueError, ArithmeticError) as e:  # an optimizer that gives up counts as diverged
-        error = f"{type(e).__name__}: {e}"
-        diverged, diverged_step = True, steps_done + 1
+    def on_eval(step: int, metrics: dict[str, float], res: LoopResult) -> None:
+        v = metrics["val_loss"]
+        if step and hasattr(opt, "observe_validation"):  # optimizers that learn from validation
+            with res.timed():  # their work counts as training time
+                opt.observe_validation(v)
+        curve["step"].append(step)
+        curve["train_loss"].append(sum(window) / len(window) if window else None)
+        curve["val_loss"].append(_finite_or_none(v))
+        curve["time_s"].append(res.train_time)
+        window.clear()
+
+    res = train_loop(opt, job.steps, lambda batch: task.loss(model, batch), batch=next_batch,
+                     closure=spec.needs_loss, create_graph=spec.create_graph, clip_norm=spec.clip_norm,
+                     clip_params=params, scheduler=scheduler, evaluate=evaluate,
+                     eval_every=max(1, job.steps // CURVE_POINTS), on_step=on_step, on_eval=on_eval,
+                     divergence=Divergence(DIVERGE_FACTOR))
+    diverged, diverged_step, steps_done = res.diverged, res.diverged_step, res.steps_done
+    last_metrics = res.metrics
 
     vals = [v for v in curve["val_loss"] if v is not None]
     final_val = None if diverged else curve["val_loss"][-1]
@@ -155,12 +121,12 @@ def run_job(job: Job) -> dict[str, Any]:
         "final_val_accuracy": extra.get("val_accuracy"),
         "steps_to_target": None,
         "time_to_target_s": None,
-        "ms_per_step": 1e3 * train_time / max(steps_done, 1),
+        "ms_per_step": res.ms_per_step,
         "diverged": diverged,
         "diverged_step": diverged_step,
         "steps_done": steps_done,
         "wall_s": time.perf_counter() - t_start,
-        "error": error,
+        "error": res.error,
         "nonfinite_params": not all(bool(torch.isfinite(p).all()) for p in model.parameters()),
         "metrics": extra,
         "curve": curve,
@@ -173,12 +139,28 @@ def quiet_create_graph_warning() -> None:
     warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
 
 
+_INIT_ERROR: list[BaseException] = []  # a worker's failed start, raised by its first job
+
+
 def _worker_init(variants: Sequence[opt_registry.OptimizerSpec] = ()) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
-    for spec in variants:  # a study's variants, registered in the parent (spawned workers start bare)
-        opt_registry.register_variant(spec)
     torch.set_num_threads(1)
     quiet_create_graph_warning()
+    # A study's variants, registered in the parent: spawned workers start bare. Unpickling a spec
+    # imports the module that defines it, which may register its own copy first: that one stays.
+    try:
+        known = {s.name for s in opt_registry.variants()}
+        for spec in variants:
+            if spec.name not in known:
+                opt_registry.register_variant(spec)
+    except Exception as e:  # an initializer that raises makes the pool restart workers for ever
+        _INIT_ERROR.append(e)
+
+
+def _worker_job(job: Job) -> dict[str, Any]:
+    if _INIT_ERROR:
+        raise RuntimeError(f"a bench worker failed to start: {_INIT_ERROR[0]}") from _INIT_ERROR[0]
+    return run_job(job)
 
 
 def default_workers() -> int:
@@ -211,7 +193,7 @@ def run_jobs(jobs: Sequence[Job], *, workers: int | None = None,
     order = sorted(jobs, key=lambda j: -j.steps * _cost_hint(j.task))
     pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(opt_registry.variants(),))
     try:
-        results = pool.imap_unordered(run_job, order, chunksize=1)
+        results = pool.imap_unordered(_worker_job, order, chunksize=1)
         for _ in range(len(order)):
             while True:
                 try:
@@ -226,6 +208,10 @@ def run_jobs(jobs: Sequence[Job], *, workers: int | None = None,
         pool.terminate()
         pool.join()
         return records, True
+    except BaseException:
+        pool.terminate()
+        pool.join()
+        raise
     pool.close()
     pool.join()
     return records, False

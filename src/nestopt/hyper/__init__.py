@@ -1,6 +1,7 @@
 """Hypergradients: implicit differentiation, unrolled differentiation, best-response hypernetworks.
 
-- :func:`implicit_hypergradient`: the implicit function theorem with CG / Neumann / dense solves.
+- :func:`implicit_hypergradient`: the implicit function theorem with CG / Neumann / dense solves, or a
+  user's solver ``solve(matvec, b, **opts) -> (x, info)`` (:mod:`.solvers` states the contract).
 - :func:`unrolled_hypergradient`: reverse mode through K differentiable SGD steps, with truncation.
 - :class:`SelfTuningMLP` / :class:`STNTrainer`: a self-tuning network (best-response hypernetwork)
   for weight decay and dropout rate.
@@ -8,9 +9,11 @@
 """
 
 from .bilevel import HORIZONS, METHODS, Bilevel
-from .implicit import SOLVERS, HypergradientError, SolveInfo, implicit_hypergradient
+from .implicit import implicit_hypergradient
+from .solvers import SOLVER_FUNCTIONS, SOLVERS, HypergradientError, SolveInfo, conjugate_gradient, dense_solve, neumann
 from .stn import SelfTuningMLP, STLinear, STNTrainer
 from .unrolled import UnrollInfo, unrolled_hypergradient
 
-__all__ = ["HORIZONS", "METHODS", "SOLVERS", "Bilevel", "HypergradientError", "STLinear", "STNTrainer",
-           "SelfTuningMLP", "SolveInfo", "UnrollInfo", "implicit_hypergradient", "unrolled_hypergradient"]
+__all__ = ["HORIZONS", "METHODS", "SOLVERS", "SOLVER_FUNCTIONS", "Bilevel", "HypergradientError", "STLinear",
+           "STNTrainer", "SelfTuningMLP", "SolveInfo", "UnrollInfo", "conjugate_gradient", "dense_solve",
+           "implicit_hypergradient", "neumann", "unrolled_hypergradient"]

@@ -11,6 +11,7 @@ import torch
 from .._checks import check_choice, check_int
 from . import _tree as T
 from .implicit import HypergradientError, implicit_hypergradient
+from .solvers import Solver, resolve_solver
 from .unrolled import unrolled_hypergradient
 
 METHODS = ("implicit", "unrolled")
@@ -40,6 +41,9 @@ class Bilevel:
         hparams: initial hyperparameters; copied. Read the current ones from :attr:`hparams`.
         hyper_optimizer: ``factory(list_of_tensors) -> torch.optim.Optimizer`` for the hyperparameters.
         inner_optimizer: ``factory(list_of_tensors) -> torch.optim.Optimizer`` (implicit method only).
+        solver: the implicit method's linear solver: a name in :data:`~nestopt.hyper.SOLVERS` or a callable
+            ``solve(matvec, b, **opts) -> (x, info)`` (see :func:`implicit_hypergradient`); default
+            ``solver_kwargs.get("solver", "cg")``.
         solver_kwargs: passed to :func:`implicit_hypergradient` (``solver``, ``iters``, ``damping``...).
         unroll_kwargs: passed to :func:`unrolled_hypergradient` (``lr``, ``momentum``, ``truncate``).
         on_error: what a :class:`HypergradientError` (negative curvature, failed solve) does: ``"raise"``
@@ -58,6 +62,7 @@ class Bilevel:
         inner_steps: int = 50,
         hyper_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None = None,
         inner_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None = None,
+        solver: str | Solver | None = None,
         solver_kwargs: dict | None = None,
         unroll_kwargs: dict | None = None,
         on_error: str = "raise",
@@ -77,6 +82,16 @@ class Bilevel:
         self.hyper_opt = hyper_optimizer(self._lam)
         self.inner_opt = self._inner_factory(self._w) if method == "implicit" else None
         self.solver_kwargs = dict(solver_kwargs or {})
+        if solver is not None:
+            if "solver" in self.solver_kwargs:
+                raise ValueError(f"solver={solver!r} is given twice: also solver_kwargs['solver']="
+                                 f"{self.solver_kwargs['solver']!r}; pass one")
+            if method != "implicit":
+                raise ValueError(f"solver={solver!r} is invalid with method={method!r}: only the implicit method "
+                                 "solves")
+            self.solver_kwargs["solver"] = solver
+        if method == "implicit" and "solver" in self.solver_kwargs:  # a bad name fails here, not at the first step
+            resolve_solver(self.solver_kwargs["solver"])
         self.unroll_kwargs = dict(unroll_kwargs or {})
         self._solution = None
         self.history: list[dict[str, float]] = []

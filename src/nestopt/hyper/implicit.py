@@ -7,9 +7,10 @@ validation loss ``L_V(w*(lam), lam)`` is then
     dL_V/dlam = dL_V/dlam (direct) - (d2L_T/dlam dw) H^{-1} dL_V/dw (implicit).
 
 :func:`implicit_hypergradient` solves ``(H + damping I) x = dL_V/dw`` with a pluggable solver (conjugate
-gradient, a truncated Neumann series, or a dense solve for small problems) using Hessian-vector products
-from ``torch.func``: the gradient's graph is built once and every solver iteration is one backward pass
-through it, so memory does not grow with the iteration count. It checks the solve and raises
+gradient, a truncated Neumann series, a dense solve for small problems, or a user's callable with the
+contract of :mod:`nestopt.hyper.solvers`) using Hessian-vector products from autograd or ``torch.func``:
+the gradient's graph is built once and every solver iteration is one backward pass through it, so memory
+does not grow with the iteration count. It checks the solve and raises
 :class:`HypergradientError` on negative curvature, divergence or a residual above ``max_residual`` instead
 of returning a silently wrong answer.
 """
@@ -18,47 +19,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.func import grad, jacrev, vjp
 
-from .._checks import check_choice, check_int, check_number
+from .._checks import check_int, check_number
 from . import _tree as T
+from .solvers import (SOLVER_FUNCTIONS, SOLVERS, HypergradientError, Solver, SolveInfo, _as_float, call_solver,
+                      conjugate_gradient, dense_solve, matrix_from_matvec, neumann, resolve_solver)
 
-SOLVERS = ("cg", "neumann", "dense")
+__all__ = ["SOLVERS", "SOLVER_FUNCTIONS", "HypergradientError", "SolveInfo", "conjugate_gradient", "dense_solve",
+           "implicit_hypergradient", "neumann"]
+
 _DEFAULT_MAX_RESIDUAL = {"cg": 0.1, "dense": 1e-6, "neumann": 1.0}
-
-
-class HypergradientError(RuntimeError):
-    """A linear solve that cannot be trusted: negative curvature, divergence, or no convergence."""
-
-
-@dataclass
-class SolveInfo:
-    """What the linear solve did; ``solution`` can warm-start the next solve (``init=``)."""
-
-    solver: str
-    iterations: int
-    residual: float | None
-    """``||(H + damping I) x - b|| / ||b||`` (``None`` when ``check=False``)."""
-    min_curvature: float | None
-    """Smallest ``v^T (H + damping I) v / v^T v`` seen along the solver's directions (the smallest
-    eigenvalue for ``dense``); negative means the Hessian is not positive definite there."""
-    alpha: float | None
-    """Neumann step size used (``None`` for the other solvers)."""
-    solution: Any
-
-
-def _as_float(x: torch.Tensor, what: str) -> float:
-    try:
-        return float(x.item())
-    except RuntimeError as exc:  # a BatchedTensor under torch.func.vmap cannot be read on the host
-        raise HypergradientError(
-            f"cannot check the solve ({what}) inside torch.func.vmap: the checks read values on the host. "
-            "Pass check=False (and tol=0) to vmap implicit_hypergradient, then check the results outside."
-        ) from exc
 
 
 def implicit_hypergradient(
@@ -67,7 +41,7 @@ def implicit_hypergradient(
     params: Any,
     hparams: Any,
     *,
-    solver: str = "cg",
+    solver: str | Solver = "cg",
     iters: int = 20,
     damping: float = 0.0,
     alpha: float | None = None,
@@ -86,8 +60,13 @@ def implicit_hypergradient(
             ``inner_loss``. Use ``dict(model.named_parameters())`` with ``torch.func.functional_call``.
         hparams: hyperparameters of any shape: a 0-dim scalar, one per weight, an image, the
             parameters of a network (same container rules as ``params``).
-        solver: ``"cg"`` (conjugate gradient), ``"neumann"`` (truncated Neumann series
-            ``alpha * sum_k (I - alpha H)^k b``) or ``"dense"`` (materialises the Hessian; small problems).
+        solver: ``"cg"`` (:func:`~nestopt.hyper.solvers.conjugate_gradient`), ``"neumann"`` (truncated
+            Neumann series ``alpha * sum_k (I - alpha H)^k b``) or ``"dense"`` (materialises the Hessian;
+            small problems), or a callable ``solve(matvec, b, **opts) -> (x, info)``: ``matvec(v)`` is
+            ``(H + damping I) v``, the Hessian-vector product of ``inner_loss`` w.r.t. ``params``, ``b`` is
+            ``dL_V/dw`` (both lists of tensors shaped like the leaves of ``params``), ``opts`` the options
+            below that its signature names (``iters``, ``tol``, ``alpha``, ``init``, ``check``) and ``info``
+            a :class:`SolveInfo` or dict of its fields (see :mod:`nestopt.hyper.solvers`).
         iters: solver iterations (Hessian-vector products); ignored by ``dense``.
         damping: adds ``damping * I`` to the Hessian (Tikhonov); makes an indefinite or singular
             Hessian solvable at the cost of bias.
@@ -97,8 +76,8 @@ def implicit_hypergradient(
         tol: CG stops early when the relative residual falls below ``tol`` (0: run all ``iters``; a
             positive ``tol`` reads the residual on the host every iteration).
         max_residual: raise :class:`HypergradientError` when the final relative residual is above this.
-            Default: 0.1 for CG, 1e-6 for dense, 1.0 for Neumann (a truncated series is a deliberate
-            approximation, so only a series that does not contract is an error).
+            Default: 0.1 for CG and a user's solver, 1e-6 for dense, 1.0 for Neumann (a truncated series
+            is a deliberate approximation, so only a series that does not contract is an error).
         init: initial guess for CG, e.g. ``info.solution`` of the previous hyperparameter step.
         check: run the checks (one host synchronisation at the end). ``False`` is required under
             ``torch.func.vmap``: the function composes with ``vmap`` over ``hparams`` or ``params``
@@ -112,17 +91,17 @@ def implicit_hypergradient(
         HypergradientError: negative curvature along a solver direction, a diverging or non-finite
             solve, or a final residual above ``max_residual``.
     """
-    check_choice("solver", solver, SOLVERS)
+    name, solve = resolve_solver(solver)
     check_int("iters", iters, lo=1)
     damping = check_number("damping", damping, lo=0.0)
     tol = check_number("tol", tol, lo=0.0)
     if alpha is not None:
         alpha = check_number("alpha", alpha, lo=0.0, lo_open=True)
     if max_residual is None:
-        max_residual = _DEFAULT_MAX_RESIDUAL[solver]
+        max_residual = _DEFAULT_MAX_RESIDUAL.get(name, 0.1)
     else:
         max_residual = check_number("max_residual", max_residual, lo=0.0, lo_open=True)
-    if solver == "cg" and tol > 0 and not check:
+    if name == "cg" and tol > 0 and not check:
         raise ValueError(f"tol={tol!r} is invalid with check=False: early stopping reads the residual; use tol=0")
     w, w_spec = T.flatten(params, "params")
     lam, lam_spec = T.flatten(hparams, "hparams")
@@ -134,20 +113,16 @@ def implicit_hypergradient(
         x0 = [t.detach() for t in x0]
 
     under_transform = torch._C._functorch.maybe_current_level() is not None
-    if solver == "dense" or under_transform:
+    if name == "dense" or under_transform:
         ops = _FuncOps(inner_loss, outer_loss, w, w_spec, lam, lam_spec, damping)
     else:
         ops = _AutogradOps(inner_loss, outer_loss, w, w_spec, lam, lam_spec, damping)
     v_w, direct = ops.outer_grads()
 
-    if solver == "cg" and not under_transform and v_w[0].device.type == "cpu":
-        x, info = _cg_host(ops.hvp, v_w, iters, tol, x0, check)
-    elif solver == "cg":
-        x, info = _cg(ops.hvp, v_w, iters, tol, x0, check)
-    elif solver == "neumann":
-        x, info = _neumann(ops.hvp, v_w, iters, alpha, check)
-    else:
-        x, info = _dense(ops, v_w, damping, check)
+    opts = {"iters": iters, "tol": tol, "alpha": alpha, "init": x0, "check": check}
+    x, info = call_solver(solve, ops, v_w, opts)
+    if name is None:  # a user's solver: hold it to its contract
+        x, info = _user_result(solve, ops, v_w, x, info, check)
     info.solution = T.unflatten(x, w_spec)
 
     if check:
@@ -187,6 +162,11 @@ class _AutogradOps:
             torch._foreach_add_(hv, v, alpha=self.damping)  # hv is freshly allocated: add in place
         return hv
 
+    __call__ = hvp
+
+    def matrix(self) -> torch.Tensor:
+        return matrix_from_matvec(self.hvp, self.w)
+
     def cross(self, x: list) -> list:
         if not any(t.requires_grad for t in self.g):
             return [torch.zeros_like(t) for t in self.lam]
@@ -219,6 +199,16 @@ class _FuncOps:
         hv = list(self._hvp(list(v))[0])
         return T.axpy(self.damping, v, hv) if self.damping else hv
 
+    __call__ = hvp
+
+    def matrix(self) -> torch.Tensor:
+        """``H + damping I``, symmetrised, over the flattened parameters (one ``jacrev``)."""
+        h = self.hessian()
+        h = 0.5 * (h + h.transpose(-1, -2))
+        if self.damping:
+            h = h + self.damping * torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
+        return h
+
     def cross(self, x: list) -> list:
         _, fn = vjp(lambda lv: self.grad_flat(self.w, lv), self.lam)
         return list(fn(list(x))[0])
@@ -240,7 +230,8 @@ def _scalar(loss: Any, name: str) -> torch.Tensor:
 
 
 def _check(info: SolveInfo, max_residual: float, damping: float) -> None:
-    name = {"cg": "conjugate gradient", "neumann": "Neumann series", "dense": "dense solve"}[info.solver]
+    name = {"cg": "conjugate gradient", "neumann": "Neumann series", "dense": "dense solve"}.get(
+        info.solver, f"solver {info.solver!r}")
     if info.min_curvature is not None and not info.min_curvature > 0:
         raise HypergradientError(
             f"{name}: the Hessian (+ damping={damping}) is not positive definite along the solve: curvature "
@@ -256,150 +247,26 @@ def _check(info: SolveInfo, max_residual: float, damping: float) -> None:
             f"iterations is above max_residual={max_residual:g}; {hint}, or pass a larger max_residual.")
 
 
-def _cg(hvp, b: list, iters: int, tol: float, x0, check: bool) -> tuple[list, SolveInfo]:
-    if x0 is None:
-        x = [torch.zeros_like(t) for t in b]
-        r = b
-    else:
-        x = x0
-        r = T.sub(b, hvp(x))
-    p = r
-    rr = T.dot(r, r)
-    b_norm = torch.sqrt(T.dot(b, b))
-    # Once the residual reaches rounding level the iteration freezes (no host read, so vmap works).
-    floor = (torch.finfo(rr.dtype).eps * b_norm) ** 2
-    inf = torch.full_like(rr, math.inf)
-    zero = torch.zeros_like(rr)
-    one = torch.ones_like(rr)
-    min_curv = inf
-    it = 0
-    for it in range(1, iters + 1):
-        active = rr > floor
-        ap = hvp(p)
-        pap = T.dot(p, ap)
-        pp = T.dot(p, p)
-        min_curv = torch.minimum(min_curv, torch.where(active, pap / torch.where(active, pp, one), inf))
-        a = torch.where(active, rr / torch.where(active, pap, one), zero)
-        x = T.axpy(a, p, x)
-        r = T.axpy(-a, ap, r)
-        rr_new = T.dot(r, r)
-        if tol > 0 and _as_float(torch.sqrt(rr_new) <= tol * b_norm, "tol"):
-            rr = rr_new
-            break
-        p = T.axpy(torch.where(active, rr_new / torch.where(active, rr, one), zero), p, r)
-        rr = rr_new
-    info = SolveInfo("cg", it, None, None, None, None)
-    if check:
-        bn = _as_float(b_norm, "residual")
-        info.residual = 0.0 if bn == 0 else _as_float(torch.sqrt(rr), "residual") / bn
-        mc = _as_float(min_curv, "curvature")
-        info.min_curvature = mc if math.isfinite(mc) else None
-    return x, info
-
-
-def _cg_host(hvp, b: list, iters: int, tol: float, x0, check: bool) -> tuple[list, SolveInfo]:
-    """CG with the scalars on the host: on CPU reading them costs nothing, and Python-float step sizes
-    let every vector update be one in-place foreach kernel."""
-    if x0 is None:
-        x = [torch.zeros_like(t) for t in b]
-        r = [t.clone() for t in b]
-    else:
-        x = [t.clone() for t in x0]
-        r = T.sub(b, hvp(x))
-    p = [t.clone() for t in r]
-    rr = float(T.dot(r, r))
-    b_norm = math.sqrt(float(T.dot(b, b)))
-    floor = (torch.finfo(b[0].dtype).eps * b_norm) ** 2
-    min_curv = math.inf
-    it = 0
-    for it in range(1, iters + 1):
-        if rr <= floor:
-            break
-        ap = hvp(p)
-        pap = float(T.dot(p, ap))
-        if check:
-            min_curv = min(min_curv, pap / float(T.dot(p, p)))
-        if not pap > 0:
-            min_curv = min(min_curv, pap)
-            break
-        a = rr / pap
-        torch._foreach_add_(x, p, alpha=a)
-        torch._foreach_add_(r, ap, alpha=-a)
-        rr_new = float(T.dot(r, r))
-        if tol > 0 and math.sqrt(rr_new) <= tol * b_norm:
-            rr = rr_new
-            break
-        torch._foreach_mul_(p, rr_new / rr)
-        torch._foreach_add_(p, r)
-        rr = rr_new
-    info = SolveInfo("cg", it, None, None, None, None)
-    if check:
-        info.residual = 0.0 if b_norm == 0 else math.sqrt(rr) / b_norm
-        info.min_curvature = min_curv if math.isfinite(min_curv) else None
-    return x, info
-
-
-def _power_lambda_max(hvp, b: list, n: int = 20) -> float:
-    v = b
-    lam = 0.0
-    for _ in range(n):
-        v = T.scale(1.0 / torch.sqrt(T.dot(v, v)), v)
-        hv = hvp(v)
-        lam = _as_float(T.dot(v, hv), "alpha estimate")
-        v = hv
-    return lam
-
-
-def _neumann(hvp, b: list, iters: int, alpha: float | None, check: bool) -> tuple[list, SolveInfo]:
-    if alpha is None:
-        lam = _power_lambda_max(hvp, b)
-        if not lam > 0:
-            raise HypergradientError(f"Neumann series: the Hessian's dominant eigenvalue is {lam:.3g} <= 0; "
-                                     "the weights are not at a minimum. Pass a larger damping.")
-        alpha = 1.0 / lam
-    # x_K = alpha * sum_{k<K} p_k with p_{k+1} = p_k - alpha H p_k, p_0 = b; the residual b - H x_K is p_K.
-    tiny = torch.finfo(b[0].dtype).tiny
-    inplace = not T._plain()  # outside torch.func transforms: update owned copies in place
-    p = [t.clone() for t in b] if inplace else b
-    acc = [t.clone() for t in b] if inplace else b
-    min_curv = None
-    for k in range(iters):
-        hp = hvp(p)
-        if check:
-            curv = T.dot(p, hp) / torch.clamp(T.dot(p, p), min=tiny)
-            min_curv = curv if min_curv is None else torch.minimum(min_curv, curv)
-        if inplace:
-            torch._foreach_add_(p, hp, alpha=-alpha)
-            if k + 1 < iters:
-                torch._foreach_add_(acc, p)
-        else:
-            p = T.axpy(-alpha, hp, p)
-            if k + 1 < iters:
-                acc = T.add(acc, p)
-    if inplace:
-        torch._foreach_mul_(acc, alpha)
-    x = acc if inplace else T.scale(alpha, acc)
-    info = SolveInfo("neumann", iters, None, None, alpha, None)
-    if check:
+def _user_result(solve: Solver, matvec: Callable[[list], list], b: list, x: Any, info: Any, check: bool
+                 ) -> tuple[list, SolveInfo]:
+    """A user's solver's ``(x, info)`` checked against the contract; ``info`` as a :class:`SolveInfo`,
+    with the residual computed (one matvec) when checking and the solver left it out."""
+    who = getattr(solve, "__name__", type(solve).__name__)
+    if isinstance(x, torch.Tensor) or not isinstance(x, (list, tuple)) or len(x) != len(b) or any(
+            not isinstance(t, torch.Tensor) or t.shape != r.shape for t, r in zip(x, b)):
+        got = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in x] \
+            if isinstance(x, (list, tuple)) else type(x).__name__
+        raise ValueError(f"solver {who} must return x as a list of tensors shaped like b "
+                         f"{[tuple(t.shape) for t in b]}; got {got}")
+    x = list(x)
+    if isinstance(info, dict):
+        info = SolveInfo(**{"solver": who, "iterations": 0, "residual": None, "min_curvature": None, "alpha": None,
+                            "solution": None, **info})
+    elif not isinstance(info, SolveInfo):
+        raise ValueError(f"solver {who} must return (x, info) with info a SolveInfo or a dict of its fields; "
+                         f"got {type(info).__name__}")
+    if check and info.residual is None:
+        r = T.sub(b, matvec(x))
         bn = _as_float(torch.sqrt(T.dot(b, b)), "residual")
-        info.residual = 0.0 if bn == 0 else _as_float(torch.sqrt(T.dot(p, p)), "residual") / bn
-        info.min_curvature = _as_float(min_curv, "curvature") if bn > 0 else None
+        info.residual = 0.0 if bn == 0 else _as_float(torch.sqrt(T.dot(r, r)), "residual") / bn
     return x, info
-
-
-def _dense(ops: _FuncOps, b: list, damping: float, check: bool) -> tuple[list, SolveInfo]:
-    h = ops.hessian()
-    h = 0.5 * (h + h.transpose(-1, -2))
-    if damping:
-        h = h + damping * torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
-    bf = T.flat_cat(b)
-    info = SolveInfo("dense", 1, None, None, None, None)
-    if check:
-        info.min_curvature = _as_float(torch.linalg.eigvalsh(h)[0], "curvature")
-        if not info.min_curvature > 0:
-            return [torch.zeros_like(t) for t in b], info  # _check raises on the curvature
-    x = torch.linalg.solve(h, bf)
-    if check:
-        bn = _as_float(bf.norm(), "residual")
-        info.residual = 0.0 if bn == 0 else _as_float((h @ x - bf).norm(), "residual") / bn
-    return T.split_like(x, b), info

@@ -1,8 +1,10 @@
-"""Meta-training learned optimizers: update networks (:mod:`.nets`) and the outer trainer
-(:mod:`.train`)."""
+"""Meta-training learned optimizers: update networks (:mod:`nestopt.nets`), the outer trainer
+(:mod:`.train`) and its meta-gradient estimators (:mod:`.estimators`)."""
 
 from ..nets import CoordinateLSTM, DirectUpdateMLP, GradientAttention, HybridAdamNet, LinearUpdate, UpdateNet
-from .train import MetaConfig, PersistentES, Unrolls, meta_train
+from .estimators import ES, ESTIMATORS, Estimate, GradientEstimator, PersistentES, Surrogate, TruncatedBackprop
+from .train import METHODS, MetaConfig, Unrolls, meta_train
 
-__all__ = ["CoordinateLSTM", "DirectUpdateMLP", "GradientAttention", "HybridAdamNet", "LinearUpdate", "MetaConfig", "PersistentES", "UpdateNet",
-           "Unrolls", "meta_train"]
+__all__ = ["CoordinateLSTM", "DirectUpdateMLP", "ES", "ESTIMATORS", "Estimate", "GradientAttention",
+           "GradientEstimator", "HybridAdamNet", "LinearUpdate", "METHODS", "MetaConfig", "PersistentES", "Surrogate",
+           "TruncatedBackprop", "UpdateNet", "Unrolls", "meta_train"]

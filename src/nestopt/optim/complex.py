@@ -28,8 +28,11 @@ calls of torch's fused SGD kernel (see ``_rotate``). On CPU they run block by bl
 elements at a time) so a block's operands stay in cache between passes; on other devices as
 multi-tensor kernels over all parameters. Measure with ``nestopt overhead``.
 
-**Safety.** If any gradient holds a non-finite value the whole step is skipped (parameters and
-buffers untouched) and counted in ``param_group["skipped"]``; one extra read of the gradients.
+**Safety.** If any gradient of a param group holds a non-finite value that group's step is
+skipped (its parameters and buffers untouched; the other groups step) and counted per group, as
+every nestopt optimizer counts (:mod:`nestopt.optim.counters`, scope ``"group"``):
+``param_group["counters"]["nonfinite"]``, next to ``"steps"``; ``opt.counters`` sums the groups.
+One extra read of the gradients.
 
 Usage::
 
@@ -49,6 +52,7 @@ import torch
 from torch.optim import Optimizer
 
 from .._checks import check_number
+from .counters import Counted, bump
 
 # Elements per block on CPU: 2^18 floats = 1 MB per operand, so the five operands of a block
 # (theta, g, Re m, Im m, scratch) fit in a few MB of cache between the passes. Measured on a
@@ -175,20 +179,28 @@ def complex_momentum_step(params: list[torch.Tensor], grads: list[torch.Tensor],
                 _rotate([ab], [bb], [t], [pb], lr=lr, beta_re=beta_re, beta_im=beta_im)
 
 
-class _SkippingOptimizer(Optimizer, metaclass=abc.ABCMeta):
-    """What both optimizers share: a ``"skipped"`` counter in every param group, a block buffer
-    cache, and :meth:`_groups`, which yields each group's parameters and gradients after
-    skipping a group whose gradients are not all finite."""
+class _SkippingOptimizer(Counted, Optimizer, metaclass=abc.ABCMeta):
+    """What both optimizers share: per-group counters (``group["counters"]``, scope ``"group"``),
+    a block buffer cache, and :meth:`_groups`, which yields each group's parameters and
+    gradients after skipping (and counting) a group whose gradients are not all finite; a group
+    yielded counts as a step taken."""
+
+    counter_scope = "group"
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            group.setdefault("skipped", 0)
         self._scratch: dict[Any, torch.Tensor] = {}  # the CPU kernels' block buffers (not state)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        self.param_groups[-1].setdefault("skipped", 0)
+    @classmethod
+    def _migrate_group(cls, group: dict[str, Any]) -> None:
+        # before the counters convention a group counted its skips in group["skipped"]
+        if "skipped" in group:
+            skipped = int(group.pop("skipped"))
+            group.setdefault("counters", {"nonfinite": skipped})
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_scratch", {})  # not pickled: a deepcopy or unpickled copy starts empty
 
     def _groups(self) -> Iterator[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]]:
         for group in self.param_groups:
@@ -199,9 +211,10 @@ class _SkippingOptimizer(Optimizer, metaclass=abc.ABCMeta):
             if any(g.is_sparse for g in grads):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             if not _all_finite(grads):
-                group["skipped"] += 1
+                bump([group], "nonfinite")
                 continue
             yield group, params, grads
+            bump([group], "steps")
 
     @abc.abstractmethod
     def _update(self) -> None:
@@ -324,7 +337,7 @@ class ComplexAdam(_SkippingOptimizer):
     gradients. Phase 0 is exactly ``torch.optim.Adam`` (a test checks it bitwise).
     ``weight_decay`` is decoupled (AdamW). ``state["exp_avg"]`` has shape ``(2, *param.shape)``:
     ``[Re m, Im m]``, stored real for the reason given in the module docstring. Non-finite
-    gradients skip the group's step (counted in ``group["skipped"]``).
+    gradients skip the group's step (counted in ``group["counters"]["nonfinite"]``).
 
     Example::
 

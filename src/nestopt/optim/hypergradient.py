@@ -17,8 +17,11 @@ the parameters. Each group learns its own scale from its own dot product.
 :class:`HypergradientAdam` uses Adam's direction ``u = m_hat / (sqrt(v_hat) + eps)`` (with
 decoupled weight decay, AdamW-style); :class:`HypergradientSGD` uses ``u = g``.
 
-A non-finite gradient in a group skips the whole step: no parameter, moment or scale changes, and
-``group["hd"]["nonfinite"]`` counts it.
+A non-finite gradient in a group skips the whole step: no parameter, moment or scale changes.
+Steps and skips are counted as every nestopt optimizer counts them (:mod:`nestopt.optim.counters`,
+whole-optimizer): ``group["counters"]`` (``"steps"``, ``"nonfinite"``) in every param group, read
+as ``opt.counters``. :class:`HypergradientSGD` keeps the previous step's ``||g||^2`` of each group
+in ``group["hd_prev_gsq"]``.
 """
 
 from __future__ import annotations
@@ -32,12 +35,13 @@ from torch.optim import Optimizer
 from torch.optim.adamw import adamw as _adamw
 
 from .._checks import check_choice, check_number
+from .counters import Counted, bump
 from .tensors import fused_ok, host_sq_norms
 
 RULES = ("multiplicative", "additive")
 
 
-class _Hypergradient(Optimizer):
+class _Hypergradient(Counted, Optimizer):
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, rule: str, beta: float,
                  scale_min: float, scale_max: float) -> None:
         check_choice("rule", rule, RULES)
@@ -46,17 +50,19 @@ class _Hypergradient(Optimizer):
         check_number("scale_max", scale_max, lo=scale_min)
         defaults = {**defaults, "rule": rule, "beta": beta, "scale_min": scale_min, "scale_max": scale_max}
         super().__init__(params, defaults)
-        for g in self.param_groups:
-            self._init_group_fields(g)
-
-    @staticmethod
-    def _init_group_fields(g: dict[str, Any]) -> None:
-        g.setdefault("hd_scale", 1.0)
-        g.setdefault("hd", {"steps": 0, "nonfinite": 0})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        self._init_group_fields(self.param_groups[-1])
+        self.param_groups[-1].setdefault("hd_scale", 1.0)
+
+    @classmethod
+    def _migrate_group(cls, group: dict[str, Any]) -> None:
+        # before the counters convention group["hd"] held the counts and SGD's previous ||g||^2
+        old = group.pop("hd", None)
+        if isinstance(old, dict):
+            group.setdefault("counters", {k: int(old[k]) for k in ("steps", "nonfinite") if k in old})
+            if "prev_gsq" in old:
+                group.setdefault("hd_prev_gsq", old["prev_gsq"])
 
     @staticmethod
     def _new_scale(group: dict[str, Any], dot: float, gsq: float, usq: float) -> float:
@@ -105,17 +111,16 @@ class HypergradientSGD(_Hypergradient):
             stats.append(torch.stack([dot, gn]).to(torch.float64))
         host = torch.stack(stats).tolist()
         if not all(math.isfinite(v) for row in host for v in row):
-            for group, *_ in work:
-                group["hd"]["nonfinite"] += 1
+            bump(self.param_groups, "nonfinite")
             return loss
         for (group, ps, gs, us), (dot, gsq) in zip(work, host):
-            group["hd_scale"] = self._new_scale(group, dot, gsq, group["hd"].get("prev_gsq", 0.0))
-            group["hd"]["prev_gsq"] = gsq
+            group["hd_scale"] = self._new_scale(group, dot, gsq, group.get("hd_prev_gsq", 0.0))
+            group["hd_prev_gsq"] = gsq
             torch._foreach_copy_(us, gs)
             a = group["lr"] * group["hd_scale"]
             if a:
                 torch._foreach_add_(ps, us, alpha=-a)
-            group["hd"]["steps"] += 1
+        bump(self.param_groups, "steps")
         return loss
 
 
@@ -167,8 +172,7 @@ class HypergradientAdam(_Hypergradient):
             host.append((vals[2 * i], sum(gsq_each[off:off + len(ps)]), vals[2 * i + 1]))
             off += len(ps)
         if not all(math.isfinite(v) for row in host for v in row):
-            for group, _ in work:
-                group["hd"]["nonfinite"] += 1
+            bump(self.param_groups, "nonfinite")
             return loss
         for (group, ps), (dot, gsq, usq) in zip(work, host):
             group["hd_scale"] = self._new_scale(group, dot, gsq, usq)
@@ -179,7 +183,7 @@ class HypergradientAdam(_Hypergradient):
                    [x["step"] for x in st], foreach=not fused, fused=fused, amsgrad=False, beta1=b1, beta2=b2,
                    lr=group["lr"] * group["hd_scale"], weight_decay=group["weight_decay"], eps=group["eps"],
                    maximize=False)
-            group["hd"]["steps"] += 1
+        bump(self.param_groups, "steps")
         return loss
 
     def _hd_stats(self, group: dict[str, Any], ps: list[torch.Tensor]) -> tuple[torch.Tensor | float, torch.Tensor | float]:

@@ -21,7 +21,15 @@ at the learned rate, with its per-tensor statistics kept by exact recursions (on
 gradients, momenta and parameters); the per-element MLP is evaluated in chunks so the hidden
 activations stay in cache.
 
-A non-finite gradient skips the whole step (``opt.counters["nonfinite"]``).
+A non-finite gradient skips the whole step. Steps and skips are counted as every nestopt
+optimizer counts them (:mod:`nestopt.optim.counters`, whole-optimizer): ``group["counters"]``
+(``"steps"``, ``"nonfinite"``) in every param group, saved by ``state_dict``, read as
+``opt.counters["nonfinite"]``.
+
+Compiling is per instance: an instance whose ``torch.compile`` fails warns once and runs the
+eager pass from then on, while other instances still compile. The compiled function is shared
+across the process once it has run successfully (a cache of successes only), so the normal case
+compiles once per process and dtype.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from torch.optim.adamw import adamw as _adamw
 from .._checks import check_number
 from ..nets import DirectUpdateMLP, HybridAdamNet, LinearUpdate, UpdateNet
 from ..nets.weights import SHIPPED_NETS, load_net
+from .counters import Counted, bump
 from .tensors import fused_ok, host_sq_norms
 
 def _resolve(net: UpdateNet | str | Path) -> UpdateNet:
@@ -60,7 +69,7 @@ def _resolve(net: UpdateNet | str | Path) -> UpdateNet:
     raise ValueError(f"net={net!r} is invalid: expected 'default', 'mlp', a path to a .safetensors file, or an UpdateNet")
 
 
-class LearnedOptimizer(Optimizer):
+class LearnedOptimizer(Counted, Optimizer):
     """See the module docstring.
 
     Args:
@@ -75,10 +84,12 @@ class LearnedOptimizer(Optimizer):
         compile: how the linear network's elementwise pass runs. ``None`` (default): compiled by
             ``torch.compile`` into one fused pass for tensors of at least 65536 elements
             (compiled once per process and dtype, a few seconds on the first step; where
-            compiling fails, for example with no C++ compiler, a warning says so and the same
-            arithmetic runs as separate torch operations); ``True``: compiled for every tensor,
-            errors raised; ``False``: never compiled.
+            compiling fails, for example with no C++ compiler, a warning says so and this
+            instance runs the same arithmetic as separate torch operations from then on);
+            ``True``: compiled for every tensor, errors raised; ``False``: never compiled.
     """
+
+    _PICKLED = ("net", "chunk", "compile")  # configuration kept by deepcopy and pickle (not the caches)
 
     def __init__(self, params: Iterable[Any], net: UpdateNet | str | Path = "default", lr: float = 1.0,
                  weight_decay: float = 0.0, *, chunk: int | None = None, compile: bool | None = None) -> None:
@@ -90,8 +101,19 @@ class LearnedOptimizer(Optimizer):
         self.net.requires_grad_(False)
         self.chunk = chunk
         self.compile = compile
-        self.counters = {"steps": 0, "nonfinite": 0}
+        self._kernel: Callable[..., None] | None = None  # this instance's torch.compile'd pass
+        self._compile_failed = False  # set once compiling failed here (compile=None): eager from then on
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch pickles only defaults, state and param_groups: keep the configuration too, so a
+        # deepcopy or an unpickled optimizer can step (compiled kernels and device copies are caches)
+        return {**super().__getstate__(), **{k: self.__dict__[k] for k in self._PICKLED if k in self.__dict__}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_kernel", None)
+        self.__dict__.setdefault("_compile_failed", False)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> Any:
@@ -118,10 +140,7 @@ class LearnedOptimizer(Optimizer):
             ok = self._linear(work)
         else:
             ok = self._generic(work)
-        if ok:
-            self.counters["steps"] += 1
-        else:
-            self.counters["nonfinite"] += 1
+        bump(self.param_groups, "steps" if ok else "nonfinite")
         return loss
 
     # -- the hybrid network on torch's fused AdamW kernel -------------------------------------------
@@ -195,12 +214,34 @@ class LearnedOptimizer(Optimizer):
     def _compiled(self, p: torch.Tensor) -> Callable[..., None] | None:
         """The compiled elementwise pass for ``p`` where ``compile`` asks for it; ``None``: the
         multi-tensor eager pass."""
-        global _COMPILED
-        if self.compile is False or (self.compile is None and (p.numel() < _COMPILE_MIN or _COMPILED is False)):
+        if self.compile is False or (self.compile is None and (p.numel() < _COMPILE_MIN or self._compile_failed)):
             return None
-        if not _COMPILED:
-            _COMPILED = torch.compile(_linear_pass, dynamic=True)
-        return _COMPILED if self.compile else _try_compiled
+        return self._run_compiled
+
+    def _run_compiled(self, *args: torch.Tensor) -> None:
+        """:func:`_linear_pass` compiled: the process-wide kernel once one has run, else this
+        instance's own attempt, published for the others when it succeeds. With ``compile=None`` a
+        failure warns once, marks this instance only, and runs the eager pass (same result)."""
+        global _COMPILED
+        kernel = _COMPILED if _COMPILED is not None else self._kernel
+        if self.compile:  # True: errors are the caller's to see
+            if kernel is None:
+                kernel = self._kernel = torch.compile(_linear_pass, dynamic=True)
+            kernel(*args)
+        else:
+            try:
+                if kernel is None:
+                    kernel = self._kernel = torch.compile(_linear_pass, dynamic=True)
+                kernel(*args)
+            except Exception as e:  # torch.compile raises many types (no compiler, unsupported platform)
+                self._compile_failed = True
+                warnings.warn(f"LearnedOptimizer: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); this "
+                              "optimizer runs the linear network's step as separate torch operations (same result, "
+                              "slower). Pass compile=False to skip the attempt.", RuntimeWarning, stacklevel=3)
+                _linear_pass(*args)
+                return
+        if _COMPILED is None:
+            _COMPILED = kernel  # a cache of successes only
 
     def _net_on(self, device: torch.device) -> UpdateNet:
         """The network on ``device`` (a copy per device, made once; the CPU original is kept)."""
@@ -256,7 +297,7 @@ def _mlp_apply_(net: DirectUpdateMLP, p: torch.Tensor, g: torch.Tensor, state: d
 
 _COMPILE_MIN = 1 << 16
 _BATCH = 1 << 22
-_COMPILED: Any = None  # torch.compile(_linear_pass) once built; False once compiling has failed
+_COMPILED: Any = None  # torch.compile(_linear_pass) once a call of it has succeeded (successes only)
 
 
 def _linear_pass(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, m_slow: torch.Tensor, v: torch.Tensor,
@@ -308,16 +349,3 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
         return x.detach()
     return torch.empty(0, dtype=x.dtype, device=x.device).set_(x.untyped_storage(), x.storage_offset(), (x.numel(),),
                                                                 (1,))
-
-
-def _try_compiled(*args: torch.Tensor) -> None:
-    """The compiled pass; where compiling fails, one warning and the eager pass from then on."""
-    global _COMPILED
-    try:
-        _COMPILED(*args)
-    except Exception as e:  # torch.compile raises many types (no compiler, unsupported platform)
-        _COMPILED = False
-        warnings.warn(f"LearnedOptimizer: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); the linear "
-                      "network's step runs as separate torch operations (same result, slower). Pass compile=False "
-                      "to skip the attempt.", RuntimeWarning, stacklevel=3)
-        _linear_pass(*args)

@@ -28,9 +28,11 @@ predicted drop at exactly ``f - f*``. Shares (``share=``):
 - ``"global"``: ``w_i`` proportional to ``s_i``, which reproduces the global rule.
 
 **Safety.** A non-finite loss or gradient, a zero gradient (``s = 0``), or a loss at or below
-``f_star`` takes no step and leaves every parameter and buffer untouched; each case is counted in
-the param group's ``"polyak"`` dict (``nonfinite``, ``zero_grad``, ``at_target``, ``steps``, and
-the last step size ``eta``). ``max_lr`` caps ``eta`` (the rule has no cap of its own: with
+``f_star`` takes no step and leaves every parameter and buffer untouched. Steps and skips are
+counted as every nestopt optimizer counts them (:mod:`nestopt.optim.counters`), whole-optimizer:
+``group["counters"]`` holds ``steps``, ``nonfinite``, ``zero_grad`` and ``at_target``, the same in
+every group, and ``opt.counters`` reads them; the last step size of each group is
+``group["polyak"]["eta"]``. ``max_lr`` caps ``eta`` (the rule has no cap of its own: with
 ``f_star`` below the true minimum it grows without bound as the gradient vanishes).
 
 Usage::
@@ -51,6 +53,7 @@ import torch
 from torch.optim import Optimizer
 
 from .._checks import check_choice, check_int, check_number
+from .counters import Counted, bump
 from .tensors import host_sq_norms
 
 SCOPES = ("global", "tensor", "group")
@@ -60,11 +63,10 @@ PRECONDITIONS = (None, "rms", "hutchinson")
 DiagFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _counters() -> dict[str, float]:
-    return {"steps": 0, "nonfinite": 0, "zero_grad": 0, "at_target": 0, "eta": 0.0}
+_LEGACY = ("steps", "nonfinite", "zero_grad", "at_target")  # what group["polyak"] counted before
 
 
-class Polyak(Optimizer):
+class Polyak(Counted, Optimizer):
     """Polyak step size optimizer (see the module docstring for the update).
 
     Args:
@@ -89,6 +91,8 @@ class Polyak(Optimizer):
     curvature estimates are used by magnitude (``|D|``).
     """
 
+    counter_reasons = ("zero_grad", "at_target")  # whole-optimizer counts (module docstring)
+
     def __init__(self, params: Iterable[Any], lr: float = 1.0, *, scope: str = "global", share: str = "norm",
                  f_star: float = 0.0, max_lr: float | None = None, eps: float = 0.0, momentum: float = 0.0,
                  precondition: str | DiagFn | None = None, beta2: float = 0.999, precond_eps: float = 1e-8,
@@ -112,12 +116,27 @@ class Polyak(Optimizer):
         defaults = {"lr": lr, "f_star": f_star, "max_lr": max_lr, "eps": eps, "momentum": momentum,
                     "beta2": beta2, "precond_eps": precond_eps, "seed": seed}
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            group.setdefault("polyak", _counters())
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        self.param_groups[-1].setdefault("polyak", _counters())
+        self.param_groups[-1].setdefault("polyak", {"eta": 0.0})
+
+    @classmethod
+    def _migrate_group(cls, group: dict[str, Any]) -> None:
+        # before the counters convention, group["polyak"] held the counts next to eta
+        old = group.get("polyak")
+        if not isinstance(old, dict):
+            group["polyak"] = {"eta": 0.0}
+            return
+        if "counters" not in group:
+            group["counters"] = {k: int(old[k]) for k in _LEGACY if k in old}
+        group["polyak"] = {"eta": float(old.get("eta", 0.0))}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch pickles only defaults, state and param_groups: keep the configuration too, so a
+        # deepcopy or an unpickled optimizer can step
+        return {**super().__getstate__(), "scope": self.scope, "share": self.share,
+                "precondition": self.precondition}
 
     # -- helpers --------------------------------------------------------------------------------
     def _directions(self, items: list[tuple[dict[str, Any], torch.Tensor]], grads: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -197,8 +216,7 @@ class Polyak(Optimizer):
         return [r / tot for r in roots]
 
     def _count(self, key: str) -> None:
-        for g in self.param_groups:
-            g["polyak"][key] += 1
+        bump(self.param_groups, key)
 
     # -- the step -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -235,8 +253,7 @@ class Polyak(Optimizer):
             assert eta is not None  # the sum is finite and positive (checked above)
             torch._foreach_add_([p for _, p in reversed(items)], grads[::-1], alpha=-group0["lr"] * eta)
             group0["polyak"]["eta"] = eta
-            group0["polyak"]["steps"] += 1
-            return None
+            return self._count("steps")
         if plain:
             us, s_p = grads, sq_v  # u = g, so g^T u = ||g||^2, already on the host
         else:
@@ -272,8 +289,7 @@ class Polyak(Optimizer):
                 group["polyak"]["eta"] = eta
         if not stepped:
             return self._count("zero_grad")
-        for group in self.param_groups:
-            group["polyak"]["steps"] += 1
+        self._count("steps")
 
 
 def _eta(group: dict[str, Any], w: float, gap: float, s: float) -> float | None:

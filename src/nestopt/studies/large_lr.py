@@ -31,6 +31,7 @@ from torch import nn
 
 from .. import diagnostics as D
 from ..schedule import LargeLRConfig, LargeLRScheduler, grid_search
+from ..train import train_loop
 from ._common import finite
 
 CUE_POSITIONS = [(0, 1), (0, 4), (0, 7), (2, 9), (5, 9), (8, 9), (9, 6), (9, 3), (7, 0), (4, 0)]
@@ -82,8 +83,9 @@ class SmallCNN(nn.Module):
 def train(data: dict[str, torch.Tensor], lr: float, seed: int, recipe: bool, epochs: int = 20,
           batch: int = 64, diagnostics_every: int | None = None) -> dict[str, Any]:
     cfg = LargeLRConfig()
-    torch.manual_seed(seed)
-    model = SmallCNN()
+    with torch.random.fork_rng(devices=[]):  # the initialisation is seeded; the global RNG is left as it was
+        torch.manual_seed(seed)
+        model = SmallCNN()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay if recipe else 0.0)
     x, y = data["x_train"], data["y_train"]
@@ -93,30 +95,28 @@ def train(data: dict[str, torch.Tensor], lr: float, seed: int, recipe: bool, epo
     g = torch.Generator().manual_seed(seed)
     callback = D.DiagnosticsCallback(model, data["x_test"][:256], data["y_test"][:256], every=diagnostics_every) \
         if diagnostics_every else None
-    diverged, step, t0 = False, 0, time.perf_counter()
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), batch):
-            idx = perm[i:i + batch]
-            opt.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx], label_smoothing=smoothing)
-            if not torch.isfinite(loss):
-                diverged = True
-                break
-            loss.backward()
-            if recipe and cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            if sched is not None:
-                sched.step()
-            step += 1
-            if callback is not None:
-                callback(step)
-        if diverged:
-            break
-    wall = time.perf_counter() - t0
+    perm = torch.empty(0, dtype=torch.long)
+
+    def next_batch(step: int) -> torch.Tensor:  # a fresh permutation each epoch, in order
+        nonlocal perm
+        i = (step % steps_per_epoch) * batch
+        if i == 0:
+            perm = torch.randperm(len(x), generator=g)
+        return perm[i:i + batch]
+
+    def diagnose(step: int, loss: float, r: Any) -> None:
+        if math.isfinite(loss):  # as before the loop: never on the step whose loss diverged
+            callback(step)  # type: ignore[misc]
+
+    res = train_loop(opt, epochs * steps_per_epoch,
+                     lambda idx: nn.functional.cross_entropy(model(x[idx]), y[idx], label_smoothing=smoothing),
+                     batch=next_batch, clip_norm=cfg.grad_clip if recipe else None,
+                     clip_params=list(model.parameters()), scheduler=sched,
+                     on_step=diagnose if callback is not None else None)
+    diverged = res.diverged
+    step = res.diverged_step - 1 if diverged else res.steps_done  # the steps with a finite loss
     rec: dict[str, Any] = {"lr": lr, "seed": seed, "recipe": recipe, "diverged": diverged, "steps": step,
-                           "train_seconds": wall - (callback.seconds if callback else 0.0),
+                           "train_seconds": res.train_time,
                            "diagnostics_seconds": callback.seconds if callback else 0.0}
     if diverged or not all(torch.isfinite(p).all() for p in model.parameters()):
         rec["diverged"] = True

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 
 from .. import tasks as task_registry
+from .._threads import one_thread
+from ..train import LoopResult, train_loop
 from ._common import finite
 
 ADAMW_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
@@ -54,36 +56,28 @@ def _make(opt: str, params: Any, lr: float) -> torch.optim.Optimizer:
 
 
 def run(family: str, index: int, opt: str, lr: float, seed: int, steps: int | None = None) -> dict[str, Any]:
-    """Train one held-out task; the validation curve at ``EVAL_POINTS`` points."""
-    torch.set_num_threads(1)
+    """Train one held-out task; the validation curve at ``EVAL_POINTS`` points (the loop and its
+    divergence rule are :func:`nestopt.train.train_loop`'s; ``train_s`` is training time only)."""
     task = _task(family, index)
     steps = steps or task.default_steps
     model = task.init(seed)
     o = _make(opt, model.parameters(), lr)
-    next_batch = task.sampler(seed)
-    every = max(1, steps // EVAL_POINTS)
-    curve = {"step": [0], "val_loss": [task.evaluate(model)["val_loss"]]}
-    diverged = False
-    t0 = time.perf_counter()
-    for step in range(steps):
-        batch = next_batch(step)
-        o.zero_grad(set_to_none=True)
-        loss = task.loss(model, batch)
-        loss.backward()
-        o.step()
-        if not math.isfinite(float(loss.detach())):
-            diverged = True
-            break
-        if (step + 1) % every == 0 or step + 1 == steps:
-            v = task.evaluate(model)["val_loss"]
-            curve["step"].append(step + 1)
-            curve["val_loss"].append(v)
-            if not math.isfinite(v) or v > 1e3 * max(abs(curve["val_loss"][0]), 1e-12):
-                diverged = True
-                break
+    curve: dict[str, list[float]] = {"step": [], "val_loss": []}
+
+    def on_eval(step: int, metrics: dict[str, float], res: LoopResult) -> None:
+        curve["step"].append(step)
+        curve["val_loss"].append(metrics["val_loss"])
+
+    res = train_loop(o, steps, lambda batch: task.loss(model, batch), batch=task.sampler(seed),
+                     evaluate=lambda: task.evaluate(model), eval_every=max(1, steps // EVAL_POINTS), on_eval=on_eval)
+    diverged = res.diverged
     return {"task": f"{family}#{index}", "name": getattr(task, "name", family), "opt": opt, "lr": lr, "seed": seed,
-            "steps": steps, "curve": curve, "diverged": diverged, "train_s": time.perf_counter() - t0,
+            "steps": steps, "curve": curve, "diverged": diverged, "train_s": res.train_time,
             "final": None if diverged else curve["val_loss"][-1]}
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # one thread per worker process: the pool fills the cores
 
 
 def _run_job(job: tuple) -> dict[str, Any]:
@@ -157,9 +151,10 @@ def run_study(out: str | Path, nets: dict[str, str] | None = None, workers: int 
         jobs += [(f, i, path, 1.0, s, n) for path in nets.values() for s in range(seeds)]
     jobs.sort(key=lambda j: -(j[5] if len(j) > 5 else 400) * (3 if j[0] == "trading" else 1))
     if workers == 1:
-        records = [_run_job(j) for j in jobs]
+        with one_thread():
+            records = [_run_job(j) for j in jobs]
     else:
-        with mp.get_context("spawn").Pool(workers) as pool:
+        with mp.get_context("spawn").Pool(workers, initializer=_worker_init) as pool:
             records = pool.map(_run_job, jobs, chunksize=1)
     short = [r for r in records if long is None or r["steps"] != long[2] or r["task"] != f"{long[0]}#{long[1]}"]
     long_recs = [r for r in records if r not in short]

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..optim.polyak import Polyak, PolyakAdam
+from ..train import LoopResult, train_loop
 
 Loss = Callable[[list[torch.Tensor]], torch.Tensor]
 
@@ -152,26 +153,23 @@ def run(exp: Experiment, variant: Variant, dtype: torch.dtype, lr: float | None 
     if lr is not None:
         for g in opt.param_groups:
             g["lr"] = lr
-    losses, traj, gnorms = [], [], []
-    error = None
+    losses: list[float] = []
+    gnorms: list[list[float]] = []
+    traj = [torch.cat([p.detach().flatten() for p in params]).double().tolist()]
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad(set_to_none=True)
-        loss = exp.loss(params)
-        loss.backward(create_graph=variant.create_graph)
-        return loss
+    def record(step: int, loss: float, res: LoopResult) -> None:  # every iterate, gradient norm and loss
+        losses.append(loss)
+        gnorms.append([float(p.grad.detach().norm()) for p in params])
+        traj.append(torch.cat([p.detach().flatten() for p in params]).double().tolist())
 
-    try:
-        for _ in range(exp.steps):
-            traj.append(torch.cat([p.detach().flatten() for p in params]).double().tolist())
-            loss = opt.step(closure)
-            losses.append(float(loss.detach()))
-            gnorms.append([float(p.grad.detach().norm()) for p in params])
-    except (RuntimeError, ValueError) as e:
-        error = f"{type(e).__name__}: {e}"
+    # No divergence rule: a run's whole trajectory is the measurement (a NaN is a result, see measure).
+    res = train_loop(opt, exp.steps, lambda _: exp.loss(params), closure=True, create_graph=variant.create_graph,
+                     on_step=record, divergence=None)
     with torch.no_grad():
         losses.append(float(exp.loss(params)))
-    traj.append(torch.cat([p.detach().flatten() for p in params]).double().tolist())
+    if res.error is not None:  # the parameters as the failed step left them
+        traj.append(torch.cat([p.detach().flatten() for p in params]).double().tolist())
+    error = res.error
     return Run(exp.key, variant.key, str(dtype).replace("torch.", ""), losses, traj, gnorms, lr, error)
 
 

@@ -1,0 +1,446 @@
+"""The nested optimizer itself: validation, the step's order of work, and state. The method is
+described in the package docstring (:mod:`nestopt.optim.nested`)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.optim import Optimizer
+
+from ..._checks import check_choice, check_int, check_number
+from ...nets.controller import Controller, _RunningNorm
+from ..counters import Counted, bump, ensure
+from ..tensors import host_sq_norms
+from .features import DEFAULT_FEATURES, Feature, LossTracker, StepView, make_features
+from .hindsight import Hindsight
+from .signals import Frozen, Proxy, Signal, Validation, noisy
+from .wrapper import MultRange, raw_step, step_scaled
+
+SIGNALS = ("hindsight", "proxy", "validation", "frozen")
+DEFAULT_GRID = (0.1, 0.5, 1.0, 1.5, 2.0)
+_SAMPLE = 1024  # elements per tensor sampled for the update ratio
+
+
+class NestedOptimizer(Counted, Optimizer):
+    """Wraps ``base`` (any ``torch.optim.Optimizer`` class) and scales each group's ``lr`` by a
+    multiplier from a learned controller. See :mod:`nestopt.optim.nested`.
+
+    Args:
+        params: parameters or param-group dicts (a group may carry ``"depth"``, and whatever a
+            feature object reads, such as ``"head"``).
+        base: the optimizer class to wrap; ``base_kwargs`` go to it (``lr=...``, ``fused=True``...).
+        controller: a :class:`~nestopt.nets.Controller` (its ``n_features`` must match the
+            features), a path to a controller file (``nestopt meta-train --net controller`` writes
+            one), or ``None`` for a fresh one.
+        signal: ``"hindsight"``, ``"proxy"``, ``"validation"`` or ``"frozen"``.
+        features: names from :data:`FEATURES` or :class:`Feature` objects (default: the
+            controller's own, for one made for a given set such as a meta-trained one, else
+            :data:`DEFAULT_FEATURES`).
+        mult_range: ``(lo, hi)`` with ``0 < lo < 1 < hi``.
+        scratchpad: memory size per group (0: none).
+        hidden: the controller's width.
+        controller_lr: Adam rate for the controller's weights.
+        stats_every: refresh the parameter norms and the update ratio every this many steps (from
+            a strided sample of about 1024 elements per tensor: no pass over the parameters). The
+            gradient norms are exact and read every step; the non-finite check needs them anyway.
+        window, period, grid: hindsight replay: the last ``window`` steps every ``period`` steps,
+            with each multiplier in ``grid`` (must contain 1).
+        label_shift: hindsight labels the grid point nearest ``label_shift`` times the best
+            replay's multiplier (1: the best itself; see :func:`hindsight_label`).
+        follow: the share of each hindsight label taken directly: a scale shared by the groups
+            (starting at 1, kept in ``[lo, hi]``) is multiplied by ``label ** follow`` after every
+            replay, and the controller is trained toward ``label ** (1 - follow)`` relative to its
+            own multipliers. 0 (the default): the controller learns all of it; 1: a line search
+            over time on the learning rate, and the controller is not trained.
+        explore: standard deviation of the log-multiplier exploration for ``"proxy"`` and
+            ``"validation"``.
+        seed: seeds the controller's initial weights and the exploration noise.
+        per_tensor_groups: given plain tensors (``model.parameters()``), make each its own group,
+            in order, with ``depth`` = its position, so the controller sets one multiplier per
+            tensor (what the bench uses). Param-group dicts are always kept as given.
+    """
+
+    counter_reasons = ("controller_updates", "controller_skipped", "replays", "replay_steps", "replay_closures")
+    counter_entry = "nested_counters"  # the groups are the base's too, which may keep "counters"
+
+    def __init__(self, params: Iterable[Any], base: type[Optimizer] = torch.optim.AdamW, *,
+                 controller: Controller | str | Path | None = None, signal: str = "hindsight",
+                 features: Sequence[str | Feature] | None = None, mult_range: tuple[float, float] = (0.1, 10.0),
+                 scratchpad: int = 0, hidden: int = 32, controller_lr: float = 3e-3, stats_every: int = 8,
+                 window: int = 8, period: int = 32, grid: Sequence[float] = DEFAULT_GRID, label_shift: float = 2.0,
+                 follow: float = 0.0, explore: float = 0.2,
+                 seed: int = 0, per_tensor_groups: bool = False, **base_kwargs: Any) -> None:
+        if per_tensor_groups:
+            params = list(params)
+            if not any(isinstance(g, dict) for g in params):  # groups a user gave are kept as given
+                n = len(params)
+                params = [{"params": [p], "depth": i / max(n - 1, 1)} for i, p in enumerate(params)]
+        if not (isinstance(base, type) and issubclass(base, Optimizer)):
+            raise ValueError(f"base={base!r} is invalid: expected a torch.optim.Optimizer subclass")
+        check_choice("signal", signal, SIGNALS)
+        if isinstance(controller, str | Path):
+            from ...nets import load_net
+
+            controller = load_net(controller)
+            if not isinstance(controller, Controller):
+                raise ValueError(f"controller file holds a {controller.config()['kind']} network, not a nested "
+                                 "optimizer's controller")
+        known = controller.features if isinstance(controller, Controller) else None
+        if features is None:
+            features = known if known is not None else DEFAULT_FEATURES
+        feats = make_features(features)
+        names = tuple(f.name for f in feats)
+        if known is not None and names != known:
+            raise ValueError(f"features={list(names)!r} is invalid for this controller: it was made for "
+                             f"{list(known)}")
+        if not feats and scratchpad == 0:
+            raise ValueError("features=[] is invalid without a scratchpad: the controller would see nothing")
+        if not (isinstance(mult_range, tuple | list) and len(mult_range) == 2):
+            raise ValueError(f"mult_range={mult_range!r} is invalid: expected a pair (lo, hi)")
+        lo = check_number("mult_range[0]", mult_range[0], lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+        hi = check_number("mult_range[1]", mult_range[1], lo=1.0, lo_open=True)
+        check_number("controller_lr", controller_lr, lo=0.0)
+        check_int("stats_every", stats_every, lo=1)
+        check_int("window", window, lo=1)
+        check_int("period", period, lo=window)
+        grid_t = tuple(check_number("grid", g, lo=0.0, lo_open=True) for g in grid)
+        if 1.0 not in grid_t or len(grid_t) < 2:
+            raise ValueError(f"grid={list(grid)!r} is invalid: needs 1.0 and at least one other multiplier")
+        check_number("label_shift", label_shift, lo=0.0, lo_open=True)
+        check_number("follow", follow, lo=0.0, hi=1.0)
+        if follow > 0 and signal != "hindsight":
+            raise ValueError(f"follow={follow} is invalid with signal={signal!r}: it takes a share of the hindsight "
+                             "label, so it needs signal='hindsight'")
+        check_number("explore", explore, lo=0.0)
+        check_int("seed", seed, lo=0)
+        n_features = sum(f.width for f in feats)
+        if controller is None:
+            controller = Controller(max(n_features, 1), hidden, scratchpad, seed=seed)
+        if not isinstance(controller, Controller):
+            raise ValueError(f"controller={controller!r} is invalid: expected a nestopt Controller")
+        if controller.n_features != max(n_features, 1) or controller.scratchpad != scratchpad:
+            raise ValueError(f"controller has n_features={controller.n_features}, scratchpad={controller.scratchpad}; "
+                             f"the features {list(names)} need n_features={n_features}, scratchpad={scratchpad}")
+        self.base = base(params, **base_kwargs)
+        self._raw_base_step = raw_step(self.base)  # the base's step without torch's hook wrapper
+        self._ready = False
+        super().__init__(self.base.param_groups, dict(self.base.defaults))
+        self.param_groups = self.base.param_groups
+        self.state = self.base.state
+        self._ready = True
+        self.features, self.features_on = feats, names
+        self._reads = {f.reads for f in feats if f.reads}
+        # columns of the raw features, which the running standardisation leaves as they are
+        starts = [sum(f.width for f in feats[:i]) for i in range(len(feats))]
+        self._raw_cols = [c for f, s in zip(feats, starts) if f.raw for c in range(s, s + f.width)]
+        self.range = MultRange(lo, hi)
+        self.stats_every = stats_every
+        self.explore = explore
+        self.signal = signal
+        self.signal_impl: Signal = {
+            "hindsight": lambda: Hindsight(window, period, grid_t, label_shift, follow, lo, hi),
+            "proxy": lambda: Proxy(explore, seed), "validation": lambda: Validation(explore, seed),
+            "frozen": Frozen}[signal]()
+        self.controller = controller
+        self.controller_opt = torch.optim.Adam(controller.parameters(), lr=controller_lr)
+        self.norm = _RunningNorm(max(n_features, 1))
+        G = len(self.param_groups)
+        self.memory = torch.zeros(G, controller.scratchpad)
+        self.last_features = np.zeros((G, controller.n_features))
+        self.last_raw: dict[str, list[float]] = {}
+        self.loss_tracker = LossTracker()
+        self._val: dict[str, float | None] = {"prev": None, "ema": None, "delta": 0.0, "gap": 0.0, "dev": 0.0}
+        self._param_rms: list[float] = [0.0] * G
+        self._update_ratio: list[float] = [0.0] * G
+        for g in self.param_groups:
+            g.setdefault("nested_mult", 1.0)
+            ensure(g, self.counter_reasons, self.counter_entry)
+            for f in feats:
+                f.add_group()
+
+    # -- plumbing ------------------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not self._ready:  # during Optimizer.__init__: the groups are the base's own dicts
+            return super().add_param_group(param_group)
+        self.base.add_param_group(param_group)
+        self.param_groups[-1].setdefault("nested_mult", 1.0)
+        ensure(self.param_groups[-1], self.counter_reasons, self.counter_entry)
+        self.memory = torch.cat([self.memory, torch.zeros(1, self.controller.scratchpad)])
+        self.last_features = np.concatenate([self.last_features, np.zeros((1, self.controller.n_features))])
+        self._param_rms.append(0.0)
+        self._update_ratio.append(0.0)
+        for f in self.features:
+            f.add_group()
+        self.signal_impl.reset()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's keeps only defaults, state and param_groups: a copy would lack its base,
+        # controller, features and signal. The unwrapped base step is looked up again on load.
+        return {k: v for k, v in self.__dict__.items() if k != "_raw_base_step"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "base" in state:
+            self._raw_base_step = raw_step(self.base)
+
+    @property
+    def steps(self) -> int:
+        """Steps taken (``counters["steps"]``, read without building the view)."""
+        return self.param_groups[0][self.counter_entry]["steps"]
+
+    def count(self, key: str) -> None:
+        """Add one to ``key`` of the counters (every group's: counts of the whole optimizer)."""
+        bump(self.param_groups, key, 1, self.counter_entry)
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    @property
+    def _scale(self) -> float:
+        """The share of the hindsight labels followed directly (1 unless ``follow > 0``)."""
+        return self.signal_impl.scale
+
+    @property
+    def last_hindsight(self) -> dict[str, Any] | None:
+        """The last hindsight replay's scores per grid multiplier and its label."""
+        return getattr(self.signal_impl, "last", None)
+
+    def cache_numel(self) -> int:
+        """Elements held outside ``self.state``: the hindsight window's gradients and snapshot, and
+        the curvature feature's previous gradient and parameters (0 when those are off)."""
+        return self.signal_impl.cache_numel() + sum(f.cache_numel() for f in self.features)
+
+    def multipliers(self) -> list[float]:
+        """The multiplier each group stepped with last (1 before the first step)."""
+        return [g["nested_mult"] for g in self.param_groups]
+
+    def feature_table(self) -> dict[str, list[float]]:
+        """Raw (unnormalised) features of the last step, per name, one value per group."""
+        return {k: list(v) for k, v in self.last_raw.items()}
+
+    # -- validation ------------------------------------------------------------------------------
+    def observe_validation(self, val_loss: float | torch.Tensor) -> None:
+        """Feed a validation loss (call after each evaluation). Drives the ``val`` features and the
+        ``"validation"`` signal; a non-finite value is ignored (counted)."""
+        v = float(val_loss.detach()) if torch.is_tensor(val_loss) else float(val_loss)
+        if not math.isfinite(v):
+            self.count("controller_skipped")
+            return
+        st = self._val
+        prev, ema = st["prev"], st["ema"]
+        scale = max(abs(prev if prev is not None else v), 1e-12)
+        st["delta"] = 0.0 if prev is None else (v - prev) / scale
+        loss_ema = self.loss_tracker.ema
+        st["gap"] = 0.0 if loss_ema is None else (v - loss_ema) / max(abs(v), 1e-12)
+        st["ema"] = v if ema is None else 0.8 * ema + 0.2 * v
+        st["dev"] = (v - st["ema"]) / max(abs(st["ema"]), 1e-12)
+        self.signal_impl.on_validation(self, prev, v, scale)
+        st["prev"] = v
+
+    # -- the step --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None, *, loss: torch.Tensor | float | None = None,
+             **inputs: Any) -> Any:
+        """One step: features, controller, base step at ``lr * multiplier`` per group.
+
+        ``closure`` (re-evaluates the loss and gradients) or ``loss`` (already backpropagated)
+        gives the training loss; ``"hindsight"`` needs the closure, ``"proxy"`` needs one of them.
+        Further keywords go to the features that read them (a feature's ``reads``), for example
+        ``head_stats=`` for :class:`~nestopt.studies.head_features.HeadFeatures`: a value, or a
+        function returning it, called after the closure (for values the closure computes).
+        """
+        unknown = set(inputs) - self._reads
+        if unknown:
+            raise TypeError(f"step() got {', '.join(sorted(unknown))}: no feature of this optimizer reads "
+                            f"{'it' if len(unknown) == 1 else 'them'} (features read: {sorted(self._reads) or 'nothing'})")
+        sig = self.signal_impl
+        if sig.needs_closure and closure is None:
+            raise ValueError("signal='hindsight' replays cached gradients and scores them with the closure: "
+                             "call step(closure)")
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        inputs = {k: (v() if callable(v) else v) for k, v in inputs.items()}
+        if sig.needs_loss and loss is None:
+            raise ValueError("signal='proxy' needs the training loss: call step(closure) or step(loss=...)")
+        groups = self.param_groups
+        params = self._params()
+        have = [[p for p in g["params"] if p.grad is not None] for g in groups]
+        grads = [p.grad for ps in have for p in ps]
+        if not grads:
+            return loss
+        t = self.steps
+        refresh = t % self.stats_every == 0
+        sizes = [len(ps) for ps in have]
+        # Read in reverse: the base optimizer then starts on the gradients read last (still cached).
+        extra = () if loss is None else (loss,)
+        gsq, loss_v = host_sq_norms(grads[::-1], *extra)  # the one host sync of a step
+        gsq, loss_v = gsq[::-1], (loss_v[0] if loss_v else None)
+        pflat = [p for ps in have for p in ps]
+        if not all(map(math.isfinite, gsq)) or (loss_v is not None and not math.isfinite(loss_v)):
+            self.count("nonfinite")
+            return loss
+        numel = [p.numel() for p in pflat]
+        g_rms, off = [], 0
+        for k in sizes:
+            s, c = sum(gsq[off:off + k]), sum(numel[off:off + k])
+            g_rms.append(math.sqrt(s / c) if c else 0.0)
+            off += k
+        sig.before_features(self, loss_v)
+        self.loss_tracker.observe(loss_v)
+        view = StepView(groups, g_rms, self._param_rms, self._update_ratio, self.loss_tracker, self._val,
+                        max(-self.range.log_lo, self.range.log_hi), inputs)
+        x = self._normalise(self._features(view, have))
+        if x is None:  # non-finite feature: keep the multipliers, step the base with them
+            self.count("controller_skipped")
+            self._base_step([g["nested_mult"] for g in groups], refresh, pflat)
+            self.count("steps")
+            return loss
+        sig.replay(self, closure, loss_v, params)
+        mem_in = self.memory
+        z, mem = self.controller.forward_numpy(x, mem_in.double().numpy() if self.controller.scratchpad else None)
+        logm = self.range.to_log_mult_numpy(z)
+        xt = torch.from_numpy(x).float() if sig.trains else None
+        noise = sig.noise(self, len(groups), xt, mem_in)
+        logm = noisy(logm, noise, self.explore, self.range.log_lo, self.range.log_hi)
+        if not np.isfinite(logm).all():
+            self.count("controller_skipped")
+            mults = [g["nested_mult"] for g in groups]  # as they were (the scale already in them)
+            own = [m / sig.scale for m in mults]
+        else:
+            own = mults = np.exp(logm).tolist()
+            if mem is not None:
+                self.memory = torch.from_numpy(mem).float()
+            if sig.scale != 1.0:  # the followed share of the hindsight labels, on top of the controller's
+                mults = [self.range.clip(sig.scale * m) for m in mults]
+        sig.after_decision(self, loss_v, xt, mem_in, own, mults, noise, params)
+        self._base_step(mults, refresh, pflat)
+        self.count("steps")
+        return loss
+
+    def _base_step(self, mults: list[float], refresh: bool, pflat: list[torch.Tensor]) -> None:
+        sample = None
+        if refresh and ("update_ratio" in self.features_on or "param_norm" in self.features_on):
+            # The update's size from a fixed strided sample of each tensor (at most ~1024
+            # elements each, weighted by the stride): no copy of the parameters is made.
+            strides = [max(1, p.numel() // _SAMPLE) for p in pflat]
+            sample = [p.detach().reshape(-1)[::k].clone() for p, k in zip(pflat, strides)]
+        step_scaled(self.base, self.param_groups, mults, self._raw_base_step)
+        if sample is not None:
+            after = [p.detach().reshape(-1)[::k] for p, k in zip(pflat, strides)]
+            n, off = len(pflat), 0
+            host, _ = host_sq_norms([*torch._foreach_sub(after, sample), *sample])
+            for i, g in enumerate(self.param_groups):
+                k = sum(1 for p in g["params"] if p.grad is not None)
+                d = sum(host[j] * strides[j] for j in range(off, off + k))
+                q = sum(host[n + j] * strides[j] for j in range(off, off + k))
+                c = sum(pflat[j].numel() for j in range(off, off + k))
+                self._update_ratio[i] = math.sqrt(d / q) if q > 0 else 0.0
+                self._param_rms[i] = math.sqrt(q / c) if c else 0.0  # of the parameters before the step
+                off += k
+
+    def _features(self, view: StepView, have: list[list[torch.Tensor]]) -> np.ndarray:
+        G = len(self.param_groups)
+        raw: dict[str, list[float]] = {}
+        cols: list[list[list[float]]] = []
+        for f in self.features:
+            f.update(view, have)
+            vals = f.values(view)
+            raw[f.name] = [row[0] for row in vals]
+            cols.append(vals)
+        self.last_raw = raw
+        if not cols:
+            return np.zeros((G, 1))
+        return np.array([[v for col in cols for v in col[i]] for i in range(G)], dtype=np.float64)
+
+    def _normalise(self, x_raw: np.ndarray) -> np.ndarray | None:
+        if not np.isfinite(x_raw).all():
+            return None
+        x = self.norm(x_raw)
+        for c in self._raw_cols:  # already on a fixed scale: kept as they are
+            x[:, c] = x_raw[:, c]
+        self.last_features = x
+        return x
+
+    # -- state -------------------------------------------------------------------------------------
+    def state_dict(self, *, controller: bool = True) -> dict[str, Any]:
+        """The base optimizer's ``state_dict``, with this optimizer's own state under
+        ``param_groups[0]["nested"]`` (see :mod:`nestopt.optim.nested`). ``controller=False`` leaves out
+        the controller's weights and its optimizer: loading such a state keeps the ones in use
+        (how the meta-trainer rewinds a run while it changes the controller)."""
+        sd = self.base.state_dict()
+        groups = [{k: (dict(v) if isinstance(v, dict) else v) for k, v in g.items()} for g in sd["param_groups"]]
+        own = {"controller": copy.deepcopy(self.controller.state_dict()),
+               "controller_opt": copy.deepcopy(self.controller_opt.state_dict())} if controller else {}
+        groups[0]["nested"] = {
+            **own,
+            "norm": self.norm.state(),
+            "memory": self.memory.clone(),
+            "loss": self.loss_tracker.state_dict(),
+            "val": dict(self._val),
+            "param_rms": list(self._param_rms),
+            "update_ratio": list(self._update_ratio),
+            "last_features": torch.from_numpy(self.last_features.copy()),
+            "features": {f.name: f.state_dict() for f in self.features},
+            "signal": {"name": self.signal, **self.signal_impl.state_dict()},
+            "n_params": len(self._params()),
+        }
+        groups[0]["nested"] = _pack(groups[0]["nested"])
+        return {**sd, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        groups = [dict(g) for g in state_dict.get("param_groups", ())]
+        nested = groups[0].pop("nested", None) if groups else None
+        if nested is None:
+            raise ValueError("state_dict is invalid for NestedOptimizer: its first param group has no 'nested' entry "
+                             "(was it saved from the base optimizer?)")
+        nested = _unpack(nested)
+        params = self._params()
+        if nested["n_params"] != len(params):
+            raise ValueError(f"state_dict is for {nested['n_params']} parameters, this optimizer has {len(params)}")
+        if nested["signal"]["name"] != self.signal:
+            raise ValueError(f"state_dict is for signal={nested['signal']['name']!r}, this optimizer has "
+                             f"signal={self.signal!r}")
+        self.base.load_state_dict({**state_dict, "param_groups": groups})
+        self.param_groups = self.base.param_groups  # torch replaces the list on load
+        self.state = self.base.state
+        if "controller" in nested:
+            self.controller.load_state_dict(nested["controller"])
+            self.controller_opt.load_state_dict(nested["controller_opt"])
+        self.norm.load(nested["norm"])
+        self.memory = nested["memory"].clone()
+        for g in self.param_groups:
+            ensure(g, self.counter_reasons, self.counter_entry)
+        self.loss_tracker.load_state_dict(nested["loss"])
+        self._val = dict(nested["val"])
+        self._param_rms, self._update_ratio = list(nested["param_rms"]), list(nested["update_ratio"])
+        self.last_features = nested["last_features"].double().numpy().copy()
+        dev = params[0].device if params else torch.device("cpu")
+        for f in self.features:
+            f.load_state_dict(copy.deepcopy(nested["features"].get(f.name, f.state_dict())), dev)
+        self.signal_impl.load_state_dict(nested["signal"], params)
+
+
+def _pack(state: dict[str, Any]) -> bytes:
+    """The nested optimizer's own state as one bytes value: its structure changes as training runs
+    (the hindsight window fills and empties), and torch's distributed-checkpoint helpers load in
+    place, into a state of the same structure; a bytes leaf they carry as it is."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def _unpack(state: bytes | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(state, dict):
+        return state
+    # tensors come back on the devices they were saved from (CPU where there is no GPU); the
+    # per-parameter caches then move to their parameter's device
+    where = None if torch.cuda.is_available() else "cpu"
+    return torch.load(io.BytesIO(state), map_location=where, weights_only=True)  # runs no code

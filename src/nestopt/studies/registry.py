@@ -1,0 +1,237 @@
+"""The studies ``nestopt study NAME`` runs: one :class:`Study` record each.
+
+A record names the study, says in a line what it tests, lists the command-line options it takes
+(:class:`Option`), and carries three callables: ``prepare(out, **options)`` (optional: turns the
+options into ``run``'s keyword arguments; a ``ValueError`` is a usage error, its message the line
+the CLI prints), ``run(out, **options) -> result`` (writes the study's files into ``out`` and
+returns its results, verdicts included) and ``summary(result) -> lines`` (what the CLI prints).
+Nothing here imports a study until its record is used: the CLI builds its parser from the records.
+
+    >>> from nestopt.studies import registry
+    >>> registry.names()[:2]
+    ['polyak', 'large-lr']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+Result = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One command-line option of a study: ``--flag VALUE``, or repeated (``repeat``) into a tuple.
+    ``default`` is the value the study runs with when the option is not given."""
+
+    flag: str
+    help: str
+    type: Callable[[str], Any] = str
+    default: Any = None
+    repeat: bool = False
+    metavar: str | None = None
+
+    @property
+    def dest(self) -> str:
+        """The keyword the option's value goes by (``--peer`` -> ``peer``)."""
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+@dataclass(frozen=True)
+class Study:
+    """A study as ``nestopt study`` runs it (see the module's docstring)."""
+
+    name: str
+    help: str
+    run: Callable[..., Result]
+    summary: Callable[[Result], list[str]]
+    options: tuple[Option, ...] = ()
+    prepare: Callable[..., dict[str, Any]] | None = None
+    files: tuple[str, ...] = ("report.md", "results.json")
+    figures: bool = True
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        return tuple(o.flag for o in self.options)
+
+    def wrote(self, out: Path) -> str:
+        """The files the study writes into ``out``, as one phrase."""
+        return join([str(out / f) for f in self.files] + (["figures"] if self.figures else []))
+
+
+def join(items: Sequence[str], last: str = "and") -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} {last} {items[-1]}"
+
+
+_STUDIES: dict[str, Study] = {}
+
+
+def register(study: Study) -> Study:
+    """Add ``study``; a ``ValueError`` if its name is taken."""
+    if study.name in _STUDIES:
+        raise ValueError(f"name={study.name!r} is invalid: a study of that name is already registered")
+    _STUDIES[study.name] = study
+    return study
+
+
+def names() -> list[str]:
+    """The registered studies' names, in registration order."""
+    return list(_STUDIES)
+
+
+def records() -> list[Study]:
+    return list(_STUDIES.values())
+
+
+def get(name: str) -> Study:
+    """The record called ``name``; ``KeyError`` lists the valid names."""
+    if name not in _STUDIES:
+        raise KeyError(f"unknown study {name!r}; valid names: {', '.join(_STUDIES)}")
+    return _STUDIES[name]
+
+
+# -- the studies --------------------------------------------------------------------------------
+
+def _polyak(out: Path) -> Result:
+    from .polyak import run_study
+
+    return run_study(out)
+
+
+def _polyak_summary(doc: Result) -> list[str]:
+    return [f"{key}  {it['verdict']:10s} {it['claim']}" for key, items in doc["verdicts"].items() for it in items]
+
+
+def _large_lr(out: Path) -> Result:
+    from .large_lr import run_study
+
+    return run_study(out)
+
+
+def _large_lr_summary(doc: Result) -> list[str]:
+    return [f"{it['arm']:9s}  {it['verdict']:13s} {it['claim']}" for it in doc["verdicts"]]
+
+
+def _controller(out: Path) -> Result:
+    from .controller import run_study
+
+    return run_study(out)
+
+
+def _controller_summary(doc: Result) -> list[str]:
+    return [f"robust rates  {label:18s} {m['robust']}/{m['cells']}" for label, m in doc["robustness"].items()] + \
+        [f"{r['what']:28s} {r['verdict']:16s} wins {r['wins']} losses {r['losses']} of {r['pairs']}"
+         for r in doc["ablations"]]
+
+
+def _variants_prepare(out: Path, variant: tuple[str, ...], seeds: int) -> dict[str, Any]:
+    from .controller import VARIANTS, check_variants
+
+    variants = tuple(variant) or tuple(VARIANTS)
+    try:
+        check_variants(variants, seeds)
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None  # the message starts with the option's name
+    return {"variants": variants, "seeds": seeds}
+
+
+def _variants(out: Path, variants: tuple[str, ...], seeds: int) -> Result:
+    from .controller import run_variants
+
+    return run_variants(out, variants=variants, seeds=seeds)
+
+
+def _variants_summary(doc: Result) -> list[str]:
+    return [f"robust rates  {label:28s} {m['robust']}/{m['cells']}" for label, m in doc["robustness"].items()]
+
+
+def _learned_prepare(out: Path, net: tuple[str, ...], peer: tuple[str, ...]) -> dict[str, Any]:
+    """``--net LABEL=PATH`` arguments, plus the shipped networks and, as the reference for what
+    meta-training bought, the same network untrained (written to ``out``); then the ``--peer NAME``
+    arguments: registry optimizers that are installed."""
+    from ..bench import registry as opt_registry
+    from ..meta import HybridAdamNet
+    from ..nets import SHIPPED_NETS, load_net, save_net
+    from .learned import PEER
+
+    nets = {"shipped default (linear)": str(SHIPPED_NETS["default"]), "shipped MLP (net='mlp')": str(SHIPPED_NETS["mlp"]),
+            "hybrid, untrained (Adam 1e-3)": str(save_net(HybridAdamNet(), out / "untrained.safetensors"))}
+    for item in net:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            raise ValueError(f"--net {item!r} is invalid: expected LABEL=PATH")
+        load_net(path)  # a ValueError that names the problem
+        nets[label] = path
+    known = opt_registry.names(available_only=False)
+    for name in peer:
+        if name not in known:
+            raise ValueError(f"--peer {name!r} is invalid: expected one of {', '.join(known)}")
+        spec = opt_registry.get(name)
+        if not spec.available():
+            raise ValueError(f"--peer {name!r} needs the package {spec.requires!r}: pip install 'nestopt[peers]'")
+        nets[f"{name} (defaults)"] = PEER + name
+    return {"nets": nets}
+
+
+def _learned(out: Path, nets: dict[str, str]) -> Result:
+    from .learned import run_study
+
+    return run_study(out, nets=nets)
+
+
+def _learned_summary(doc: Result) -> list[str]:
+    return [f"{r['name'][:44]:44s} {r['steps']:5d} {r['net'][:22]:22s} speedup {r['speedup']:.2f} "
+            f"reached {r['reached']}/{r['seeds']} diverged {r['diverged']}" for r in doc["rows"] + doc["long"]]
+
+
+def _hpo(out: Path) -> Result:
+    from .hpo import run_study
+
+    return run_study(out)
+
+
+def _hpo_summary(doc: Result) -> list[str]:
+    return [f"seed {r['seed']}: TPE test acc {r['tpe']['test_acc']:.4f} in {r['tpe']['wall_s']:.1f} s; "
+            f"per-weight implicit {r['implicit']['test_acc']:.4f} in {r['implicit']['wall_s']:.1f} s"
+            for r in doc["hpo"]["rows"]]
+
+
+def _games(out: Path) -> Result:
+    from .games import run_study
+
+    return run_study(out)
+
+
+def _games_summary(doc: Result) -> list[str]:
+    return [f"{r['method'][:46]:46s} analytic rho {r['rho']:.5f} measured {r['measured']:.5f} "
+            f"({100 * r['rel_err']:.2f}%)" for r in doc["rates"]["rows"]] + \
+        [f"GAN {name[:32]:32s} modes {m['final_modes']} high-quality {[round(x, 3) for x in m['final_high_quality']]}"
+         for name, m in doc["gan"]["methods"].items()]
+
+
+register(Study("polyak", "the Polyak note's experiments 1-5: a verdict per expected claim", _polyak, _polyak_summary))
+register(Study("large-lr", "do large learning rates buy robustness to a spurious cue and compressibility?",
+               _large_lr, _large_lr_summary))
+register(Study("controller", "which controller ideas pay off: robustness, ablations, per-head feedback, cost",
+               _controller, _controller_summary))
+register(Study("controller-variants", "the nested optimizer's hindsight variants: robustness to the base rate",
+               _variants, _variants_summary,
+               options=(Option("--variant", "run only this variant (repeatable; default: all)", default=(), repeat=True,
+                               metavar="NAME"),
+                        Option("--seeds", "seeds per task and rate (default 3)", type=int, default=3)),
+               prepare=_variants_prepare, files=("variants.md", "variants.json"), figures=False))
+register(Study("learned", "do meta-trained update networks generalise to held-out tasks and a 10x horizon?",
+               _learned, _learned_summary,
+               options=(Option("--net", "also evaluate this network file (repeatable)", default=(), repeat=True,
+                               metavar="LABEL=PATH"),
+                        Option("--peer", "also run this registry optimizer untuned at its default rate (repeatable)",
+                               default=(), repeat=True, metavar="NAME")),
+               prepare=_learned_prepare))
+register(Study("hpo", "hypergradients: exactness, cost, per-weight decay vs TPE, distillation, STN, leaks",
+               _hpo, _hpo_summary))
+register(Study("games", "complex momentum on the bilinear game and a GAN, Lyapunov exponents, Ridge Rider",
+               _games, _games_summary))

@@ -80,11 +80,13 @@ DEFAULT_PATHS = ["src/nestopt/optim", "src/nestopt/hyper"]
 DEFAULT_TEST_MAP: list[tuple[str, list[str]]] = [
     ("*optim/nested*", ["tests/test_nested*.py"]),
     ("*optim/controller*", ["tests/test_nested*.py"]),
-    ("*optim/polyak*", ["tests/test_polyak.py", "tests/test_values_optim.py"]),
-    ("*optim/learned*", ["tests/test_learned.py"]),
-    ("*optim/complex*", ["tests/test_games.py"]),
-    ("*optim/hypergradient*", ["tests/test_hypergradient.py"]),
-    ("*hyper/*", ["tests/test_hyper*.py", "tests/test_hypergradient.py", "tests/test_values_hyper.py"]),
+    ("*optim/polyak*", ["tests/test_polyak.py", "tests/test_values_optim.py", "tests/test_counters.py"]),
+    ("*optim/learned*", ["tests/test_learned.py", "tests/test_values_optim.py", "tests/test_counters.py"]),
+    ("*optim/complex*", ["tests/test_games.py", "tests/test_values_optim.py", "tests/test_counters.py"]),
+    ("*optim/hypergradient*", ["tests/test_hypergradient.py", "tests/test_values_optim.py", "tests/test_counters.py"]),
+    ("*optim/counters*", ["tests/test_counters.py", "tests/test_nested_parts.py"]),
+    ("*hyper/*", ["tests/test_hyper*.py", "tests/test_hypergradient.py", "tests/test_values_hyper.py",
+                  "tests/test_solvers_api.py"]),
 ]
 # Added to every file under optim/ (measured: the conformance table alone takes ~13 s CPU, 20 s wall on a
 # loaded 2-core machine: under the ~60 s where it would be dropped from per-mutant runs).

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .._malloc import settle
+from .._malloc import settle, settled
 from . import registry as opt_registry
 
 
@@ -139,7 +139,13 @@ def measure(names: Sequence[str] | None = None, n_params: int = 10_000_000, step
             warmup: int = 3, device: str = "cpu") -> list[Row]:
     """Rows for the references and each registered optimizer in ``names`` (default: all). Peak
     memory is read over the first round's warm-up steps, timing over the steps after them (see
-    :mod:`nestopt._malloc`)."""
+    :mod:`nestopt._malloc`); the allocator setting is the one before the call afterwards."""
+    with settled(measuring_memory=False):
+        return _measure(names, n_params, steps, rounds, warmup, device)
+
+
+def _measure(names: Sequence[str] | None, n_params: int, steps: int, rounds: int, warmup: int,
+             device: str) -> list[Row]:
     builders: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = dict(REFERENCES)
     losses: dict[str, bool] = {}
     skipped: list[str] = []

@@ -106,7 +106,7 @@ def attach_targets(records: list[dict[str, Any]], tgt: dict[str, dict[str, Any]]
                 break
 
 
-def _median(xs: list[float]) -> float:
+def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else INF
 
 
@@ -138,8 +138,8 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
                 "final_train_loss_mean": statistics.fmean(trains) if trains else None,
                 "final_val_accuracy_mean": statistics.fmean(accs) if accs else None,
                 "best_val_loss_min": min((r["best_val_loss"] for r in rs if r["best_val_loss"] is not None), default=None),
-                "time_to_target_median": _json(_median(tts)),
-                "steps_to_target_median": _json(_median(sts)),
+                "time_to_target_median": _json(median(tts)),
+                "steps_to_target_median": _json(median(sts)),
                 "reached": sum(math.isfinite(x) for x in tts),
                 "ms_per_step_mean": statistics.fmean(r["ms_per_step"] for r in rs),
                 "diverged": sum(r["diverged"] for r in rs),

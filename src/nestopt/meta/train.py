@@ -125,9 +125,7 @@ def meta_train(net: nn.Module, cfg: MetaConfig, *, checkpoint: str | Path | None
         net.load_state_dict(saved["net"])
         outer.load_state_dict(saved["outer"])
         history, start = saved["history"], saved["step"]
-        gen.set_state(saved["generator"])
-        if "estimator" in saved:
-            estimator.load_state_dict(saved["estimator"])
+        gen.set_state(saved["generator"])  # a resumed run starts a fresh task (and fresh PES particles)
     with Unrolls(cfg.workers if estimator.parallel else 1) as unrolls:
         _loop(net, cfg, estimator, outer, history, start, gen, ckpt, progress, unrolls)
     return history
@@ -185,5 +183,4 @@ def _loop(net: nn.Module, cfg: MetaConfig, estimator: GradientEstimator, outer: 
         if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.outer_steps):
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"net": net.state_dict(), "outer": outer.state_dict(), "history": history, "step": step + 1,
-                        "generator": gen.get_state(), "config": _config_json(cfg, estimator),
-                        "estimator": estimator.state_dict()}, ckpt)
+                        "generator": gen.get_state(), "config": _config_json(cfg, estimator)}, ckpt)

@@ -90,7 +90,7 @@ class Controller(nn.Module):
 _sum0 = np.add.reduce  # what ndarray.sum calls, without its Python-level wrapper
 
 
-class _RunningNorm:
+class RunningNorm:
     """Per-column running mean and variance (EMA, bias-corrected), shared across rows (NumPy)."""
 
     def __init__(self, n: int, beta: float = 0.99) -> None:

@@ -174,6 +174,7 @@ def run_study(out: str | Path, nets: dict[str, str] | None = None, workers: int 
     figures = _figures(records, rows + long_rows, nets, histories, out)
     doc = {"study": "learned", "wall_s": time.perf_counter() - t0, "nets": nets, "rows": rows, "long": long_rows,
            "figures": figures, "records": records}
+    doc["verdicts"] = verdicts(doc)
     (out / "results.json").write_text(json.dumps(finite(doc), indent=1))
     (out / "report.md").write_text(_report(doc, seeds))
     return doc
@@ -233,6 +234,20 @@ def _figures(records: list[dict[str, Any]], rows: list[dict[str, Any]], nets: di
     return files
 
 
+def verdicts(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per network: held-out tasks where it beat tuned AdamW, diverged runs, and the verdict
+    ("met": faster on at least half with no divergence, "not met", or "reference" for a peer)."""
+    out = {}
+    for label in doc["nets"]:
+        rs = [r for r in doc["rows"] if r["net"] == label]
+        faster = sum(r["faster"] for r in rs)
+        div = sum(r["diverged"] for r in rs + [x for x in doc["long"] if x["net"] == label])
+        verdict = ("reference" if doc["nets"][label].startswith(PEER) else
+                   "met" if faster * 2 >= len(rs) and div == 0 else "not met")
+        out[label] = {"faster": faster, "tasks": len(rs), "diverged": div, "verdict": verdict}
+    return out
+
+
 def _report(doc: dict[str, Any], seeds: int) -> str:
     L = ["# Learned optimizers on held-out tasks", "",
          f"Command: `nestopt study learned --out DIR` ({doc['wall_s']:.0f} s here). {__doc__.split(chr(10) + chr(10), 1)[1]}",
@@ -244,15 +259,11 @@ def _report(doc: dict[str, Any], seeds: int) -> str:
         L.append(f"| {r['name']} | {r['steps']} | {r['net']} | {r['adamw_lr']:g} | {r['adamw_steps']:.0f} | "
                  f"{r['steps_to_target']:.0f} | {r['reached']}/{r['seeds']} | {r['speedup']:.2f} ({lo:.2f}-{hi:.2f}) | "
                  f"{r['diverged']} |")
-    for label in doc["nets"]:
-        rs = [r for r in doc["rows"] if r["net"] == label]
-        faster = sum(r["faster"] for r in rs)
-        div = sum(r["diverged"] for r in rs + [x for x in doc["long"] if x["net"] == label])
-        verdict = ("a reference, not a candidate" if doc["nets"][label].startswith(PEER) else
-                   f"Acceptance (faster on at least half, no divergence): "
-                   f"**{'met' if faster * 2 >= len(rs) and div == 0 else 'not met'}**")
-        L += ["", f"**{label}**: faster than tuned AdamW (median steps to its target) on {faster} of {len(rs)} held-out "
-              f"tasks; {div} diverged runs. {verdict}."]
+    for label, v in doc["verdicts"].items():
+        verdict = ("a reference, not a candidate" if v["verdict"] == "reference" else
+                   f"Acceptance (faster on at least half, no divergence): **{v['verdict']}**")
+        L += ["", f"**{label}**: faster than tuned AdamW (median steps to its target) on {v['faster']} of {v['tasks']} "
+              f"held-out tasks; {v['diverged']} diverged runs. {verdict}."]
     L += ["", "A speedup of 0 means the network's median seed never reached the target.", ""]
     L += [f"![{f}]({f})" for f in doc["figures"]]
     return "\n".join(L) + "\n"

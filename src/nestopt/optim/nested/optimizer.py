@@ -15,7 +15,7 @@ import torch
 from torch.optim import Optimizer
 
 from ..._checks import check_choice, check_int, check_number
-from ...nets.controller import Controller, _RunningNorm
+from ...nets.controller import Controller, RunningNorm
 from ..counters import Counted, bump, ensure
 from ..tensors import host_sq_norms
 from .features import DEFAULT_FEATURES, Feature, LossTracker, StepView, make_features
@@ -150,7 +150,7 @@ class NestedOptimizer(Counted, Optimizer):
             "frozen": Frozen}[signal]()
         self.controller = controller
         self.controller_opt = torch.optim.Adam(controller.parameters(), lr=controller_lr)
-        self.norm = _RunningNorm(max(n_features, 1))
+        self.norm = RunningNorm(max(n_features, 1))
         G = len(self.param_groups)
         self.memory = torch.zeros(G, controller.scratchpad)
         self.last_features = np.zeros((G, controller.n_features))
@@ -179,6 +179,14 @@ class NestedOptimizer(Counted, Optimizer):
         for f in self.features:
             f.add_group()
         self.signal_impl.reset()
+
+    def _from_old_layout(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        nested, counts = _old_nested(state_dict, self.signal)
+        groups = [dict(g) for g in state_dict["param_groups"]]
+        for g in groups:
+            g[self.counter_entry] = dict(counts)
+        groups[0]["nested"] = nested
+        return {k: v for k, v in state_dict.items() if k != "nested"} | {"param_groups": groups}
 
     def __getstate__(self) -> dict[str, Any]:
         # torch's keeps only defaults, state and param_groups: a copy would lack its base,
@@ -396,6 +404,8 @@ class NestedOptimizer(Counted, Optimizer):
         return {**sd, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "nested" in state_dict:  # saved before the optimizer was in parts (nestopt 407dc63 and earlier)
+            state_dict = self._from_old_layout(state_dict)
         groups = [dict(g) for g in state_dict.get("param_groups", ())]
         nested = groups[0].pop("nested", None) if groups else None
         if nested is None:
@@ -426,6 +436,22 @@ class NestedOptimizer(Counted, Optimizer):
         for f in self.features:
             f.load_state_dict(copy.deepcopy(nested["features"].get(f.name, f.state_dict())), dev)
         self.signal_impl.load_state_dict(nested["signal"], params)
+
+
+def _old_nested(sd: dict[str, Any], signal: str) -> tuple[dict[str, Any], dict[str, int]]:
+    """The pre-parts layout's top-level ``"nested"`` entry as this layout's, and its counters."""
+    old, sc = sd["nested"], sd["nested"]["scalars"]
+    buf = old["buffers"]
+    new = {k: old[k] for k in ("controller", "controller_opt", "norm", "memory", "last_features", "n_params")}
+    new.update(loss={"prev": sc["loss_prev"], "ema": sc["loss_ema"], "dloss_ema": sc["dloss_ema"]}, val=sc["val"],
+               param_rms=sc["param_rms"], update_ratio=sc["update_ratio"],
+               features={"curvature": {"curv": sc["curv"], "prev_grad": buf.get("prev_grad", []),
+                                       "prev_param": buf.get("prev_param", [])},
+                         "heads": {"rows": old["heads"]}},
+               signal={"name": signal, "scale": sc.get("scale", 1.0), "window": old["window"],
+                       "generator": old["generator"], "baseline": sc["baseline"], "pending": old["pending"],
+                       "held": old["val_noise"], "inputs": old["val_inputs"]})
+    return new, dict(old["counters"])
 
 
 def _pack(state: dict[str, Any]) -> bytes:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ...bench.scoring import _median
+from ...bench.scoring import median
 from .plan import ABLATION, CONFIGS, HEAD_CONFIGS, ROBUST, _around, _name
 
 INF = float("inf")
@@ -43,7 +43,7 @@ def robustness(records: list[dict[str, Any]], tasks: tuple[str, ...], best_lr: d
     for label, opt in methods.items():
         per_task, robust, cells = {}, 0, 0
         for t in tasks:
-            ttt = {f: _median([_ttt(r) for r in records if r["task"] == t and r["optimizer"] == opt and r["lr"] == lr])
+            ttt = {f: median([_ttt(r) for r in records if r["task"] == t and r["optimizer"] == opt and r["lr"] == lr])
                    for f, lr in zip(ROBUST, _around(best_lr[t], ROBUST))}
             ok = _within_2x(ttt)
             per_task[t] = {"ttt": {str(k): v for k, v in ttt.items()}, "best": min(ttt.values()), "robust_lrs": ok}
@@ -73,7 +73,7 @@ def robust_difference(records: list[dict[str, Any]], tasks: tuple[str, ...], bes
             for f in ROBUST:
                 runs = cells[(t, f)][opt]
                 chosen = picks[(t, f)] if picks is not None else sorted(runs)
-                ttt[f] = _median([runs[s] for s in chosen if s in runs])
+                ttt[f] = median([runs[s] for s in chosen if s in runs])
             n += len(_within_2x(ttt))
         return n
 
@@ -162,7 +162,7 @@ def costs(records: list[dict[str, Any]], tasks: tuple[str, ...], best_lr: dict[s
         ms = {}
         for label, opt in (("adamw", "adamw"), ("frozen", _name("frozen")), ("hindsight", _name("hindsight")),
                            ("proxy", _name("proxy")), ("adamw-hd", "adamw-hd")):
-            ms[label] = _median([r["ms_per_step"] for r in records if r["task"] == t and r["optimizer"] == opt
+            ms[label] = median([r["ms_per_step"] for r in records if r["task"] == t and r["optimizer"] == opt
                                  and r["lr"] == best_lr[t] and not r["error"]])
         out[t] = {**{f"ms_{k}": v for k, v in ms.items()},
                   "hindsight_x_adamw": ms["hindsight"] / ms["adamw"], "hindsight_x_frozen": ms["hindsight"] / ms["frozen"],
@@ -184,7 +184,7 @@ def peers(records: list[dict[str, Any]], chosen: dict[tuple[str, str], dict[str,
             "prodigy": [r for r in records if r["task"] == t and r["optimizer"] == "prodigy"],
             "schedulefree-adamw": [r for r in records if r["task"] == t and r["optimizer"] == "schedulefree-adamw"],
         }
-        out[t] = {k: _median([_ttt(r) for r in v]) for k, v in rows.items() if v}
+        out[t] = {k: median([_ttt(r) for r in v]) for k, v in rows.items() if v}
     return out
 
 

@@ -83,7 +83,10 @@ feature or controller loss skips the controller's update and leaves the multipli
 controller's weights and its optimizer, the feature normaliser, the scratchpad, each feature's and
 the signal's state, the hindsight caches and snapshots, the counters) under the first param
 group's ``"nested"`` key: only torch's two keys, ``state`` and ``param_groups``, so torch's
-distributed-checkpoint helpers carry it too. A round trip continues bitwise.
+distributed-checkpoint helpers carry it too (they load in place, into an optimizer that has
+stepped: on one that has not, they first call ``step()`` without a closure, which the hindsight
+signal refuses). A round trip continues bitwise, and a state saved in the layout before the
+optimizer was in parts (a top-level ``"nested"`` entry) loads too.
 
 The parts: :mod:`.wrapper` (the base step at ``lr * multiplier``, the only use of torch's private
 hook registries), :mod:`.features`, :mod:`.signals` and :mod:`.hindsight` (one object per signal),

@@ -12,6 +12,7 @@ is passed as an object, e.g. the trading study's per-head features
 
 from __future__ import annotations
 
+import abc
 import copy
 import math
 from collections.abc import Sequence
@@ -43,7 +44,7 @@ class StepView:
     inputs: dict[str, Any] = field(default_factory=dict)  # keywords given to ``step`` for features
 
 
-class Feature:
+class Feature(abc.ABC):
     name = ""
     width = 1
     raw = False  # True: seen as it is, not standardised
@@ -55,8 +56,9 @@ class Feature:
     def update(self, view: StepView, have: list[list[torch.Tensor]]) -> None:
         """Runs before :meth:`values` on each step that reaches the controller."""
 
+    @abc.abstractmethod
     def values(self, view: StepView) -> list[list[float]]:
-        raise NotImplementedError
+        """One row of ``width`` floats per group."""
 
     def cache_numel(self) -> int:
         return 0

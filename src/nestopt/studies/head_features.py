@@ -20,8 +20,7 @@ from typing import Any
 import torch
 
 from ..optim.nested import Feature, StepView
-
-_TINY = 1e-30
+from ..optim.nested.features import TINY as _TINY
 
 
 class HeadFeatures(Feature):

@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nestopt.optim import (ComplexAdam, ComplexMomentum, HypergradientAdam, HypergradientSGD, LearnedOptimizer,
+                           NestedOptimizer, Polyak, PolyakAdam)
+
 
 def tiny_mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
@@ -44,3 +47,25 @@ def nested_quadratic_run(lr: float, steps: int = 200, **kw):
     for _ in range(steps):
         opt.step(closure)
     return opt
+
+
+# one factory per optimizer configuration (params -> optimizer), for the tests that every optimizer
+# must pass: transactional steps, validated groups, checked state dicts
+NESTED_SMALL = dict(window=2, period=4, stats_every=1)
+
+OPTIMIZERS = {
+    "polyak": lambda ps: Polyak(ps),
+    "polyak-group-momentum": lambda ps: Polyak(ps, scope="group", momentum=0.5, max_lr=0.5),
+    "polyak-rms": lambda ps: Polyak(ps, precondition="rms", max_lr=0.1),
+    "polyak-adam": lambda ps: PolyakAdam(ps, max_lr=0.05),
+    "learned-default": lambda ps: LearnedOptimizer(ps, compile=False),
+    "learned-mlp": lambda ps: LearnedOptimizer(ps, net="mlp"),
+    "complex-momentum": lambda ps: ComplexMomentum(ps, lr=0.05),
+    "complex-adam": lambda ps: ComplexAdam(ps, lr=0.01),
+    "hypergradient-sgd": lambda ps: HypergradientSGD(ps, lr=0.05),
+    "hypergradient-adam": lambda ps: HypergradientAdam(ps, lr=0.01),
+    "nested-hindsight": lambda ps: NestedOptimizer(ps, lr=0.01, features=("grad_norm", "loss", "curvature"), **NESTED_SMALL),
+    "nested-proxy": lambda ps: NestedOptimizer(ps, lr=0.01, signal="proxy", **NESTED_SMALL),
+    "nested-validation": lambda ps: NestedOptimizer(ps, lr=0.01, signal="validation", **NESTED_SMALL),
+    "nested-frozen": lambda ps: NestedOptimizer(ps, torch.optim.SGD, lr=0.01, signal="frozen", **NESTED_SMALL),
+}

@@ -49,10 +49,12 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
-from torch.optim import Optimizer
 
 from .._checks import check_number
-from .counters import Counted, bump
+from .base import NestoptOptimizer, refuse_sparse
+from .counters import bump
+from .groups import choice, number, pair
+from .transaction import commit, evaluate
 
 # Elements per block on CPU: 2^18 floats = 1 MB per operand, so the five operands of a block
 # (theta, g, Re m, Im m, scratch) fit in a few MB of cache between the passes. Measured on a
@@ -179,7 +181,7 @@ def complex_momentum_step(params: list[torch.Tensor], grads: list[torch.Tensor],
                 _rotate([ab], [bb], [t], [pb], lr=lr, beta_re=beta_re, beta_im=beta_im)
 
 
-class _SkippingOptimizer(Counted, Optimizer, metaclass=abc.ABCMeta):
+class _SkippingOptimizer(NestoptOptimizer, metaclass=abc.ABCMeta):
     """What both optimizers share: per-group counters (``group["counters"]``, scope ``"group"``),
     a block buffer cache, and :meth:`_groups`, which yields each group's parameters and
     gradients after skipping (and counting) a group whose gradients are not all finite; a group
@@ -208,11 +210,11 @@ class _SkippingOptimizer(Counted, Optimizer, metaclass=abc.ABCMeta):
             if not params:
                 continue
             grads = [p.grad for p in params]
-            if any(g.is_sparse for g in grads):
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            refuse_sparse(self, grads)
             if not _all_finite(grads):
                 bump([group], "nonfinite")
                 continue
+            commit(self)
             yield group, params, grads
             bump([group], "steps")
 
@@ -224,8 +226,7 @@ class _SkippingOptimizer(Counted, Optimizer, metaclass=abc.ABCMeta):
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         loss = None
         if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+            loss = evaluate(self, closure)
         self._update()
         return loss
 
@@ -256,6 +257,12 @@ class ComplexMomentum(_SkippingOptimizer):
         >>> opt.complex_buffer(w).dtype
         torch.complex64
     """
+
+    group_spec = {"lr": number(0.0), "beta": number(0.0, 1.0, hi_open=True), "phase": number(-math.pi, math.pi),
+                  "weight_decay": number(0.0), "foreach": choice(None, True, False)}
+    supports = frozenset({"float16", "bfloat16"})
+    unsupported_why = {"complex": "its momentum is complex for real parameters (store a complex parameter as "
+                                  "real pairs with torch.view_as_real)"}
 
     def __init__(self, params: Iterable[Any], lr: float = 0.1, beta: float = 0.9, phase: float = math.pi / 8,
                  *, weight_decay: float = 0.0, foreach: bool | None = None) -> None:
@@ -347,6 +354,12 @@ class ComplexAdam(_SkippingOptimizer):
         >>> (w ** 2).sum().backward(); opt.step()
     """
 
+    group_spec = {"lr": number(0.0), "betas": pair(0.0, 1.0), "phase": number(-math.pi, math.pi),
+                  "eps": number(0.0), "weight_decay": number(0.0)}
+    supports = frozenset({"bfloat16"})
+    unsupported_why = {"complex": "its second moment reads g * g and its first moment is complex for real "
+                                  "parameters (store a complex parameter as real pairs with torch.view_as_real)"}
+
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  phase: float = math.pi / 8, eps: float = 1e-8, *, weight_decay: float = 0.0) -> None:
         check_number("lr", lr, lo=0.0)
@@ -385,5 +398,10 @@ class ComplexAdam(_SkippingOptimizer):
                     p.addcdiv_(re, denom, value=-lr / (1 - beta1 ** t))
                     continue
                 c = 1 / (1 - cmath.rect(beta1 ** t, t * group["phase"]))  # complex bias correction
-                _complex_adam_blocks(p, g.contiguous(), re, im, v, self._scratch, b_re=b_re, b_im=b_im,
+                strided = not (p.is_contiguous() and v.is_contiguous())  # channels_last, a transposed view
+                pc, vc = (p.contiguous(), v.contiguous()) if strided else (p, v)
+                _complex_adam_blocks(pc, g.contiguous(), re, im, vc, self._scratch, b_re=b_re, b_im=b_im,
                                      beta2=beta2, c=c, bc2_sqrt=math.sqrt(1 - beta2 ** t), lr=lr, eps=eps)
+                if strided:
+                    p.copy_(pc)
+                    v.copy_(vc)

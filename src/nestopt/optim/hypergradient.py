@@ -31,17 +31,25 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch.optim import Optimizer
 from torch.optim.adamw import adamw as _adamw
 
 from .._checks import check_choice, check_number
-from .counters import Counted, bump
+from .base import NestoptOptimizer, refuse_sparse
+from .counters import bump
+from .groups import choice, number, pair
 from .tensors import fused_ok, host_sq_norms
+from .transaction import commit, current, evaluate
 
 RULES = ("multiplicative", "additive")
 
 
-class _Hypergradient(Counted, Optimizer):
+class _Hypergradient(NestoptOptimizer):
+    group_spec = {"rule": choice(*RULES), "beta": number(0.0), "scale_min": number(0.0, lo_open=True),
+                  "scale_max": number(0.0, lo_open=True)}
+    supports = frozenset({"bfloat16"})
+    unsupported_why = {"complex": "its hypergradient g . u takes no complex conjugate",
+                       "float16": "its dot products and norms overflow float16 (65504) and eps underflows"}
+
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, rule: str, beta: float,
                  scale_min: float, scale_max: float) -> None:
         check_choice("rule", rule, RULES)
@@ -84,6 +92,8 @@ class HypergradientSGD(_Hypergradient):
     scale, default 1e-3 to 1e3).
     """
 
+    group_spec = {"lr": number(0.0), **_Hypergradient.group_spec}
+
     def __init__(self, params: Iterable[Any], lr: float = 0.01, *, rule: str = "multiplicative",
                  beta: float = 0.02, scale_min: float = 1e-3, scale_max: float = 1e3) -> None:
         check_number("lr", lr, lo=0.0)
@@ -91,18 +101,21 @@ class HypergradientSGD(_Hypergradient):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = _evaluate(closure)
-        work = []
+        loss = _evaluate(self, closure)
+        work, new = [], []
         for group in self.param_groups:
             ps = [p for p in group["params"] if p.grad is not None]
             if ps:
                 gs = [p.grad for p in ps]
                 for p in ps:
-                    if "prev_update" not in self.state[p]:  # the previous update direction u_{t-1} = g_{t-1}
+                    if "prev_update" not in self.state[p]:
+                        new.append(p)  # the previous update direction u_{t-1} = g_{t-1}
                         self.state[p]["prev_update"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 work.append((group, ps, gs, [self.state[p]["prev_update"] for p in ps]))
         if not work:
             return loss
+        refuse_sparse(self, [g for _, _, gs, _ in work for g in gs])
+        _fresh_state(self, new)
         # One host sync for every group: g.u_prev and ||g||^2 (||u_prev||^2 = last step's ||g||^2).
         stats = []
         for _, _, gs, us in work:
@@ -113,6 +126,7 @@ class HypergradientSGD(_Hypergradient):
         if not all(math.isfinite(v) for row in host for v in row):
             bump(self.param_groups, "nonfinite")
             return loss
+        commit(self)
         for (group, ps, gs, us), (dot, gsq) in zip(work, host):
             group["hd_scale"] = self._new_scale(group, dot, gsq, group.get("hd_prev_gsq", 0.0))
             group["hd_prev_gsq"] = gsq
@@ -132,6 +146,9 @@ class HypergradientAdam(_Hypergradient):
     (default 0.02, multiplicative), ``scale_min``/``scale_max``.
     """
 
+    group_spec = {"lr": number(0.0), "betas": pair(0.0, 1.0), "eps": number(0.0, lo_open=True),
+                  "weight_decay": number(0.0), **_Hypergradient.group_spec}
+
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, *, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, rule: str = "multiplicative", beta: float = 0.02,
                  scale_min: float = 1e-3, scale_max: float = 1e3) -> None:
@@ -149,8 +166,8 @@ class HypergradientAdam(_Hypergradient):
     def step(self, closure: Any = None) -> Any:
         """Adam's step at ``lr * hd_scale``, with the previous direction ``u = m_hat / (sqrt(v_hat)
         + eps)`` recomputed from the moments (no extra buffer), then torch's fused AdamW kernel."""
-        loss = _evaluate(closure)
-        work = []
+        loss = _evaluate(self, closure)
+        work, new = [], []
         for group in self.param_groups:
             ps = [p for p in group["params"] if p.grad is not None]
             if not ps:
@@ -158,12 +175,15 @@ class HypergradientAdam(_Hypergradient):
             for p in ps:
                 st = self.state[p]
                 if not st:
+                    new.append(p)
                     st["step"] = torch.zeros((), dtype=torch.float32)
                     st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             work.append((group, ps))
         if not work:
             return loss
+        refuse_sparse(self, [p.grad for _, ps in work for p in ps])
+        _fresh_state(self, new)
         pairs = [self._hd_stats(group, ps) for group, ps in work]
         # ||g||^2 of every tensor and each group's (g . u, ||u||^2), with one host sync for all groups
         gsq_each, vals = host_sq_norms([p.grad for _, ps in work for p in ps], *(x for pair in pairs for x in pair))
@@ -174,6 +194,7 @@ class HypergradientAdam(_Hypergradient):
         if not all(math.isfinite(v) for row in host for v in row):
             bump(self.param_groups, "nonfinite")
             return loss
+        commit(self)
         for (group, ps), (dot, gsq, usq) in zip(work, host):
             group["hd_scale"] = self._new_scale(group, dot, gsq, usq)
             st = [self.state[p] for p in ps]
@@ -234,8 +255,12 @@ class HypergradientAdam(_Hypergradient):
         return buf[: p.numel()].view(p.shape)
 
 
-def _evaluate(closure: Any) -> Any:
-    if closure is None:
-        return None
-    with torch.enable_grad():
-        return closure()
+def _evaluate(opt: NestoptOptimizer, closure: Any) -> Any:
+    return None if closure is None else evaluate(opt, closure)
+
+
+def _fresh_state(opt: NestoptOptimizer, new: list[torch.Tensor]) -> None:
+    """State made for ``new`` parameters this step is dropped again if the step fails."""
+    txn = current(opt)
+    if new and txn is not None:
+        txn.on_rollback(lambda: [opt.state.pop(p, None) for p in new])

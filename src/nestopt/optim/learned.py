@@ -42,14 +42,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.optim import Optimizer
 from torch.optim.adamw import adamw as _adamw
 
 from .._checks import check_number
 from ..nets import DirectUpdateMLP, HybridAdamNet, LinearUpdate, UpdateNet
 from ..nets.weights import SHIPPED_NETS, load_net
-from .counters import Counted, bump
+from .base import NestoptOptimizer, refuse_sparse
+from .counters import bump
+from .groups import number
 from .tensors import fused_ok, host_sq_norms
+from .transaction import commit, evaluate
 
 def _resolve(net: UpdateNet | str | Path) -> UpdateNet:
     if isinstance(net, UpdateNet):
@@ -69,7 +71,7 @@ def _resolve(net: UpdateNet | str | Path) -> UpdateNet:
     raise ValueError(f"net={net!r} is invalid: expected 'default', 'mlp', a path to a .safetensors file, or an UpdateNet")
 
 
-class LearnedOptimizer(Counted, Optimizer):
+class LearnedOptimizer(NestoptOptimizer):
     """See the module docstring.
 
     Args:
@@ -89,6 +91,15 @@ class LearnedOptimizer(Counted, Optimizer):
             ``True``: compiled for every tensor, errors raised; ``False``: never compiled.
     """
 
+    group_spec = {"lr": number(0.0), "weight_decay": number(0.0)}
+    supports = frozenset({"bfloat16"})
+    unsupported_why = {"complex": "its networks read g * g and |g| as real features"}
+
+    def _check_param(self, p: torch.Tensor, where: str) -> None:
+        super()._check_param(p, where)
+        if p.dim() == 0:
+            raise ValueError(f"{where} is a 0-d tensor, which LearnedOptimizer does not support: its networks keep "
+                             "per-tensor statistics beside per-element ones; give it shape (1,) instead")
     _PICKLED = ("net", "chunk", "compile")  # configuration kept by deepcopy and pickle (not the caches)
 
     def __init__(self, params: Iterable[Any], net: UpdateNet | str | Path = "default", lr: float = 1.0,
@@ -119,11 +130,13 @@ class LearnedOptimizer(Counted, Optimizer):
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> Any:
         loss = None
         if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        work = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+            loss = evaluate(self, closure)
+        # a zero-element tensor has nothing to update (and no mean to take)
+        work = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None and p.numel()]
         if not work:
             return loss
+        refuse_sparse(self, [p.grad for _, p in work])
+        commit(self)
         for _, p in work:
             st = self.state[p]
             if not st:

@@ -50,11 +50,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch.optim import Optimizer
 
 from .._checks import check_choice, check_int, check_number
-from .counters import Counted, bump
+from .base import NestoptOptimizer, refuse_sparse
+from .counters import bump
+from .groups import integer, number, pair
 from .tensors import host_sq_norms
+from .transaction import commit, evaluate
 
 SCOPES = ("global", "tensor", "group")
 SHARES = ("norm", "equal", "whole", "global")
@@ -66,7 +68,7 @@ DiagFn = Callable[[torch.Tensor], torch.Tensor]
 _LEGACY = ("steps", "nonfinite", "zero_grad", "at_target")  # what group["polyak"] counted before
 
 
-class Polyak(Counted, Optimizer):
+class Polyak(NestoptOptimizer):
     """Polyak step size optimizer (see the module docstring for the update).
 
     Args:
@@ -92,6 +94,11 @@ class Polyak(Counted, Optimizer):
     """
 
     counter_reasons = ("zero_grad", "at_target")  # whole-optimizer counts (module docstring)
+    unsupported_why = {"complex": "its preconditioner reads g * g, which is not |g|^2 for complex g",
+                       "float16": "precond_eps underflows and the preconditioned dot product overflows in float16"}
+    group_spec = {"lr": number(0.0), "f_star": number(), "max_lr": number(0.0, lo_open=True, optional=True),
+                  "eps": number(0.0), "momentum": number(0.0, 1.0, hi_open=True),
+                  "beta2": number(0.0, 1.0, hi_open=True), "precond_eps": number(0.0), "seed": integer(0)}
 
     def __init__(self, params: Iterable[Any], lr: float = 1.0, *, scope: str = "global", share: str = "norm",
                  f_star: float = 0.0, max_lr: float | None = None, eps: float = 0.0, momentum: float = 0.0,
@@ -116,6 +123,12 @@ class Polyak(Counted, Optimizer):
         defaults = {"lr": lr, "f_star": f_star, "max_lr": max_lr, "eps": eps, "momentum": momentum,
                     "beta2": beta2, "precond_eps": precond_eps, "seed": seed}
         super().__init__(params, defaults)
+
+    def supported(self) -> frozenset[str]:
+        # the plain rule reads only ||g||^2 (right for complex g); a preconditioner does not
+        if self.precondition is None:
+            return frozenset({"float16", "bfloat16", "complex"})
+        return frozenset({"bfloat16"})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -210,10 +223,11 @@ class Polyak(Counted, Optimizer):
             return [1.0 / k] * k
         if self.share == "global":
             tot = sum(s)
-            return [x / tot for x in s]
+            # no piece descends (or one is not finite): every share 0, so no piece steps
+            return [x / tot for x in s] if math.isfinite(tot) and tot > 0 else [0.0] * k
         roots = [math.sqrt(max(x, 0.0)) for x in s]
         tot = sum(roots)
-        return [r / tot for r in roots]
+        return [r / tot for r in roots] if math.isfinite(tot) and tot > 0 else [0.0] * k
 
     def _count(self, key: str) -> None:
         bump(self.param_groups, key)
@@ -225,10 +239,10 @@ class Polyak(Counted, Optimizer):
         if closure is None and loss is None:
             raise ValueError(f"{type(self).__name__}.step needs the loss: call step(closure) or step(loss=value)")
         if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+            loss = evaluate(self, closure)
         assert loss is not None
         items = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        refuse_sparse(self, [p.grad for _, p in items])
         if items:
             self._step(items, loss)
         return loss
@@ -245,12 +259,14 @@ class Polyak(Counted, Optimizer):
         if total == 0.0:
             return self._count("zero_grad")
         plain = self.precondition is None and type(self)._directions is Polyak._directions
+        commit(self)
         gap = loss_v - group0["f_star"]
         if plain and group0 is items[-1][0] and self.scope != "tensor" and group0["momentum"] == 0:
             # The common case (u = g, one step size, no momentum) as one update (see below for the
             # order): measured 0.1-0.4 ms less than the general path on 10M floats (CPU).
             eta = _eta(group0, 1.0, gap, total)
-            assert eta is not None  # the sum is finite and positive (checked above)
+            if eta is None:  # gap / ||g||^2 overflowed: a step of infinite size is not taken
+                return self._count("nonfinite")
             torch._foreach_add_([p for _, p in reversed(items)], grads[::-1], alpha=-group0["lr"] * eta)
             group0["polyak"]["eta"] = eta
             return self._count("steps")
@@ -299,6 +315,8 @@ def _eta(group: dict[str, Any], w: float, gap: float, s: float) -> float | None:
     if not (math.isfinite(s) and s + eps > 0.0):
         return None
     eta = w * gap / (s + eps)
+    if not (math.isfinite(eta) and eta > 0.0):  # a share of 0 (or one that overflowed): no step
+        return None
     cap = group["max_lr"]
     return eta if cap is None else min(eta, cap)
 
@@ -323,6 +341,18 @@ class PolyakAdam(Polyak):
     plus ``betas`` and ``adam_eps``.
     """
 
+    group_spec = {**Polyak.group_spec, "betas": pair(0.0, 1.0), "adam_eps": number(0.0, lo_open=True)}
+    unsupported_why = {"complex": "Adam's second moment reads g * g, which is not |g|^2 for complex g",
+                       "bfloat16": "the pieces' g . u lose their digits in bfloat16 and the Polyak step size "
+                                   "blows up",
+                       "float16": "adam_eps (1e-8) rounds to 0 in float16, so a gradient element that is exactly 0 "
+                                  "gives 0/0 = NaN"}
+
+    def supported(self) -> frozenset[str]:
+        # in bfloat16 the pieces' g . u cancel to near 0 and eta blows up (measured: the loss diverges
+        # where float32's falls), so only float32 and float64
+        return frozenset()
+
     def __init__(self, params: Iterable[Any], lr: float = 1.0, *, betas: tuple[float, float] = (0.9, 0.999),
                  adam_eps: float = 1e-8, **kwargs: Any) -> None:
         for bad in ("precondition", "momentum"):
@@ -333,17 +363,16 @@ class PolyakAdam(Polyak):
         check_number("betas[0]", betas[0], lo=0.0, hi=1.0, hi_open=True)
         check_number("betas[1]", betas[1], lo=0.0, hi=1.0, hi_open=True)
         check_number("adam_eps", adam_eps, lo=0.0, lo_open=True)
+        self._adam_defaults = {"betas": tuple(betas), "adam_eps": adam_eps}
         super().__init__(params, lr, **kwargs)
-        for group in self.param_groups:
-            group["betas"] = tuple(betas)
-            group["adam_eps"] = adam_eps
+        self.defaults.update(self._adam_defaults)
+        del self._adam_defaults
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # torch fills a group's missing keys from ``defaults``; during __init__ they are not there yet
+        for k, v in self.__dict__.get("_adam_defaults", {}).items():
+            param_group.setdefault(k, v)
         super().add_param_group(param_group)
-        g = self.param_groups[-1]
-        if self.param_groups and "betas" in self.param_groups[0]:
-            g.setdefault("betas", self.param_groups[0]["betas"])
-            g.setdefault("adam_eps", self.param_groups[0]["adam_eps"])
 
     def _directions(self, items: list[tuple[dict[str, Any], torch.Tensor]], grads: list[torch.Tensor]) -> list[torch.Tensor]:
         out: list[torch.Tensor] = [grads[0]] * len(items)

@@ -54,7 +54,10 @@ class Feature(abc.ABC):
         """A param group was added."""
 
     def update(self, view: StepView, have: list[list[torch.Tensor]]) -> None:
-        """Runs before :meth:`values` on each step that reaches the controller."""
+        """Runs before :meth:`values` on each step that reaches the controller. It may replace the
+        tensors, arrays and lists it keeps (as attributes) but must not write into them in place:
+        a step that fails after it ran puts the feature's attributes back as they were, keeping
+        references rather than copies."""
 
     @abc.abstractmethod
     def values(self, view: StepView) -> list[list[float]]:
@@ -167,11 +170,9 @@ class Curvature(Feature):
                 a, b = sum(host[off:off + k]), sum(host[n + off:n + off + k])
                 self.curv[i] = math.sqrt(a / b) if b > 0 else self.curv[i]
                 off += k
-            torch._foreach_copy_(self.prev_grad, gs)
-            torch._foreach_copy_(self.prev_param, ps)
-        else:
-            self.prev_grad = [g.detach().clone() for g in gs]
-            self.prev_param = [p.detach().clone() for p in ps]
+        # new copies rather than writing into the old ones: a step that fails later puts the old back
+        self.prev_grad = [g.detach().clone() for g in gs]
+        self.prev_param = [p.detach().clone() for p in ps]
 
     def values(self, view: StepView) -> list[list[float]]:
         return [[_log(c)] for c in self.curv]

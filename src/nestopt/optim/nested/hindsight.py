@@ -20,6 +20,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .signals import Signal, train_controller
+from ..transaction import enter
 from .wrapper import call_step_unhooked
 
 if TYPE_CHECKING:
@@ -118,9 +119,33 @@ class Hindsight(Signal):
         w = self.w
         if w["snap"] is None or len(w["grads"]) < self.window:
             return
-        base, groups = opt.base, opt.param_groups
+        base = opt.base
         real_grads = [p.grad for p in params]
         now = snapshot(base, params)
+        try:
+            scores = self._score(opt, closure, loss_v, params)
+        finally:  # also when a replay or its closure raises: the step then fails with nothing moved
+            restore(base, params, now)
+            for p, g in zip(params, real_grads):
+                p.grad = g
+        opt.count("replays")
+        best = hindsight_label(scores, self.label_shift)
+        self.last = {"scores": scores, "best": best}
+        inputs = w["inputs"]
+        w.update(snap=None, grads=[], lrs=[], inputs=[])
+        if not math.isfinite(scores[best]):
+            return
+        if self.follow > 0:  # the scale takes label ** follow; the controller learns the rest
+            self.scale = min(max(self.scale * best ** self.follow, self.lo), self.hi)
+            if self.follow == 1.0:
+                return
+        self._train(opt, inputs, best)
+
+    def _score(self, opt: NestedOptimizer, closure: Any, loss_v: float | None,
+               params: list[torch.Tensor]) -> dict[float, float]:
+        """Each grid multiplier's replay of the window, scored by the closure (parameters, state and
+        gradients are left moved: the caller restores them)."""
+        w, base, groups = self.w, opt.base, opt.param_groups
         scores = {}
         for m in self.grid:
             if m == 1.0:
@@ -139,25 +164,12 @@ class Hindsight(Signal):
                 opt.count("replay_steps")
             for p in params:
                 p.grad = None
+            enter(opt, f"the hindsight replay's closure (multiplier {m})")
             with torch.enable_grad():
                 val = float(closure().detach())
             opt.count("replay_closures")
             scores[m] = val if math.isfinite(val) else math.inf
-        restore(base, params, now)
-        for p, g in zip(params, real_grads):
-            p.grad = g
-        opt.count("replays")
-        best = hindsight_label(scores, self.label_shift)
-        self.last = {"scores": scores, "best": best}
-        inputs = w["inputs"]
-        w.update(snap=None, grads=[], lrs=[], inputs=[])
-        if not math.isfinite(scores[best]):
-            return
-        if self.follow > 0:  # the scale takes label ** follow; the controller learns the rest
-            self.scale = min(max(self.scale * best ** self.follow, self.lo), self.hi)
-            if self.follow == 1.0:
-                return
-        self._train(opt, inputs, best)
+        return scores
 
     def _train(self, opt: NestedOptimizer, inputs: list[Any], best: float) -> None:
         """Cross-entropy toward the label's grid point, relative to the multipliers used."""

@@ -16,8 +16,11 @@ from torch.optim import Optimizer
 
 from ..._checks import check_choice, check_int, check_number
 from ...nets.controller import Controller, RunningNorm
-from ..counters import Counted, bump, ensure
+from ..base import NestoptOptimizer, refuse_sparse
+from ..counters import bump, ensure
+from ..groups import check_group, check_loadable, number, shape_fits
 from ..tensors import host_sq_norms
+from ..transaction import commit, current, enter, evaluate
 from .features import DEFAULT_FEATURES, Feature, LossTracker, StepView, make_features
 from .hindsight import Hindsight
 from .signals import Frozen, Proxy, Signal, Validation, noisy
@@ -28,7 +31,7 @@ DEFAULT_GRID = (0.1, 0.5, 1.0, 1.5, 2.0)
 _SAMPLE = 1024  # elements per tensor sampled for the update ratio
 
 
-class NestedOptimizer(Counted, Optimizer):
+class NestedOptimizer(NestoptOptimizer):
     """Wraps ``base`` (any ``torch.optim.Optimizer`` class) and scales each group's ``lr`` by a
     multiplier from a learned controller. See :mod:`nestopt.optim.nested`.
 
@@ -69,6 +72,7 @@ class NestedOptimizer(Counted, Optimizer):
 
     counter_reasons = ("controller_updates", "controller_skipped", "replays", "replay_steps", "replay_closures")
     counter_entry = "nested_counters"  # the groups are the base's too, which may keep "counters"
+    group_spec = {"lr": number(0.0)}  # the base's own values are the base's to check
 
     def __init__(self, params: Iterable[Any], base: type[Optimizer] = torch.optim.AdamW, *,
                  controller: Controller | str | Path | None = None, signal: str = "hindsight",
@@ -84,6 +88,8 @@ class NestedOptimizer(Counted, Optimizer):
                 params = [{"params": [p], "depth": i / max(n - 1, 1)} for i, p in enumerate(params)]
         if not (isinstance(base, type) and issubclass(base, Optimizer)):
             raise ValueError(f"base={base!r} is invalid: expected a torch.optim.Optimizer subclass")
+        if "lr" in base_kwargs and not torch.is_tensor(base_kwargs["lr"]):
+            check_number("lr", base_kwargs["lr"], lo=0.0)
         check_choice("signal", signal, SIGNALS)
         if isinstance(controller, str | Path):
             from ...nets import load_net
@@ -165,11 +171,32 @@ class NestedOptimizer(Counted, Optimizer):
             for f in feats:
                 f.add_group()
 
+    def supported(self) -> frozenset[str]:
+        # the controller reads host norms; the step is the base's. float16 needs a base whose eps
+        # survives in float16 (torch's Adam family at eps=1e-8 gives 0/0 = NaN there) or a fused one
+        base = self.__dict__.get("base")
+        eps = None if base is None else base.defaults.get("eps")
+        fused = base is not None and bool(base.defaults.get("fused"))
+        ok = {"bfloat16", "complex"}
+        if fused or not isinstance(eps, float) or eps >= 2.0 ** -24:
+            ok.add("float16")
+        return frozenset(ok)
+
+    @property
+    def unsupported_why(self) -> dict[str, str]:  # type: ignore[override]
+        eps = self.base.defaults.get("eps")
+        return {"float16": f"the base optimizer's eps={eps} rounds to 0 in float16, so a gradient element that is "
+                           "exactly 0 gives 0/0 = NaN; pass eps >= 6e-8 or fused=True to the base"}
+
     # -- plumbing ------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not self._ready:  # during Optimizer.__init__: the groups are the base's own dicts
             return super().add_param_group(param_group)
+        where = f"param_groups[{len(self.param_groups)}]"
+        check_group({k: v for k, v in param_group.items() if k in self.group_spec}, where,
+                    {k: c for k, c in self.group_spec.items() if k in param_group})
         self.base.add_param_group(param_group)
+        self.__dict__["_seen"] = None
         self.param_groups[-1].setdefault("nested_mult", 1.0)
         ensure(self.param_groups[-1], self.counter_reasons, self.counter_entry)
         self.memory = torch.cat([self.memory, torch.zeros(1, self.controller.scratchpad)])
@@ -273,9 +300,10 @@ class NestedOptimizer(Counted, Optimizer):
             raise ValueError("signal='hindsight' replays cached gradients and scores them with the closure: "
                              "call step(closure)")
         if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+            loss = evaluate(self, closure)
+        enter(self, "a feature's step input")
         inputs = {k: (v() if callable(v) else v) for k, v in inputs.items()}
+        enter(self, "the step's checks")
         if sig.needs_loss and loss is None:
             raise ValueError("signal='proxy' needs the training loss: call step(closure) or step(loss=...)")
         groups = self.param_groups
@@ -284,6 +312,7 @@ class NestedOptimizer(Counted, Optimizer):
         grads = [p.grad for ps in have for p in ps]
         if not grads:
             return loss
+        refuse_sparse(self, grads)
         t = self.steps
         refresh = t % self.stats_every == 0
         sizes = [len(ps) for ps in have]
@@ -295,6 +324,10 @@ class NestedOptimizer(Counted, Optimizer):
         if not all(map(math.isfinite, gsq)) or (loss_v is not None and not math.isfinite(loss_v)):
             self.count("nonfinite")
             return loss
+        txn = current(self)
+        if txn is not None:  # from here the step changes the controller's state: keep a way back
+            txn.on_rollback(self._undo_point())
+        enter(self, "the features and the signal's update")
         numel = [p.numel() for p in pflat]
         g_rms, off = [], 0
         for k in sizes:
@@ -308,10 +341,13 @@ class NestedOptimizer(Counted, Optimizer):
         x = self._normalise(self._features(view, have))
         if x is None:  # non-finite feature: keep the multipliers, step the base with them
             self.count("controller_skipped")
+            commit(self, "the base optimizer's step")
             self._base_step([g["nested_mult"] for g in groups], refresh, pflat)
             self.count("steps")
             return loss
+        enter(self, "the hindsight replay")
         sig.replay(self, closure, loss_v, params)
+        enter(self, "the controller")
         mem_in = self.memory
         z, mem = self.controller.forward_numpy(x, mem_in.double().numpy() if self.controller.scratchpad else None)
         logm = self.range.to_log_mult_numpy(z)
@@ -329,9 +365,57 @@ class NestedOptimizer(Counted, Optimizer):
             if sig.scale != 1.0:  # the followed share of the hindsight labels, on top of the controller's
                 mults = [self.range.clip(sig.scale * m) for m in mults]
         sig.after_decision(self, loss_v, xt, mem_in, own, mults, noise, params)
+        commit(self, "the base optimizer's step")
         self._base_step(mults, refresh, pflat)
         self.count("steps")
         return loss
+
+    # -- a failed step puts everything back -------------------------------------------------------
+    def _undo_point(self) -> Callable[[], None]:
+        """A way back to the host state as it is now: the counters, the running statistics, the
+        features' and the signal's state (shallow: the tensors they keep are replaced by a step,
+        never written into; see :class:`~.features.Feature`). The controller's weights are kept
+        only once a step is about to train them (:meth:`keep_controller`)."""
+        entry = self.counter_entry
+        counters = [(g[entry], dict(g[entry])) for g in self.param_groups]
+        own = {k: self.__dict__[k] for k in ("memory", "last_features", "last_raw", "_val")}
+        own["_val"] = dict(own["_val"])
+        norm = dict(vars(self.norm))
+        objs = [(o, _keep(vars(o))) for o in (*self.features, self.signal_impl, self.loss_tracker)]
+        self.__dict__["_controller_kept"] = False
+
+        def undo() -> None:
+            for live, saved in counters:
+                live.clear()
+                live.update(saved)
+            self.__dict__.update(own)
+            vars(self.norm).update(norm)
+            for o, saved in objs:
+                vars(o).clear()
+                vars(o).update(_put_back(saved))
+
+        return undo
+
+    def keep_controller(self) -> None:
+        """Called before the controller trains inside a step: keep its weights, gradients and Adam
+        state (once per step), so that a step failing afterwards puts them back."""
+        txn = current(self)
+        if txn is None or self.__dict__.get("_controller_kept"):
+            return
+        self.__dict__["_controller_kept"] = True
+        ps = list(self.controller.parameters())
+        weights = [p.detach().clone() for p in ps]
+        grads = [p.grad for p in ps]
+        opt_state = copy.deepcopy(self.controller_opt.state_dict())
+
+        def undo() -> None:
+            with torch.no_grad():
+                for p, w, g in zip(ps, weights, grads):
+                    p.copy_(w)
+                    p.grad = g
+            self.controller_opt.load_state_dict(opt_state)
+
+        txn.on_rollback(undo)
 
     def _base_step(self, mults: list[float], refresh: bool, pflat: list[torch.Tensor]) -> None:
         sample = None
@@ -411,6 +495,9 @@ class NestedOptimizer(Counted, Optimizer):
         if nested is None:
             raise ValueError("state_dict is invalid for NestedOptimizer: its first param group has no 'nested' entry "
                              "(was it saved from the base optimizer?)")
+        # the base's keys must all be there (its step reads them); the nested optimizer checks lr
+        spec = {**{k: _any for k in self.base.defaults}, **self.group_spec}
+        check_loadable(self, {**state_dict, "param_groups": groups}, spec, self._known, shape_fits)
         nested = _unpack(nested)
         params = self._params()
         if nested["n_params"] != len(params):
@@ -436,6 +523,39 @@ class NestedOptimizer(Counted, Optimizer):
         for f in self.features:
             f.load_state_dict(copy.deepcopy(nested["features"].get(f.name, f.state_dict())), dev)
         self.signal_impl.load_state_dict(nested["signal"], params)
+
+
+def _any(name: str, value: Any) -> None:
+    """Any value: the base optimizer's own values are its to check."""
+
+
+class _Gen:
+    """A generator and its state when kept (its state changes in place as it draws)."""
+
+    __slots__ = ("gen", "state")
+
+    def __init__(self, gen: torch.Generator) -> None:
+        self.gen, self.state = gen, gen.get_state()
+
+
+def _keep(v: Any) -> Any:
+    """A copy of the containers of ``v`` that shares their leaves (tensors, arrays, numbers)."""
+    if isinstance(v, dict):
+        return {k: _keep(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return list(v)  # rows appended to a list are never written into
+    if isinstance(v, torch.Generator):
+        return _Gen(v)
+    return v
+
+
+def _put_back(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _put_back(x) for k, x in v.items()}
+    if isinstance(v, _Gen):
+        v.gen.set_state(v.state)
+        return v.gen
+    return v
 
 
 def _old_nested(sd: dict[str, Any], signal: str) -> tuple[dict[str, Any], dict[str, int]]:

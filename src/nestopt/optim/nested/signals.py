@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..transaction import current, enter
+
 if TYPE_CHECKING:
     from .optimizer import NestedOptimizer
 
@@ -23,6 +25,16 @@ if TYPE_CHECKING:
 def train_controller(opt: NestedOptimizer, loss_fn: Callable[[], torch.Tensor]) -> None:
     """One Adam step of the controller on ``loss_fn()``; a non-finite loss or gradient skips it
     (``counters["controller_skipped"]``)."""
+    opt.keep_controller()  # a step that fails later puts the controller back
+    txn = current(opt)
+    before = None if txn is None else txn.phase
+    enter(opt, f"the controller update ({opt.signal})")
+    _train_once(opt, loss_fn)
+    if txn is not None:
+        txn.enter(before)
+
+
+def _train_once(opt: NestedOptimizer, loss_fn: Callable[[], torch.Tensor]) -> None:
     with torch.enable_grad():
         opt.controller_opt.zero_grad(set_to_none=True)
         loss = loss_fn()

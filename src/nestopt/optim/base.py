@@ -1,0 +1,125 @@
+"""What every nestopt optimizer keeps, in one base class: counters (:mod:`.counters`), validated
+param groups and checked state dicts (:mod:`.groups`), transactional steps
+(:mod:`.transaction`), and the parameter kinds it supports.
+
+A subclass declares:
+
+- ``group_spec``: the group values that decide its step and what each may be;
+- ``supports``: the parameter dtypes it can step beyond float32 and float64 (``"float16"``,
+  ``"bfloat16"``, ``"complex"``), or :meth:`supported` where that depends on its settings; a
+  parameter of another dtype is refused when its group is added, with an error naming the
+  parameter, its dtype, why, and what is supported (the README's support table lists them);
+- ``state_shape_ok(key, value, p)`` where its per-parameter state is not the parameter's shape.
+
+and writes ``step`` as usual, calling ``evaluate(self, closure)`` for the closure and
+``commit(self)`` right before its first in-place update (see :mod:`.transaction`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch.optim import Optimizer
+
+from .counters import Counted
+from .groups import Check, check_group, check_loadable, shape_fits, spec_values, unchanged
+from .transaction import transactional
+
+KINDS = ("float16", "bfloat16", "complex")
+_HALF_WHY = "its eps (1e-8) rounds to 0 in float16, so a gradient element that is exactly 0 gives 0/0 = NaN"
+
+
+def param_kind(p: torch.Tensor) -> str:
+    """``"real"`` (float32, float64), ``"float16"``, ``"bfloat16"``, ``"complex"`` or ``"other"``."""
+    if p.is_complex():
+        return "complex"
+    if p.dtype == torch.float16:
+        return "float16"
+    if p.dtype == torch.bfloat16:
+        return "bfloat16"
+    if p.dtype in (torch.float32, torch.float64):
+        return "real"
+    return "other"
+
+
+def refuse_sparse(opt: Optimizer, grads: list[torch.Tensor]) -> None:
+    """A clear error for sparse gradients, which no nestopt optimizer steps."""
+    if any(g.is_sparse for g in grads):
+        raise ValueError(f"{type(opt).__name__} does not support sparse gradients: use dense ones (for example "
+                         "nn.Embedding(..., sparse=False)) or torch.optim.SparseAdam for those parameters")
+
+
+class NestoptOptimizer(Counted, Optimizer):
+    group_spec: ClassVar[Mapping[str, Check]] = {}
+    supports: ClassVar[frozenset[str]] = frozenset()
+    # why a kind is refused (in the error); a subclass may say more
+    unsupported_why: ClassVar[Mapping[str, str]] = {}
+    _known: ClassVar[dict[str, set[str]]] = {}  # every subclass's group keys: to name a state dict's source
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        step = cls.__dict__.get("step")
+        if step is not None and not getattr(step, "transactional", False):
+            cls.step = transactional(step)  # type: ignore[method-assign]
+        if cls.group_spec:
+            NestoptOptimizer._known[cls.__name__] = set(cls.group_spec)
+
+    # -- groups -------------------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        where = f"param_groups[{len(self.param_groups)}]"
+        params = param_group.get("params")
+        if params is not None and not isinstance(params, set):  # a set: torch's own error
+            plist = [params] if torch.is_tensor(params) else list(params)
+            param_group["params"] = plist  # torch keeps the caller's dict and lists its params too
+            for j, p in enumerate(plist):
+                if torch.is_tensor(p):
+                    self._check_param(p, f"{where}['params'][{j}]")
+        for key, check in self.group_spec.items():  # the values given; the defaults were checked as arguments
+            if key in param_group:
+                check(f"{where}[{key!r}]", param_group[key])
+        super().add_param_group(param_group)
+        self.__dict__["_seen"] = None
+
+    def supported(self) -> frozenset[str]:
+        """The dtypes beyond float32/float64 this optimizer steps (its class's ``supports``)."""
+        return self.supports
+
+    def _check_param(self, p: torch.Tensor, where: str) -> None:
+        kind = param_kind(p)
+        ok = self.supported()
+        if kind == "real" or kind in ok:
+            return
+        name = type(self).__name__
+        allowed = ["float32", "float64"] + [k for k in ("float16", "bfloat16") if k in ok] + \
+                  (["complex64", "complex128"] if "complex" in ok else [])
+        why = self.unsupported_why.get(kind, _HALF_WHY if kind == "float16" else "")
+        raise ValueError(f"{where} has dtype {p.dtype}, which {name} does not support{': ' + why if why else ''}; "
+                         f"supported: {', '.join(allowed)} (keep float32 master weights, e.g. with torch.autocast)")
+
+    def _check_step_groups(self) -> None:
+        """At each step: re-check the groups whose values changed since they were last checked."""
+        keys = tuple(self.group_spec)
+        if not keys:
+            return
+        now = spec_values(self.param_groups, keys)
+        seen = self.__dict__.get("_seen")
+        if seen is not None and unchanged(now, seen):
+            return
+        for i, g in enumerate(self.param_groups):
+            check_group(g, f"param_groups[{i}]", self.group_spec)
+        self.__dict__["_seen"] = now
+
+    # -- state -------------------------------------------------------------------------------------
+    def state_shape_ok(self, key: str, value: torch.Tensor, p: torch.Tensor) -> bool:
+        return shape_fits(key, value, p)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        check_loadable(self, state_dict, self.group_spec, self._known, self.state_shape_ok)
+        super().load_state_dict(state_dict)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__["_seen"] = None
+        self.__dict__["_txn"] = None

@@ -1,0 +1,189 @@
+"""Param-group values checked where they enter, and state dicts checked before they load.
+
+Every nestopt optimizer declares, in its class attribute ``group_spec``, the group values that
+decide a step and what each may be (:func:`number`, :func:`pair`, :func:`choice`, ...). They are
+checked where they enter:
+
+- the constructor and ``add_param_group`` (torch's ``__init__`` adds groups through it);
+- ``load_state_dict``, before anything loads (:func:`check_loadable`);
+- each ``step``, for values changed since the last check (a scheduler or a user wrote
+  ``group["lr"]``): the step compares the host values it reads anyway with the ones last
+  checked, which costs a tuple comparison per group.
+
+A bad value raises ``ValueError`` naming the group, the key and the value, e.g.
+``param_groups[1]['lr']=-1.0 is invalid: allowed range is [0.0, inf)``. Tensor values (a
+tensor ``lr``) are checked on entry; a step re-checks one only when it is replaced by another
+object, never when it is written in place, so that a step on a GPU makes no host sync for it.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .._checks import check_number
+
+Check = Callable[[str, Any], None]
+
+
+def _scalar(name: str, value: Any) -> Any:
+    if torch.is_tensor(value):
+        if value.numel() != 1:
+            raise ValueError(f"{name}=tensor of shape {tuple(value.shape)} is invalid: expected a number or a "
+                             "one-element tensor")
+        if value.is_complex():
+            raise ValueError(f"{name}={value!r} is invalid: expected a real number")
+        return float(value)
+    return value
+
+
+def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
+           optional: bool = False) -> Check:
+    """A finite real number in the given range (``optional``: ``None`` too)."""
+
+    def check(name: str, value: Any) -> None:
+        if optional and value is None:
+            return
+        check_number(name, _scalar(name, value), lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open)
+
+    return check
+
+
+def integer(lo: int | None = None) -> Check:
+    def check(name: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or (lo is not None and value < lo):
+            raise ValueError(f"{name}={value!r} is invalid: expected an integer >= {lo}")
+
+    return check
+
+
+def pair(lo: float, hi: float, *, hi_open: bool = True) -> Check:
+    """A pair of numbers, each in ``[lo, hi)`` (``betas``)."""
+    each = number(lo, hi, hi_open=hi_open)
+
+    def check(name: str, value: Any) -> None:
+        if not (isinstance(value, tuple | list) and len(value) == 2):
+            raise ValueError(f"{name}={value!r} is invalid: expected a pair of numbers")
+        each(f"{name}[0]", value[0])
+        each(f"{name}[1]", value[1])
+
+    return check
+
+
+def choice(*options: Any) -> Check:
+    def check(name: str, value: Any) -> None:
+        if not any(value is o or (type(value) is type(o) and value == o) for o in options):
+            raise ValueError(f"{name}={value!r} is invalid: expected one of {', '.join(map(repr, options))}")
+
+    return check
+
+
+def check_group(group: Mapping[str, Any], where: str, spec: Mapping[str, Check]) -> None:
+    """Check every ``spec`` key of one group; ``where`` names it (``"param_groups[0]"``)."""
+    for key, check in spec.items():
+        if key not in group:
+            raise ValueError(f"{where} has no {key!r}: this optimizer's groups need {', '.join(spec)}")
+        check(f"{where}[{key!r}]", group[key])
+
+
+def spec_values(groups: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[tuple[Any, ...]]:
+    """The values a step-time check compares (one tuple per group)."""
+    return [tuple(map(g.get, keys)) for g in groups]
+
+
+def unchanged(now: list[tuple[Any, ...]], seen: list[tuple[Any, ...]]) -> bool:
+    """``now == seen`` without ever reading a tensor's value (identity for tensors)."""
+    if len(now) != len(seen):
+        return False
+    for a, b in zip(now, seen):
+        if a is b:
+            continue
+        if len(a) != len(b):
+            return False
+        for x, y in zip(a, b):
+            if x is y:
+                continue
+            if torch.is_tensor(x) or torch.is_tensor(y) or x != y:
+                return False
+    return True
+
+
+# -- state dicts --------------------------------------------------------------------------------
+@functools.cache
+def _torch_keys() -> dict[str, set[str]]:
+    """The hyperparameter names of torch's own optimizers (their constructors' keywords)."""
+    out = {}
+    for name in dir(torch.optim):
+        cls = getattr(torch.optim, name)
+        if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer:
+            try:
+                params = inspect.signature(cls.__init__).parameters
+            except (TypeError, ValueError):
+                continue
+            out[f"torch.optim.{name}"] = {k for k in params if k not in ("self", "params")}
+    return out
+
+
+def likely_source(keys: set[str], known: Mapping[str, set[str]]) -> str | None:
+    """The optimizer whose group keys a saved group's keys match best (``None``: no good match)."""
+    best, score = None, 0.0
+    for name, ks in {**_torch_keys(), **known}.items():
+        if not ks:
+            continue
+        s = len(keys & ks) / len(keys | ks)
+        if s > score:
+            best, score = name, s
+    return best if score >= 0.5 else None
+
+
+def check_loadable(opt: torch.optim.Optimizer, state_dict: Any, spec: Mapping[str, Check],
+                   known: Mapping[str, set[str]], shape_ok: Callable[[str, torch.Tensor, torch.Tensor], bool]) -> None:
+    """Refuse a state dict that would load into ``opt`` and fail (or step wrongly) later: a group
+    without a key the step needs, a group with another optimizer's keys, bad values, a different
+    number of groups or parameters, or per-parameter state whose shape does not fit its
+    parameter. The message says what differs."""
+    name = type(opt).__name__
+    if not isinstance(state_dict, Mapping) or "param_groups" not in state_dict or "state" not in state_dict:
+        got = sorted(state_dict) if isinstance(state_dict, Mapping) else type(state_dict).__name__
+        raise ValueError(f"state_dict is invalid for {name}: expected a dict with 'state' and 'param_groups', got {got}")
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(opt.param_groups):
+        raise ValueError(f"state_dict has {len(saved_groups)} param groups, this {name} has {len(opt.param_groups)}")
+    own = set(spec)
+    foreign = set().union(*(ks for n, ks in {**_torch_keys(), **known}.items() if n != name)) - own
+    for i, (saved, live) in enumerate(zip(saved_groups, opt.param_groups)):
+        keys = set(saved) - {"params"}
+        missing = sorted(own - keys)
+        extra = sorted((keys - set(live)) & foreign)
+        if missing or extra:
+            src = likely_source(keys, known)
+            hint = f"; its keys match {src}'s" if src and src != name else ""
+            parts = ([f"lacks {', '.join(map(repr, missing))}"] if missing else []) + \
+                    ([f"has {', '.join(map(repr, extra))}, which {name} does not use"] if extra else [])
+            raise ValueError(f"state_dict is not a {name} state: param_groups[{i}] {' and '.join(parts)}{hint}")
+        if len(saved["params"]) != len(live["params"]):
+            raise ValueError(f"state_dict param_groups[{i}] has {len(saved['params'])} parameters, this {name}'s has "
+                             f"{len(live['params'])}")
+        check_group(saved, f"state_dict['param_groups'][{i}]", spec)
+    state = state_dict["state"]
+    for saved, live in zip(saved_groups, opt.param_groups):
+        for pid, p in zip(saved["params"], live["params"]):
+            st = state.get(pid)
+            if not isinstance(st, Mapping):
+                continue
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.dim() > 0 and not shape_ok(k, v, p):
+                    raise ValueError(f"state_dict state[{pid!r}][{k!r}] has shape {tuple(v.shape)}, which does not fit its "
+                                     f"parameter of shape {tuple(p.shape)} (was it saved for another model?)")
+
+
+def shape_fits(key: str, value: torch.Tensor, p: torch.Tensor) -> bool:
+    """The default rule for per-parameter state: the parameter's shape, or a stack of buffers of
+    that shape (``(k, *p.shape)``, as the complex optimizers keep real and imaginary parts)."""
+    if value.shape == p.shape:
+        return True
+    return value.dim() == p.dim() + 1 and value.shape[1:] == p.shape and value.shape[0] <= 4

@@ -78,13 +78,16 @@ DEFAULT_PATHS = ["src/nestopt/optim", "src/nestopt/hyper"]
 # Source-path glob -> test files (globs, relative to the repo root; missing ones are ignored).
 # Globs match the repo-relative posix path, so files that move or split keep their tests.
 DEFAULT_TEST_MAP: list[tuple[str, list[str]]] = [
-    ("*optim/nested*", ["tests/test_nested*.py"]),
+    ("*optim/nested*", ["tests/test_nested*.py", "tests/test_transactional.py"]),
     ("*optim/controller*", ["tests/test_nested*.py"]),
     ("*optim/polyak*", ["tests/test_polyak.py", "tests/test_values_optim.py", "tests/test_counters.py"]),
     ("*optim/learned*", ["tests/test_learned.py", "tests/test_values_optim.py", "tests/test_counters.py"]),
     ("*optim/complex*", ["tests/test_games.py", "tests/test_values_optim.py", "tests/test_counters.py"]),
     ("*optim/hypergradient*", ["tests/test_hypergradient.py", "tests/test_values_optim.py", "tests/test_counters.py"]),
     ("*optim/counters*", ["tests/test_counters.py", "tests/test_nested_parts.py"]),
+    ("*optim/base*", ["tests/test_group_validation.py", "tests/test_dtype_support.py", "tests/test_transactional.py"]),
+    ("*optim/groups*", ["tests/test_group_validation.py"]),
+    ("*optim/transaction*", ["tests/test_transactional.py"]),
     ("*hyper/*", ["tests/test_hyper*.py", "tests/test_hypergradient.py", "tests/test_values_hyper.py",
                   "tests/test_solvers_api.py"]),
 ]

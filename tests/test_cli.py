@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -60,7 +59,8 @@ def test_bench_micro_suite_smoke(tmp_path):
     (["meta-train", "--method", "pes", "--workers", "0", "--out", "{tmp}"], ["--workers 0"]),
     (["study", "controller-variants", "--variant", "nope", "--out", "{tmp}"], ["--variant 'nope'", "'window 16'"]),
     (["study", "controller-variants", "--seeds", "0", "--out", "{tmp}"], ["--seeds 0"]),
-    (["study", "polyak", "--seeds", "5", "--out", "{tmp}"], ["options of the controller-variants study"]),
+    (["study", "polyak", "--seeds", "5", "--out", "{tmp}"], ["--seeds 5 does not apply to the polyak study",
+                                                            "only controller-variants takes --seeds"]),
 ])
 def test_bad_input_exits_2_with_a_clear_message(tmp_path, args, expect):
     blocker = tmp_path / "a-file"
@@ -92,7 +92,28 @@ def test_overhead_prints_ratio_table(tmp_path):
     assert ref["torch SGD(foreach=True)"]["state_floats_per_param"] == 0.0
 
 
-@pytest.mark.skipif(os.name != "posix", reason="SIGINT delivery")
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state == "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="SIGINT delivery, /proc")
 def test_ctrl_c_writes_the_results_gathered_so_far(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "nestopt.cli", "bench", "--tasks", "charlm-transformer",
@@ -107,13 +128,23 @@ def test_ctrl_c_writes_the_results_gathered_so_far(tmp_path):
         lines.append(line)
         if line.startswith("bench: ") and " runs, " in line and not line.startswith("bench: 0/"):
             break
+    workers = _children(proc.pid)
+    assert workers, "the bench started no worker processes"
     proc.send_signal(signal.SIGINT)
     _, rest = proc.communicate(timeout=120)
     err = "".join(lines) + rest
     assert proc.returncode == 130, err
-    doc = json.loads((out / "results.json").read_text())
+    deadline = time.monotonic() + 15  # (the resource tracker sees its parent's exit a moment later)
+    while not all(_gone(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert all(_gone(w) for w in workers), "a worker process outlived the interrupted bench"
+    # An interrupted run writes what it finished to OUT/partial/, never to OUT itself.
+    assert not (out / "results.json").exists()
+    doc = json.loads((out / "partial" / "results.json").read_text())
     assert doc["complete"] is False
     assert 0 < len(doc["runs"]) < 28
     assert validate(doc) == []
-    assert "Interrupted" in (out / "report.md").read_text()
+    assert "Interrupted" in (out / "partial" / "report.md").read_text()
     assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("nestopt: interrupted: ") and str(out / "partial") in last, last

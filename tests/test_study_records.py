@@ -33,7 +33,7 @@ def test_the_cli_takes_its_study_names_and_options_from_the_records(tmp_path, ca
     st = _study_parser()
     name = next(a for a in st._actions if a.dest == "name")
     assert name.help == "polyak, large-lr, controller, controller-variants, learned, hpo or games"
-    flags = {f for a in st._actions for f in a.option_strings} - {"-h", "--help", "--out"}
+    flags = {f for a in st._actions for f in a.option_strings} - {"-h", "--help", "--out", "--force"}
     assert flags == {o.flag for s in registry.records() for o in s.options}
     for s in registry.records():
         assert s.name in st.description
@@ -42,7 +42,8 @@ def test_the_cli_takes_its_study_names_and_options_from_the_records(tmp_path, ca
     # an option of another study is a usage error naming that study's options
     assert cli.main(["study", "hpo", "--peer", "adamw", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err == "nestopt: error: --net and --peer are options of the learned study, not of 'hpo'\n"
+    assert err == ("nestopt: error: --peer 'adamw' does not apply to the hpo study: only learned takes --peer "
+                   "(hpo takes no options)\n")
 
 
 def test_options_reach_prepare_with_their_defaults(tmp_path):

@@ -7,6 +7,7 @@ got and what is allowed, so a user can fix the call without reading the source.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -57,3 +58,50 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
 def unknown_name(kind: str, name: str, valid: Iterable[str]) -> KeyError:
     """The error for a registry miss: it lists every valid name."""
     return KeyError(f"unknown {kind} {name!r}; valid names: {', '.join(sorted(valid))}")
+
+
+def check_seed(name: str, value: Any, *, lo: int | None = 0) -> int:
+    """Return ``int(value)`` after checking it is an integer seed (a Python or NumPy integer, not a bool,
+    a float or a string: a seed of 1.5 must not silently become 1) of at least ``lo`` (``None``: any)."""
+    what = "an integer seed" if lo is None else f"an integer seed >= {lo}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name}={_fmt(value)} is invalid: expected {what}")
+    if lo is not None and value < lo:
+        raise ValueError(f"{name}={_fmt(value)} is invalid: expected {what}")
+    return int(value)
+
+
+def check_callable(name: str, value: Any, what: str = "a callable") -> Any:
+    """Return ``value`` after checking it can be called (a ``TypeError`` naming ``what`` is expected)."""
+    if not callable(value):
+        raise TypeError(f"{name}={_fmt(value)} is invalid: expected {what}")
+    return value
+
+
+def check_fraction_list(name: str, values: Any, *, lo: float = 0.0, hi: float = 1.0, hi_open: bool = True
+                        ) -> tuple[float, ...]:
+    """Return ``values`` as a tuple after checking it is a non-empty sequence of finite numbers in range."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise ValueError(f"{name}={_fmt(values)} is invalid: expected a sequence of numbers in "
+                         f"{_range(lo, hi, False, hi_open)}")
+    out = tuple(values)
+    for v in out:
+        if (isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < lo
+                or v > hi or (hi_open and v == hi)):
+            raise ValueError(f"{name}={_fmt(values)} is invalid: each must be a number in {_range(lo, hi, False, hi_open)}")
+    return out
+
+
+def as_real(name: str, value: Any, what: str = "a real number") -> float:
+    """``float(value)`` for a number or a one-element tensor/array; a ``ValueError`` naming ``name`` otherwise
+    (no finiteness check: the caller decides what a non-finite value means)."""
+    if isinstance(value, bool) or isinstance(value, (str, bytes)) or value is None:
+        raise ValueError(f"{name}={_fmt(value)} is invalid: expected {what}")
+    numel = getattr(value, "numel", None) or getattr(value, "size", None)
+    n = numel() if callable(numel) else numel
+    if isinstance(n, int) and n != 1:
+        raise ValueError(f"{name}={_fmt(value)} is invalid: expected {what}, got {n} elements")
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name}={_fmt(value)} is invalid: expected {what}") from None

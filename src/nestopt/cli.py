@@ -1,17 +1,26 @@
 """The ``nestopt`` command line.
 
     nestopt bench --suite quick|full [--tasks T,..] [--optimizers O,..] [--seeds N] [--steps N]
-                  [--workers N] --out DIR
-    nestopt study polyak|large-lr|controller|controller-variants|learned|hpo|games --out DIR [--net LABEL=PATH ...] [--peer NAME ...]
+                  [--workers N] --out DIR [--force]
+    nestopt study polyak|large-lr|controller|controller-variants|learned|hpo|games --out DIR [--force]
+                  [--net LABEL=PATH ...] [--peer NAME ...]   (learned)
                   [--variant NAME ... --seeds N]   (controller-variants)
     nestopt meta-train [--net hybrid|mlp|mlp-seed|linear|lstm|attention|controller] [--method tbptt|es|pes|surrogate] [--steps N]
                        [--unroll N] [--horizon N] [--pairs N] [--sigma S] [--workers N]
-                       [--families F,..] [--seed N] [--resume] --out DIR
+                       [--families F,..] [--seed N] [--resume | --force] --out DIR
     nestopt tasks
     nestopt optimizers
     nestopt overhead [--params 10M] [--optimizers O,..] [--steps N] [--rounds N] [--device cpu|cuda]
+                     [--json FILE [--force]]
 
-Bad input prints one line naming the problem (and the valid names) and exits with code 2.
+Bad input prints one line naming the argument, the value and what is allowed, and exits with code 2.
+
+Outputs never lose work: a command refuses an ``--out`` folder that holds anything unless given
+``--force`` (``meta-train``: ``--resume`` continues its checkpoint), and writes each file to a
+temporary name and renames it. A run's files reach ``--out`` together when it completes and replace
+the older result's files; an interrupted run (Ctrl-C, SIGINT or SIGTERM, in the foreground or in the
+background) writes what it finished to ``OUT/partial/`` instead, leaves a complete result in
+``OUT`` as it was, and exits with code 130 (see :mod:`nestopt._io`).
 """
 
 from __future__ import annotations
@@ -33,15 +42,21 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's own errors: usage line + exit 2
-        self.print_usage(sys.stderr)
-        raise UsageError(message)
+    def error(self, message: str) -> None:  # argparse's own errors: one line, exit 2
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def _names(value: str | None) -> list[str] | None:
+def _names(value: str | None, flag: str, what: str, valid: Sequence[str] = ()) -> list[str] | None:
+    """The comma-separated names of ``flag`` (each once, in order); ``None`` when not given. A value
+    that names nothing (``''``, ``','``) is an error: an empty list is never "all"."""
     if value is None:
         return None
-    return [v.strip() for v in value.split(",") if v.strip()]
+    names = list(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+    if not names:
+        choices = f": {', '.join(valid)}" if valid else ""
+        raise UsageError(f"{flag} {value!r} is invalid: it names no {what}; expected a comma-separated list of "
+                         f"{what} names{choices}")
+    return names
 
 
 def _count(text: str) -> int:
@@ -51,6 +66,10 @@ def _count(text: str) -> int:
         n = float(t[:-1] if mult > 1 else t) * mult
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid count {text!r}: expected a number such as 10M, 500k or 1e6")
+    if not math.isfinite(n):
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: expected a finite number such as 10M, 500k or 1e6")
+    if n != int(n):
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: expected a whole number of parameters")
     return int(n)
 
 
@@ -59,6 +78,29 @@ def _int(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid integer {text!r}")
+
+
+def _positive(flag: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise UsageError(f"{flag} {value} is invalid: must be a positive integer")
+
+
+def _out(path: str, *, force: bool, resume: bool = False, hint: str = "--force to replace what it holds") -> Path:
+    from ._io import OutputError, prepare_out
+
+    try:
+        return prepare_out(path, force=force, resume=resume, flag_hint=hint)
+    except OutputError as e:
+        raise UsageError(str(e)) from None
+
+
+def _interrupted(message: str) -> int:
+    print(f"nestopt: interrupted: {message}", file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED
+
+
+MAX_SEEDS = 10_000
+FORCE_HELP = "write into a non-empty --out: the new result replaces the old one's files when it completes"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=_int, help="step budget for every task (default: each task's own)")
     b.add_argument("--workers", type=_int, help="worker processes (default: one per core)")
     b.add_argument("--out", required=True, help="output folder for results.json, report.md and figures")
+    b.add_argument("--force", action="store_true", help=FORCE_HELP)
 
     _study_parser(sub)
     sub.add_parser("tasks", help="list the registered tasks, task families and games")
@@ -96,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--families", default="quadratic,teacher-mlp", help="task families to meta-train on")
     m.add_argument("--seed", type=_int, default=0)
     m.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    m.add_argument("--force", action="store_true",
+                   help="start over in a non-empty --out (its checkpoint.pt is replaced by this run's)")
 
     o = sub.add_parser("overhead", help="optimizer step time and memory vs torch AdamW(fused) and SGD(foreach)")
     o.add_argument("--params", type=_count, default=10_000_000, help="parameter count, e.g. 10M (default)")
@@ -103,38 +148,23 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--steps", type=_int, default=10, help="timed steps per round (default 10)")
     o.add_argument("--rounds", type=_int, default=3, help="interleaved rounds (default 3)")
     o.add_argument("--device", default="cpu", help="cpu or cuda")
-    o.add_argument("--json", dest="json_out", help="also write the rows to this JSON file")
+    o.add_argument("--json", dest="json_out", help="also write the rows to this JSON file (its folder must exist)")
+    o.add_argument("--force", action="store_true", help="replace the --json file if it exists")
     return p
 
 
-def _writable_dir(path: str) -> Path:
-    out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".nestopt-write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"--out {path!r} is not a writable folder: {e.strerror or e}")
-    return out
-
-
 def _cmd_bench(args: argparse.Namespace) -> int:
-    import signal
-
-    # A shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT:
-    # make sure Ctrl-C (or kill -INT) always reaches us, so partial results get written.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     from . import tasks as task_registry
     from .bench import run_bench, suite
     from .bench import registry as opt_registry
+    from .bench.runner import WorkerError
 
     try:
         s = suite(args.suite)
     except KeyError as e:
         raise UsageError(str(e.args[0]))
-    tasks = _names(args.tasks) or list(s.tasks)
-    optimizers = _names(args.optimizers) or opt_registry.names()
+    tasks = _names(args.tasks, "--tasks", "task", task_registry.names()) or list(s.tasks)
+    optimizers = _names(args.optimizers, "--optimizers", "optimizer", opt_registry.names()) or opt_registry.names()
     seeds = s.seeds if args.seeds is None else args.seeds
     for t in tasks:
         if t not in task_registry.names():
@@ -144,13 +174,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             known = opt_registry.names(available_only=False)
             hint = " (installed? pip install 'nestopt[peers]')" if o in known else ""
             raise UsageError(f"unknown optimizer {o!r}{hint}; valid names: {', '.join(opt_registry.names())}")
-    if seeds < 1:
-        raise UsageError(f"--seeds {seeds} is invalid: must be a positive integer")
-    if args.steps is not None and args.steps < 1:
-        raise UsageError(f"--steps {args.steps} is invalid: must be a positive integer")
-    if args.workers is not None and args.workers < 1:
-        raise UsageError(f"--workers {args.workers} is invalid: must be a positive integer")
-    out = _writable_dir(args.out)
+    _positive("--seeds", seeds)
+    if seeds > MAX_SEEDS:  # the plan holds every job: a huge count would fill the memory first
+        raise UsageError(f"--seeds {seeds} is invalid: at most {MAX_SEEDS}")
+    _positive("--steps", args.steps)
+    _positive("--workers", args.workers)
+    out = _out(args.out, force=args.force)
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -163,6 +192,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                         TimeElapsedColumn(), console=console, transient=False, disable=not live)
     suite_label = args.suite if not (args.tasks or args.optimizers or args.seeds or args.steps) \
         else f"custom ({args.suite} defaults)"
+    had_result = (out / "results.json").is_file()
     with progress:
         bar = progress.add_task(suite_label, total=None)
 
@@ -181,18 +211,25 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 print(f"bench: {state['done']}/{state['total']} runs, {time.perf_counter() - t0:.0f} s, "
                       f"diverged runs so far: {state['diverged']}", file=sys.stderr, flush=True)
 
-        doc = run_bench(tasks=tasks, optimizers=optimizers, seeds=seeds, out=out, steps=args.steps,
-                        workers=args.workers, grid_stride=s.grid_stride, suite_name=suite_label,
-                        on_start=on_start, on_done=on_done)
+        try:
+            doc = run_bench(tasks=tasks, optimizers=optimizers, seeds=seeds, out=out, steps=args.steps,
+                            workers=args.workers, grid_stride=s.grid_stride, suite_name=suite_label,
+                            on_start=on_start, on_done=on_done)
+        except WorkerError as e:
+            print(f"nestopt: error: {e}", file=sys.stderr)
+            return 1
     wall = time.perf_counter() - t0
+    if not doc["complete"]:
+        kept = f"; the complete result in {out} is as it was" if had_result else ""
+        if not doc["runs"]:
+            return _interrupted(f"no run had finished, nothing was written{kept}")
+        return _interrupted(f"the {len(doc['runs'])} of {state['total']} runs that finished are in "
+                            f"{out / 'partial'}{kept}")
     scores = doc["summary"]["scores"]["time"]
     best = sorted(scores.items(), key=lambda kv: -kv[1])
     console.print(f"{len(doc['runs'])} runs in {wall:.1f} s; wrote {out / 'results.json'}, {out / 'report.md'} and figures")
     for name, sc in best:
         console.print(f"  {name:24s} score {sc:.3f}")
-    if not doc["complete"]:
-        console.print("[yellow]interrupted: the files hold the runs finished before Ctrl-C[/]")
-        return EXIT_INTERRUPTED
     return 0
 
 
@@ -225,29 +262,56 @@ def _cmd_optimizers(args: argparse.Namespace) -> int:
 
 
 def _cmd_overhead(args: argparse.Namespace) -> int:
-    import json
+    import re
 
     import torch
 
-    from .bench.overhead import format_table, measure
+    from ._io import OutputError, atomic_write_json, check_file_target
     from .bench import registry
+    from .bench.overhead import BYTES_PER_PARAM, Interrupted, format_table, max_params, measure, memory_bytes
 
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        raise UsageError(f"--device {args.device!r} is invalid: expected cpu, cuda or cuda:N")
+    if args.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device!r} is invalid: torch sees no CUDA device here")
+        if ":" in args.device and int(args.device.split(":")[1]) >= torch.cuda.device_count():
+            raise UsageError(f"--device {args.device!r} is invalid: torch sees {torch.cuda.device_count()} CUDA "
+                             f"device(s) here (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     if args.params < 1:
         raise UsageError(f"--params {args.params} is invalid: must be a positive count")
-    if args.steps < 1 or args.rounds < 1:
-        raise UsageError("--steps and --rounds must be positive integers")
-    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
-        raise UsageError(f"--device {args.device!r} is invalid: expected cpu or cuda")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device!r} is invalid: torch sees no CUDA device here")
-    names = _names(args.optimizers) or registry.names()
+    bound = max_params(args.device)
+    if args.params > bound:
+        mem = memory_bytes(args.device)
+        why = f" (what {mem / 2**30:.0f} GiB holds at about {BYTES_PER_PARAM} bytes a parameter)" if mem else ""
+        raise UsageError(f"--params {args.params:.4g} is invalid: at most {bound:.4g} on {args.device}{why}")
+    _positive("--steps", args.steps)
+    _positive("--rounds", args.rounds)
+    names = _names(args.optimizers, "--optimizers", "optimizer", registry.names()) or registry.names()
     for n in names:
         if n not in registry.names():
             raise UsageError(f"unknown optimizer {n!r}; valid names: {', '.join(registry.names())}")
-    rows = measure(names, n_params=args.params, steps=args.steps, rounds=args.rounds, device=args.device)
+    target = None
+    if args.json_out is not None:  # checked before the work, not after it
+        try:
+            target = check_file_target(args.json_out, force=args.force, option="--json")
+        except OutputError as e:
+            raise UsageError(str(e)) from None
+    try:
+        rows = measure(names, n_params=args.params, steps=args.steps, rounds=args.rounds, device=args.device)
+    except Interrupted as e:
+        if not e.rows:
+            return _interrupted("nothing was measured yet")
+        print(format_table(e.rows, args.params, args.device))
+        where = ""
+        if target is not None:
+            partial = target.parent / "partial" / target.name
+            atomic_write_json(partial, [r.as_dict() for r in e.rows])
+            where = f"; they are in {partial} ({target} was not written)"
+        return _interrupted(f"{len(e.rows)} of {e.total} configurations measured (the table above){where}")
     print(format_table(rows, args.params, args.device))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps([r.as_dict() for r in rows], indent=1))
+    if target is not None:
+        atomic_write_json(target, [r.as_dict() for r in rows])
     return 0
 
 
@@ -274,6 +338,7 @@ def _study_parser(sub: Any) -> None:
             kind["metavar"] = o.metavar
         st.add_argument(flag, type=_int if o.type is int else o.type, help=f"{', '.join(owners[flag])}: {o.help}", **kind)
     st.add_argument("--out", required=True, help="output folder for report.md, results.json and figures")
+    st.add_argument("--force", action="store_true", help=FORCE_HELP)
 
 
 def _given(args: argparse.Namespace, option: Any) -> bool:
@@ -282,25 +347,51 @@ def _given(args: argparse.Namespace, option: Any) -> bool:
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
+    from ._io import Staged, recording_parts
     from .studies import registry as studies
 
     if args.name not in studies.names():
         raise UsageError(f"unknown study {args.name!r}; valid names: {', '.join(studies.names())}")
     study = studies.get(args.name)
-    for other in studies.records():  # an option of another study: name that study's options
-        if any(o.flag not in study.flags and _given(args, o) for o in other.options):
-            are = "are options" if len(other.options) > 1 else "is an option"
-            raise UsageError(f"{studies.join(other.flags)} {are} of the {other.name} study, not of {args.name!r}")
+    for other in studies.records():  # an option of another study: say which studies take it
+        for o in other.options:
+            if o.flag in study.flags or not _given(args, o):
+                continue
+            value = getattr(args, o.dest)
+            owners = [s.name for s in studies.records() if o.flag in s.flags]
+            takes = f"{args.name} takes {studies.join(study.flags)}" if study.flags else f"{args.name} takes no options"
+            raise UsageError(f"{o.flag} {(value[0] if o.repeat else value)!r} does not apply to the {args.name} study: "
+                             f"only {studies.join(owners)} take{'s' if len(owners) == 1 else ''} {o.flag} ({takes})")
     options = {o.dest: (tuple(getattr(args, o.dest)) if o.repeat else getattr(args, o.dest))
                if _given(args, o) else o.default for o in study.options}
-    out = _writable_dir(args.out)
+    out = _out(args.out, force=args.force)
     t0 = time.perf_counter()
     if study.prepare is not None:
         try:
             options = study.prepare(out, **options)
         except ValueError as e:
             raise UsageError(str(e))
-    doc = study.run(out, **options)
+    stage = Staged(out, replaces=(*study.files, *(("*.png",) if study.figures else ())))
+    had_result = any((out / f).is_file() for f in study.files)
+
+    def part_done(name: str) -> None:
+        print(f"study {args.name}: part {name} finished ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+
+    try:
+        with recording_parts(stage.parts, log=part_done):
+            doc = study.run(stage.dir, **options)
+    except KeyboardInterrupt:
+        where = stage.to_partial({"study": args.name})
+        kept = f"; the complete result in {out} is as it was" if had_result else ""
+        if where is None:
+            return _interrupted(f"study {args.name} had finished no part, nothing was written{kept}")
+        return _interrupted(f"study {args.name}: what had finished is in {where}{kept}")
+    except BaseException:
+        where = stage.to_partial({"study": args.name, "failed": True})
+        if where is not None:
+            print(f"nestopt: study {args.name} failed; what had finished is in {where}", file=sys.stderr)
+        raise
+    stage.commit()
     for line in study.summary(doc):
         print(line)
     print(f"study {args.name}: {time.perf_counter() - t0:.0f} s; wrote {study.wrote(out)}")
@@ -310,30 +401,41 @@ def _cmd_study(args: argparse.Namespace) -> int:
 def _cmd_meta_train(args: argparse.Namespace) -> int:
     import json
 
+    from . import tasks as task_registry
+    from ._io import Staged, atomic_path, atomic_write_text
     from .meta import DirectUpdateMLP, MetaConfig, meta_train
+    from .meta.train import CheckpointError
     from .nets import KINDS, save_net
 
     nets = {**KINDS, "mlp-seed": lambda: DirectUpdateMLP("seed"), "controller": _meta_controller}
+    if args.net not in nets:
+        raise UsageError(f"--net {args.net!r} is invalid: expected one of {', '.join(nets)}")
+    if args.method not in ("tbptt", "surrogate", "es", "pes"):
+        raise UsageError(f"--method {args.method!r} is invalid: expected tbptt, surrogate, es or pes")
     if args.net == "controller" and args.method not in ("es", "pes"):
         raise UsageError(f"--method {args.method} is invalid with --net controller: a nested optimizer's runs are "
                          "not differentiable; use es or pes")
-    if args.net not in nets:
-        raise UsageError(f"--net {args.net!r} is invalid: expected one of {', '.join(nets)}")
-    out = _writable_dir(args.out)
-    families = tuple(_names(args.families) or ())
-    from . import tasks as task_registry
-
+    families = tuple(_names(args.families, "--families", "task family", task_registry.family_names()) or ())
     for f in families:
         if f not in task_registry.family_names():
             raise UsageError(f"unknown task family {f!r}; valid names: {', '.join(task_registry.family_names())}")
-    if args.method not in ("tbptt", "surrogate", "es", "pes"):
-        raise UsageError(f"--method {args.method!r} is invalid: expected tbptt, surrogate, es or pes")
     for flag, value in (("--pairs", args.pairs), ("--workers", args.workers), ("--steps", args.steps),
-                        ("--unroll", args.unroll)):
-        if value < 1:
-            raise UsageError(f"{flag} {value} is invalid: must be a positive integer")
+                        ("--unroll", args.unroll), ("--horizon", args.horizon)):
+        _positive(flag, value)
+    if not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed {args.seed} is invalid: must be an integer from 0 to 2**63 - 1")
     if not (math.isfinite(args.sigma) and args.sigma > 0):
         raise UsageError(f"--sigma {args.sigma} is invalid: must be a positive number")
+    ckpt = Path(args.out) / "checkpoint.pt"
+    resume = args.resume and ckpt.is_file()
+    if args.resume and not resume and Path(args.out).is_dir() and any(Path(args.out).iterdir()) and not args.force:
+        raise UsageError(f"--resume is invalid: --out {args.out!r} holds no checkpoint.pt to continue; "
+                         "add --force to start over in it")
+    hint = ("--resume to continue from its checkpoint.pt, or --force to start over" if ckpt.is_file()
+            else "--force to replace what it holds")
+    out = _out(args.out, force=args.force, resume=resume, hint=hint)
+    if args.resume and not resume:
+        print(f"meta-train: no checkpoint in {out} to resume: starting at step 0", file=sys.stderr, flush=True)
     cfg = MetaConfig(families=families, unroll=args.unroll, horizon=max(args.horizon, args.unroll),
                      outer_steps=args.steps, seed=args.seed, method=args.method, es_pairs=args.pairs,
                      es_sigma=args.sigma, workers=args.workers)
@@ -341,16 +443,46 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
     net = nets[args.net]()
     t0 = time.perf_counter()
     every = max(1, args.steps // 20)
+    rows: list[dict] = []  # the history so far (a resumed run's included)
 
     def progress(row: dict) -> None:
+        rows.append(row)
         if row["step"] % every == 0 or row["step"] == args.steps:
             print(f"meta-train {row['step']}/{args.steps}  meta-loss {row['meta_loss']:+.4f}  "
                   f"({row['task']})  {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
 
-    history = meta_train(net, cfg, checkpoint=out / "checkpoint.pt", resume=args.resume, progress=progress)
+    def resumed(step: int, history: list[dict]) -> None:
+        rows[:] = history
+        print(f"meta-train: resuming from step {step} of {args.steps} ({ckpt})", file=sys.stderr, flush=True)
+
+    def write(stage: Staged, history: list[dict]) -> None:
+        with atomic_path(stage.dir / "net.safetensors") as tmp:
+            save_net(net, tmp, meta=meta_record(args.net, cfg, history, time.perf_counter() - t0))
+        atomic_write_text(stage.dir / "history.json", json.dumps(history))
+
+    try:
+        history = meta_train(net, cfg, checkpoint=ckpt, resume=resume, progress=progress, on_resume=resumed)
+    except CheckpointError as e:
+        raise UsageError(f"--resume is invalid: {e}") from None
+    except KeyboardInterrupt:
+        step = rows[-1]["step"] if rows else 0
+        if not rows:
+            return _interrupted("no outer step had finished, nothing was written")
+        stage = Staged(out)
+        try:
+            write(stage, rows)
+        finally:
+            where = stage.to_partial({"step": step, "of": args.steps})
+        return _interrupted(f"at step {step} of {args.steps}: continue with --resume (from {ckpt}); "
+                            f"the network so far is in {where}")
     wall = time.perf_counter() - t0
-    save_net(net, out / "net.safetensors", meta=meta_record(args.net, cfg, history, wall))
-    (out / "history.json").write_text(json.dumps(history))
+    stage = Staged(out, replaces=("net.safetensors", "history.json"))
+    try:
+        write(stage, history)
+    except BaseException:
+        stage.discard()
+        raise
+    stage.commit()
     print(f"meta-train: {len(history)} outer steps in {wall:.0f} s; wrote {out / 'net.safetensors'}")
     return 0
 
@@ -389,15 +521,20 @@ COMMANDS = {"bench": _cmd_bench, "study": _cmd_study, "tasks": _cmd_tasks, "opti
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ._io import OutputError, Terminated, interruptible
+
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        return COMMANDS[args.command](args)
-    except UsageError as e:
+        # SIGINT and SIGTERM stop every command cleanly, also in a background job (which a shell
+        # starts with SIGINT ignored); the handlers before are restored after.
+        with interruptible():
+            return COMMANDS[args.command](args)
+    except (UsageError, OutputError) as e:
         print(f"nestopt: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("nestopt: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"nestopt: interrupted{' (SIGTERM)' if isinstance(e, Terminated) else ''}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -5,7 +5,10 @@
     ...                 out="bench-out", workers=1)          # doctest: +SKIP
 
 Writes ``results.json`` (schema in :mod:`nestopt.bench.schema`), ``report.md`` and PNG figures
-into ``out``; returns the results document.
+into ``out``; returns the results document. The files reach ``out`` together when the run
+completes, and replace every file of the result that was there (no figure of an older run stays).
+An interrupted run writes its files to ``out/partial/`` instead and leaves ``out``'s own result as
+it was (see :mod:`nestopt._io`).
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from typing import Any
 import torch
 
 from .. import __version__
+from .._io import Staged
 from .report import write_figures, write_json, write_report
-from .runner import Job, default_workers, run_job, run_jobs
+from .runner import Job, _check_not_a_worker_importing_main, default_workers, run_job, run_jobs
 from .schema import SCHEMA_VERSION, validate
 from .scoring import summarize
 from .suites import SUITES, plan, suite
@@ -33,7 +37,10 @@ def run_bench(*, tasks: Sequence[str], optimizers: Sequence[str], seeds: int, ou
               command: str | None = None, on_start: Callable[[int], None] | None = None,
               on_done: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Plan, run, score and write a benchmark. Returns the results document (``complete`` is
-    False if it was interrupted; what finished is still scored and written)."""
+    False if it was interrupted: what finished is still scored and written, to ``out/partial/``).
+    Call it under ``if __name__ == "__main__":`` in a script when ``workers`` > 1 (a worker that
+    runs the call again stops with a line that says so)."""
+    _check_not_a_worker_importing_main()
     out = Path(out)
     jobs = plan(tasks, optimizers, seeds, steps, grid_stride)
     workers = default_workers() if workers is None else workers
@@ -53,11 +60,24 @@ def run_bench(*, tasks: Sequence[str], optimizers: Sequence[str], seeds: int, ou
         "runs": records,
         "summary": summarize(records),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(doc, out / "results.json")
-    figures = write_figures(doc, out) if records else []
-    write_report(doc, out, figures)
+    if interrupted and not records:
+        return doc  # nothing finished: nothing to write, and the folder stays as it was
+    stage = Staged(out, replaces=RESULT_FILES)
+    try:
+        write_json(doc, stage.dir / "results.json")
+        figures = write_figures(doc, stage.dir) if records else []
+        write_report(doc, stage.dir, figures)
+    except BaseException:  # interrupted (again) while writing: keep what was written, beside the result
+        stage.to_partial({"runs": len(records), "of": len(jobs)})
+        raise
+    if interrupted:
+        stage.to_partial({"runs": len(records), "of": len(jobs)})
+    else:
+        stage.commit()
     return doc
 
 
-__all__ = ["Job", "SUITES", "plan", "run_bench", "run_job", "run_jobs", "suite", "summarize", "validate"]
+RESULT_FILES = ("results.json", "report.md", "*.png")  # what a bench writes into its folder
+
+
+__all__ = ["RESULT_FILES", "Job", "SUITES", "plan", "run_bench", "run_job", "run_jobs", "suite", "summarize", "validate"]

@@ -15,6 +15,12 @@ Memory: ``state floats/param`` counts the optimizer's state tensors (what a chec
 ``torch.cuda.max_memory_allocated``; on CPU the kernel's resident high-water mark, reset before
 each optimizer (Linux; ``-`` where that is not available). Optimizers that need second-order
 closures (``create_graph``) are listed but not measured: fixed gradients carry no graph.
+
+Size: ``n_params`` is at most :func:`max_params` (what fits in the device's memory at
+:data:`BYTES_PER_PARAM` bytes a parameter, and at most :data:`MAX_PARAMS`).
+
+Interrupted (``KeyboardInterrupt``), :func:`measure` raises :class:`Interrupted`, whose ``rows``
+hold what was measured: every configuration with at least one finished round.
 """
 
 from __future__ import annotations
@@ -78,6 +84,41 @@ EXTRA: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
     "nested-adamw (frozen)": _nested_frozen,
     "learned (net='mlp')": _learned_mlp,
 }
+
+
+# The model, its gradients, one configuration's copy of both and its state (up to about four
+# floats a parameter) and temporaries: float32 throughout.
+BYTES_PER_PARAM = 48
+MAX_PARAMS = 10**10
+
+
+def memory_bytes(device: str = "cpu") -> int | None:
+    """The device's total memory in bytes (RAM for ``cpu``), or ``None`` where it is not known."""
+    if device.startswith("cuda"):
+        index = int(device.split(":", 1)[1]) if ":" in device else torch.cuda.current_device()
+        return int(torch.cuda.get_device_properties(index).total_memory)
+    try:
+        import os
+
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def max_params(device: str = "cpu") -> int:
+    """The largest ``n_params`` :func:`measure` takes on ``device``: what fits in its memory at
+    :data:`BYTES_PER_PARAM` bytes a parameter, and at most :data:`MAX_PARAMS`."""
+    mem = memory_bytes(device)
+    return MAX_PARAMS if mem is None else min(MAX_PARAMS, mem // BYTES_PER_PARAM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """:func:`measure` stopped by a ``KeyboardInterrupt``; ``rows`` holds what it measured."""
+
+    def __init__(self, rows: list["Row"], total: int) -> None:
+        super().__init__(f"interrupted with {len(rows)} of {total} configurations measured")
+        self.rows = rows
+        self.total = total
 
 
 @dataclass
@@ -166,6 +207,20 @@ def _measure(names: Sequence[str] | None, n_params: int, steps: int, rounds: int
     times: dict[str, list[float]] = {n: [] for n in builders}
     state: dict[str, float] = {}
     peaks: dict[str, float | None] = {}
+    try:
+        _rounds(builders, losses, base, cuda, loss_value, times, state, peaks, rounds, steps, warmup, n_params)
+    except KeyboardInterrupt as e:
+        done = [Row(n, statistics.median(times[n]), state[n], peaks[n]) for n in builders if times[n]]
+        raise Interrupted(done, len(builders) + len(skipped)) from e
+    rows = [Row(n, statistics.median(times[n]), state[n], peaks[n]) for n in builders]
+    return rows + [Row(n, math.nan, math.nan, None) for n in skipped]
+
+
+def _rounds(builders: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]], losses: dict[str, bool],
+            base: list[torch.Tensor], cuda: bool, loss_value: torch.Tensor, times: dict[str, list[float]],
+            state: dict[str, float], peaks: dict[str, float | None], rounds: int, steps: int, warmup: int,
+            n_params: int) -> None:
+    """The interleaved rounds; fills ``times``, ``state`` and ``peaks`` as each measurement ends."""
     for rnd in range(rounds):
         for name, build in builders.items():
             params = [p.detach().clone().requires_grad_() for p in base]
@@ -204,14 +259,12 @@ def _measure(names: Sequence[str] | None, n_params: int, steps: int, rounds: int
                 torch.cuda.synchronize()
             times[name].append(1e3 * (time.perf_counter() - t0) / steps)
             del opt, params
-    rows = [Row(n, statistics.median(times[n]), state[n], peaks[n]) for n in builders]
-    return rows + [Row(n, math.nan, math.nan, None) for n in skipped]
 
 
 def format_table(rows: list[Row], n_params: int, device: str) -> str:
-    ref = {r.name: r.ms for r in rows}
-    adamw, sgd = ref["torch AdamW(fused=True)"], ref["torch SGD(foreach=True)"]
-    hb = ref["torch SGD(momentum=0.9, foreach=True)"]
+    ref = {r.name: r.ms for r in rows}  # (a reference an interrupted run did not reach: ratios nan)
+    adamw, sgd = ref.get("torch AdamW(fused=True)", math.nan), ref.get("torch SGD(foreach=True)", math.nan)
+    hb = ref.get("torch SGD(momentum=0.9, foreach=True)", math.nan)
     out = [f"optimizer step on a synthetic {n_params / 1e6:g}M-parameter model ({device}, "
            f"{torch.get_num_threads()} threads)",
            f"{'optimizer':37s} {'ms/step':>9s} {'x AdamW(fused)':>15s} {'x SGD(foreach)':>15s} {'x SGD(mom)':>11s} "

@@ -9,13 +9,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from .._io import atomic_savefig as _savefig, atomic_write_text
 from .scoring import TAU_MAX
 
 
 def write_json(doc: dict[str, Any], path: Path) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, allow_nan=False))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(doc, indent=1, allow_nan=False))
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -97,7 +96,7 @@ def write_report(doc: dict[str, Any], out: Path, figures: list[str]) -> None:
     if per_head:
         lines += ["", "## Per-horizon validation AUC (trading-multihorizon, mean over seeds)", "", *per_head]
     lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
 
 
 def _trading_heads(runs: list[dict[str, Any]], s: dict[str, Any]) -> list[str]:
@@ -157,10 +156,11 @@ def write_figures(doc: dict[str, Any], out: Path) -> list[str]:
         ax.set_xlabel("step")
         ax.set_ylabel("validation loss")
         ax.set_title(t)
-        ax.legend(fontsize=7, ncol=2)
+        if ax.get_legend_handles_labels()[0]:  # (an interrupted run may have no curve here)
+            ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         name = f"curves_{t}.png"
-        fig.savefig(out / name, dpi=110)
+        _savefig(fig, out / name, dpi=110)
         plt.close(fig)
         names.append(name)
 
@@ -172,9 +172,10 @@ def write_figures(doc: dict[str, Any], out: Path) -> list[str]:
         ax.set_xlabel(f"tau (ratio to fastest {kind}-to-target)")
         ax.set_title(f"performance profile ({kind})")
     axes[0].set_ylabel("fraction of tasks within tau")
-    axes[1].legend(fontsize=7)
+    if axes[1].get_legend_handles_labels()[0]:
+        axes[1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "profile.png", dpi=110)
+    _savefig(fig, out / "profile.png", dpi=110)
     plt.close(fig)
     names.append("profile.png")
 
@@ -196,9 +197,10 @@ def write_figures(doc: dict[str, Any], out: Path) -> list[str]:
             ax.set_title(o)
             ax.set_xlabel("learning rate")
         axes[0][0].set_ylabel("worst-seed final val loss / target")
-        axes[0][-1].legend(fontsize=6)
+        if axes[0][-1].get_legend_handles_labels()[0]:
+            axes[0][-1].legend(fontsize=6)
         fig.tight_layout()
-        fig.savefig(out / "lr_sensitivity.png", dpi=110)
+        _savefig(fig, out / "lr_sensitivity.png", dpi=110)
         plt.close(fig)
         names.append("lr_sensitivity.png")
     return names

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from .. import tasks as task_registry
+from .._io import signals_seen
 from ..train import DIVERGE_FACTOR, Divergence, LoopResult, train_loop
 from . import registry as opt_registry
 CURVE_POINTS = 50
@@ -170,11 +171,43 @@ def default_workers() -> int:
 ProgressFn = Callable[[dict[str, Any]], None]
 
 
+class WorkerError(RuntimeError):
+    """A worker process died before finishing its job (the message says what to check)."""
+
+
+MAIN_GUARD_HINT = ("put the call under `if __name__ == \"__main__\":` in the script: worker processes are started "
+                   "with 'spawn', which runs the main module again in each of them")
+
+
+def _check_not_a_worker_importing_main() -> None:
+    """Called where a bench starts: in a spawned worker that is still importing the main module
+    (a script that calls ``run_bench`` without a main guard runs the call again there), stop the
+    worker at once with one line, instead of starting workers of its own (which multiprocessing
+    refuses with a traceback, and a pool restarts for ever)."""
+    import multiprocessing as mp
+
+    # (spawn sets ``_inheriting`` while a new process imports the main module, before it has a parent)
+    if getattr(mp.current_process(), "_inheriting", False):
+        import sys
+
+        print(f"nestopt: a bench worker process re-ran the script's bench call while importing it; {MAIN_GUARD_HINT}",
+              file=sys.stderr, flush=True)
+        raise SystemExit(3)
+
+
 def run_jobs(jobs: Sequence[Job], *, workers: int | None = None,
              on_done: ProgressFn | None = None) -> tuple[list[dict[str, Any]], bool]:
-    """Run ``jobs``; return ``(records, interrupted)``. ``workers=1`` runs in this process."""
+    """Run ``jobs``; return ``(records, interrupted)``. ``workers=1`` runs in this process.
+
+    On ``KeyboardInterrupt`` (Ctrl-C, or SIGTERM inside :func:`nestopt._io.interruptible`) the
+    worker processes are stopped (terminated, then killed) before this returns the records
+    finished so far with ``interrupted=True``. A worker that dies (killed, out of memory, or a
+    script without a main guard: see :data:`MAIN_GUARD_HINT`) is a ``RuntimeError`` that says so,
+    never a hang."""
+    _check_not_a_worker_importing_main()
     workers = default_workers() if workers is None else workers
     records: list[dict[str, Any]] = []
+    signals_before = signals_seen()
     if workers <= 1:
         quiet_create_graph_warning()
         try:
@@ -188,33 +221,60 @@ def run_jobs(jobs: Sequence[Job], *, workers: int | None = None,
         return records, False
 
     import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
-    # Longest first keeps both cores busy at the end.
+    # Longest first keeps both cores busy at the end (the pool hands jobs out in this order).
     order = sorted(jobs, key=lambda j: -j.steps * _cost_hint(j.task))
-    pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(opt_registry.variants(),))
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                               initargs=(opt_registry.variants(),))
     try:
-        results = pool.imap_unordered(_worker_job, order, chunksize=1)
-        for _ in range(len(order)):
-            while True:
-                try:
-                    rec = results.next(timeout=0.5)  # a timed wait keeps Ctrl-C responsive
-                    break
-                except mp.TimeoutError:
-                    continue
-            records.append(rec)
-            if on_done:
-                on_done(rec)
+        pending = {pool.submit(_worker_job, job) for job in order}
+        while pending:
+            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)  # a timed wait keeps Ctrl-C responsive
+            for fut in done:
+                rec = fut.result()
+                records.append(rec)
+                if on_done:
+                    on_done(rec)
     except KeyboardInterrupt:
-        pool.terminate()
-        pool.join()
+        _stop(pool)
         return records, True
+    except BrokenProcessPool:
+        _stop(pool)
+        if signals_seen() != signals_before:  # a signal to the process group stopped the workers too
+            return records, True
+        raise WorkerError(f"a bench worker process exited before finishing its job ({len(records)} of {len(order)} "
+                           f"done): it was killed, ran out of memory, or, when the bench runs from a script, "
+                           f"{MAIN_GUARD_HINT}") from None
     except BaseException:
-        pool.terminate()
-        pool.join()
+        _stop(pool)
         raise
-    pool.close()
-    pool.join()
+    pool.shutdown(wait=True)
     return records, False
+
+
+def _stop(pool: Any) -> None:
+    """Stop every worker of ``pool`` now: the queued jobs are cancelled, the running ones
+    terminated (SIGTERM), and a worker still alive a few seconds later killed."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for p in procs:
+        with _suppress():
+            p.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + 5.0
+    for p in procs:
+        with _suppress():
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join(1.0)
+
+
+def _suppress() -> Any:
+    from contextlib import suppress
+
+    return suppress(Exception)
 
 
 _COST = {"charlm-transformer": 12.0, "trading-multihorizon": 4.0, "digits-cnn": 3.0}

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import check_fraction_list, check_number
+
 ACTIVATIONS = (nn.ReLU, nn.GELU, nn.Tanh, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Sigmoid, nn.Softplus)
 
 
@@ -44,7 +46,29 @@ def _eval(model: nn.Module) -> Iterator[None]:
         model.train(was)
 
 
+def _threshold(threshold: float) -> float:
+    return check_number("threshold", threshold, lo=0.0)
+
+
+def _fractions(fractions: Any) -> tuple[float, ...]:
+    return check_fraction_list("fractions", fractions, lo=0.0, hi=1.0, hi_open=True)
+
+
+def _labels(y: Any, n: int) -> None:
+    """``y`` must be one class index per example: shape ``(n,)`` (else ``==`` broadcasts silently)."""
+    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != n:
+        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"y=<shape {shape}> is invalid: expected one class index per example, shape ({n},)")
+
+
+def _magnitudes(ws: list[torch.Tensor]) -> torch.Tensor:
+    if not ws:
+        raise ValueError("model has no weight tensors of 2 or more dims to prune (pruned accuracy prunes those)")
+    return torch.cat([w.detach().abs().flatten() for w in ws])
+
+
 def activation_sparsity(model: nn.Module, x: torch.Tensor, threshold: float = 0.1) -> float:
+    _threshold(threshold)
     small, total = 0, 0
     acts = [m for m in model.modules() if isinstance(m, ACTIVATIONS)]
     if not acts:
@@ -71,22 +95,24 @@ def _weights(model: nn.Module) -> list[torch.Tensor]:
 
 
 def weight_compressibility(model: nn.Module, threshold: float = 0.1) -> float:
+    _threshold(threshold)
     ws = _weights(model)
     return sum(int((w.detach().abs() < threshold).sum()) for w in ws) / max(sum(w.numel() for w in ws), 1)
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     with _eval(model):
-        return float((model(x).argmax(-1) == y).float().mean())
+        pred = model(x).argmax(-1)
+    _labels(y, pred.shape[0] if pred.dim() else 1)
+    return float((pred == y).float().mean())
 
 
 def pruned_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                     fractions: tuple[float, ...] = (0.5, 0.8)) -> dict[float, float]:
     out = {}
-    mags = torch.cat([w.detach().abs().flatten() for w in _weights(model)])
+    fractions = _fractions(fractions)
+    mags = _magnitudes(_weights(model))
     for frac in fractions:
-        if not 0.0 <= frac < 1.0:
-            raise ValueError(f"fractions={fractions!r} is invalid: each must be in [0, 1)")
         pruned = copy.deepcopy(model)
         k = int(frac * mags.numel())
         cut = torch.kthvalue(mags, k).values if k > 0 else torch.tensor(-1.0)
@@ -122,6 +148,7 @@ def class_separation(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> floa
 
 
 def _separation(features: torch.Tensor, y: torch.Tensor) -> float:
+    _labels(y, features.shape[0])
     f = features.double()
     mu = f.mean(0)
     vals = []
@@ -136,6 +163,7 @@ def _separation(features: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def feature_utilization(model: nn.Module, x: torch.Tensor, threshold: float = 0.1) -> float:
+    _threshold(threshold)
     f = penultimate_features(model, x)
     return float((f.std(0) > threshold).float().mean())
 
@@ -149,6 +177,10 @@ def all_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threshold: f
                 fractions: tuple[float, float] = (0.5, 0.8)) -> dict[str, float]:
     """Every diagnostic from one hooked forward pass, plus one pass per pruning fraction (pruned
     in place and restored, no copy). Same values as the separate functions, at a third of the cost."""
+    _threshold(threshold)
+    fractions = _fractions(fractions)
+    ws = _weights(model)
+    mags = _magnitudes(ws)
     acts = [m for m in model.modules() if isinstance(m, ACTIVATIONS)]
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     small, total = 0, 0
@@ -168,6 +200,7 @@ def all_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threshold: f
     finally:
         for h in handles:
             h.remove()
+    _labels(y, logits.shape[0])
     out = {"activation_sparsity": small / total if total else float("nan"),
            "weight_compressibility": weight_compressibility(model, threshold),
            "accuracy": float((logits.argmax(-1) == y).float().mean()),
@@ -176,8 +209,6 @@ def all_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threshold: f
     if feats:
         out["class_separation"] = _separation(feats[0], y)
         out["feature_utilization"] = float((feats[0].std(0) > threshold).float().mean())
-    ws = _weights(model)
-    mags = torch.cat([w.detach().abs().flatten() for w in ws])
     saved = [w.detach().clone() for w in ws]
     try:
         for frac in fractions:

@@ -28,6 +28,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from .._checks import check_number
+
 METHODS = ("gda", "gda-alt", "extragradient", "optimistic", "momentum", "momentum-alt")
 
 
@@ -62,6 +64,10 @@ def block_matrix(method: str, sigma: float, lr: float, beta: float = 0.0, phase:
     """The update matrix of ``method`` on the block of singular value ``sigma``."""
     if method not in METHODS:
         raise ValueError(f"method={method!r} is invalid: expected one of {', '.join(METHODS)}")
+    sigma = check_number("sigma", sigma, lo=0.0)
+    lr = check_number("lr", lr)
+    beta = check_number("beta", beta)  # negative: negative momentum (the same as phase pi)
+    phase = check_number("phase", phase)
     b = cmath.rect(beta, phase)
     n = _state_size(method)
     return np.stack([_step(method, e, sigma, lr, b) for e in np.eye(n)], axis=1)
@@ -70,6 +76,7 @@ def block_matrix(method: str, sigma: float, lr: float, beta: float = 0.0, phase:
 def spectral_radius(method: str, singular_values: Iterable[float], lr: float, beta: float = 0.0,
                     phase: float = 0.0) -> float:
     """``max_k rho(M(sigma_k))``: the asymptotic per-step factor of the distance to equilibrium."""
+    singular_values = _grid("singular_values", singular_values)
     return max(float(np.abs(np.linalg.eigvals(block_matrix(method, float(s), lr, beta, phase))).max())
                for s in singular_values)
 
@@ -77,7 +84,8 @@ def spectral_radius(method: str, singular_values: Iterable[float], lr: float, be
 def best(method: str, singular_values: Iterable[float], lrs: Iterable[float], betas: Iterable[float] = (0.0,),
          phases: Iterable[float] = (0.0,)) -> dict[str, float]:
     """The grid point with the smallest spectral radius: ``{"lr", "beta", "phase", "rho"}``."""
-    sv = list(singular_values)
+    sv = _grid("singular_values", singular_values)
+    lrs, betas, phases = _grid("lrs", lrs), _grid("betas", betas), _grid("phases", phases)
     top: dict[str, float] = {"rho": float("inf")}
     for lr in lrs:
         for b in betas:
@@ -85,4 +93,16 @@ def best(method: str, singular_values: Iterable[float], lrs: Iterable[float], be
                 r = spectral_radius(method, sv, lr, b, ph)
                 if r < top["rho"]:
                     top = {"lr": float(lr), "beta": float(b), "phase": float(ph), "rho": r}
+    if "lr" not in top:
+        raise ValueError(f"no grid point has a finite spectral radius for method={method!r} (lrs={lrs!r}, "
+                         f"betas={betas!r}, phases={phases!r}): every point overflowed")
     return top
+
+
+def _grid(name: str, values: Iterable[float]) -> list[float]:
+    if isinstance(values, str | bytes) or not isinstance(values, Iterable):
+        raise ValueError(f"{name}={values!r} is invalid: expected a non-empty sequence of numbers")
+    out = list(values)
+    if not out:
+        raise ValueError(f"{name}=[] is invalid: expected a non-empty sequence of numbers")
+    return out

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .._checks import check_int, check_number
+from .._checks import check_callable, check_int, check_number, check_seed
 from ..tasks.games import Game
 from .runner import GameStepper
 
@@ -44,6 +44,8 @@ def lyapunov_exponent(game: Game, make_optimizers: MakeOptimizers, *, steps: int
     check_int("steps", steps, lo=1)
     check_int("warmup", warmup, lo=0)
     check_number("delta", delta, lo=0.0, lo_open=True)
+    check_seed("seed", seed)
+    check_callable("make_optimizers", make_optimizers, "a function players -> one optimizer per player")
     a_players, b_players = game.init(seed), game.init(seed)
     a = GameStepper(game, a_players, make_optimizers(a_players), mode)
     b = GameStepper(game, b_players, make_optimizers(b_players), mode)
@@ -79,6 +81,10 @@ def lyapunov_exponent(game: Game, make_optimizers: MakeOptimizers, *, steps: int
 
 def sign_changes(values: Sequence[float], exponents: Sequence[float]) -> list[float]:
     """Where the exponent crosses zero between sweep points (linear interpolation)."""
+    values, exponents = list(values), list(exponents)
+    if len(values) != len(exponents):
+        raise ValueError(f"values has {len(values)} points and exponents {len(exponents)}: expected one exponent "
+                         "per sweep value")
     out = []
     for (v0, e0), (v1, e1) in zip(zip(values, exponents), zip(values[1:], exponents[1:])):
         if math.isfinite(e0) and math.isfinite(e1) and (e0 < 0) != (e1 < 0):

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .._checks import check_int, check_number
+from .._checks import check_int, check_number, check_seed
 
 Loss = Callable[[torch.Tensor], torch.Tensor]
 
@@ -74,6 +74,19 @@ def _descend(c: _Counter, x: torch.Tensor, lr: float, tol: float, max_steps: int
     return x
 
 
+def _start(x0: Any) -> None:
+    if not isinstance(x0, torch.Tensor) or not x0.is_floating_point() or x0.dim() != 1:
+        what = (f"a {x0.dtype} tensor of shape {tuple(x0.shape)}" if isinstance(x0, torch.Tensor)
+                else type(x0).__name__)
+        raise TypeError(f"x0={what} is invalid: expected a 1-D floating-point tensor (the saddle to start from)")
+
+
+def _descent_args(lr: float, tol: float, max_descent: int) -> None:
+    check_number("lr", lr, lo=0.0, lo_open=True)
+    check_number("tol", tol, lo=0.0)
+    check_int("max_descent", max_descent, lo=1)
+
+
 def ridge_rider(f: Loss, x0: torch.Tensor, *, budget: int, step: float = 0.05, max_ridge: int = 100,
                 lr: float = 0.02, tol: float = 1e-6, max_descent: int = 2000, max_depth: int = 8,
                 merge: float | None = None) -> dict[str, Any]:
@@ -84,6 +97,12 @@ def ridge_rider(f: Loss, x0: torch.Tensor, *, budget: int, step: float = 0.05, m
     off). Returns ``{"solutions": [points], "evals": int, "ridges": int, "merged": int}``."""
     check_int("budget", budget, lo=1)
     check_number("step", step, lo=0.0, lo_open=True)
+    _start(x0)
+    check_int("max_ridge", max_ridge, lo=1)
+    check_int("max_depth", max_depth, lo=0)
+    _descent_args(lr, tol, max_descent)
+    if merge is not None:
+        check_number("merge", merge, lo=0.0)
     c = _Counter(f)
     solutions: list[torch.Tensor] = []
     stack: list[tuple[torch.Tensor, torch.Tensor, int]] = []
@@ -130,6 +149,12 @@ def random_restarts(f: Loss, dim: int, *, budget: int, scale: float = 1.0, seed:
                     tol: float = 1e-6, max_descent: int = 2000, dtype: torch.dtype = torch.float64) -> dict[str, Any]:
     """Gradient descent from ``N(0, scale^2 I)`` starts until ``budget`` gradient evaluations are spent."""
     check_int("budget", budget, lo=1)
+    check_int("dim", dim, lo=1)
+    check_number("scale", scale, lo=0.0)
+    check_seed("seed", seed)
+    _descent_args(lr, tol, max_descent)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype={dtype!r} is invalid: expected a floating-point torch.dtype")
     c = _Counter(f)
     gen = torch.Generator().manual_seed(seed)
     solutions: list[torch.Tensor] = []

@@ -31,7 +31,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -64,8 +64,21 @@ class GameStepper:
     def __init__(self, game: Game, players: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer],
                  mode: str = "simultaneous") -> None:
         check_choice("mode", mode, MODES)
+        if not isinstance(game, Game):
+            raise TypeError(f"game={game!r} is invalid: expected a nestopt.tasks.Game (BilinearGame, MixtureGAN, ...)")
+        players, optimizers = list(players), list(optimizers)
+        n = getattr(game, "n_players", len(players))
+        if len(players) != n:
+            raise ValueError(f"players={len(players)} modules is invalid: {type(game).__name__} has {n} players "
+                             "(game.init(seed) builds them)")
+        for i, m in enumerate(players):
+            if not isinstance(m, nn.Module):
+                raise TypeError(f"players[{i}]={m!r} is invalid: expected an nn.Module")
         if len(optimizers) != len(players):
             raise ValueError(f"optimizers has {len(optimizers)} entries, expected one per player ({len(players)})")
+        for i, opt in enumerate(optimizers):
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise TypeError(f"optimizers[{i}]={opt!r} is invalid: expected a torch.optim.Optimizer")
         self.game, self.players, self.optimizers, self.mode = game, list(players), list(optimizers), mode
         self.params = _params(players)
         self.prev: list[list[torch.Tensor]] | None = None
@@ -126,6 +139,8 @@ def play(game: Game, players: Sequence[nn.Module], optimizers: Sequence[torch.op
     optimizers differs from the number of players."""
     check_int("steps", steps, lo=0)
     check_int("every", every, lo=1)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback={callback!r} is invalid: expected a function (step, players) -> dict")
     stepper = GameStepper(game, players, optimizers, mode)
     history: list[dict[str, Any]] = []
 
@@ -138,7 +153,11 @@ def play(game: Game, players: Sequence[nn.Module], optimizers: Sequence[torch.op
         except ValueError:
             pass
         if callback is not None:
-            row.update(callback(step, players))
+            extra = callback(step, players)
+            if not isinstance(extra, Mapping):
+                raise TypeError(f"callback(step, players) returned {type(extra).__name__}: expected a dict of values "
+                                "to add to the record")
+            row.update(extra)
         history.append(row)
 
     for step in range(steps):

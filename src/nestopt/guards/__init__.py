@@ -44,14 +44,14 @@ import json
 import math
 import warnings
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._checks import check_int, check_number
+from .._checks import as_real, check_int, check_number
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,19 @@ class GuardConfig:
 class TrainingGuard:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None,
                  config: GuardConfig | None = None, checkpoint_dir: str | Path | None = None, **overrides: Any) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model={model!r} is invalid: expected a torch.nn.Module")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer={optimizer!r} is invalid: expected a torch.optim.Optimizer")
+        if config is not None and not isinstance(config, GuardConfig):
+            raise TypeError(f"config={config!r} is invalid: expected a GuardConfig (or pass its fields as keywords)")
+        valid = [f.name for f in fields(GuardConfig)]
+        unknown = [k for k in overrides if k not in valid]
+        if unknown:
+            raise TypeError(f"{', '.join(unknown)} {'is not a' if len(unknown) == 1 else 'are not'} TrainingGuard "
+                            f"option{'s' if len(unknown) > 1 else ''}; valid: {', '.join(valid)}")
+        if checkpoint_dir is not None and Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
+            raise ValueError(f"checkpoint_dir={str(checkpoint_dir)!r} is invalid: it is a file, not a folder")
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -169,6 +182,16 @@ class TrainingGuard:
     def step(self, loss: torch.Tensor | float) -> bool:
         """Check this step's loss and gradients; act; return whether to apply the update."""
         cfg = self.config
+        if loss is None or isinstance(loss, bool | str | bytes) or not (torch.is_tensor(loss) or
+                                                                    isinstance(loss, int | float)):
+            try:
+                loss = float(loss)  # type: ignore[arg-type]  # a NumPy scalar
+            except (TypeError, ValueError):
+                raise TypeError(f"loss={loss!r} is invalid: expected this step's loss, a scalar Tensor or a number"
+                                ) from None
+        if torch.is_tensor(loss) and loss.numel() != 1:
+            raise ValueError(f"loss=Tensor of shape {tuple(loss.shape)} ({loss.numel()} elements) is invalid: "
+                             "expected this step's scalar loss")
         self.n_steps += 1
         lv = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
         if self._first_loss is None and math.isfinite(lv):
@@ -211,7 +234,8 @@ class TrainingGuard:
     # -- slower signals ---------------------------------------------------------------------------
     def on_eval(self, val_loss: float) -> None:
         """Plateau detection: lower the learning rate after ``plateau_patience`` evaluations
-        without a relative improvement of 1e-4."""
+        without a relative improvement of 1e-4; a non-finite value is ignored."""
+        val_loss = as_real("val_loss", val_loss, "a number (the validation loss)")
         if not math.isfinite(val_loss):
             return
         if val_loss < self._best_val * (1 - 1e-4):
@@ -225,6 +249,11 @@ class TrainingGuard:
             self._bad_evals = 0
 
     def on_diagnostics(self, sparsity: float | None = None, confidence: float | None = None) -> None:
+        """Raise weight decay on low activation sparsity; warn on low confidence (``None`` or NaN: no signal)."""
+        if sparsity is not None:
+            sparsity = as_real("sparsity", sparsity, "a fraction in [0, 1] (or None)")
+        if confidence is not None:
+            confidence = as_real("confidence", confidence, "a fraction in [0, 1] (or None)")
         cfg = self.config
         if sparsity is not None and sparsity < cfg.sparsity_floor:
             raised = False

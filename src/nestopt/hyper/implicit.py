@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch.func import grad, jacrev, vjp
 
-from .._checks import check_int, check_number
+from .._checks import check_callable, check_int, check_number
 from . import _tree as T
 from .solvers import (SOLVER_FUNCTIONS, SOLVERS, HypergradientError, Solver, SolveInfo, _as_float, call_solver,
                       conjugate_gradient, dense_solve, matrix_from_matvec, neumann, resolve_solver)
@@ -91,6 +91,8 @@ def implicit_hypergradient(
         HypergradientError: negative curvature along a solver direction, a diverging or non-finite
             solve, or a final residual above ``max_residual``.
     """
+    check_callable("inner_loss", inner_loss, "a function inner_loss(params, hparams) -> scalar Tensor")
+    check_callable("outer_loss", outer_loss, "a function outer_loss(params, hparams) -> scalar Tensor")
     name, solve = resolve_solver(solver)
     check_int("iters", iters, lo=1)
     damping = check_number("damping", damping, lo=0.0)

@@ -63,7 +63,8 @@ Solver = Callable[..., tuple[list[torch.Tensor], Any]]
 
 
 class HypergradientError(RuntimeError):
-    """A linear solve that cannot be trusted: negative curvature, divergence, or no convergence."""
+    """A hypergradient that cannot be trusted: a linear solve with negative curvature, divergence or no
+    convergence, an unrolled or bilevel inner loop that diverged, or a non-finite self-tuning-network loss."""
 
 
 @dataclass
@@ -80,6 +81,28 @@ class SolveInfo:
     alpha: float | None
     """Neumann step size used (``None`` for the other solvers)."""
     solution: Any
+
+
+def _rhs(b: Any, init: Any = None) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """``b`` (and ``init``) as lists of tensors, checked: a solver's right-hand side is a non-empty list of
+    tensors (a bare Tensor would be split into its rows) and ``init`` is shaped like it."""
+    if isinstance(b, torch.Tensor) or not isinstance(b, list | tuple):
+        raise TypeError(f"b={b!r} is invalid: expected a list of tensors (one per parameter leaf)")
+    b = list(b)
+    if not b:
+        raise ValueError("b=[] is invalid: expected a non-empty list of tensors (one per parameter leaf)")
+    for i, t in enumerate(b):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"b[{i}]={t!r} is invalid: expected a list of tensors (one per parameter leaf)")
+    if init is not None:
+        if isinstance(init, torch.Tensor) or not isinstance(init, list | tuple) or len(init) != len(b) or any(
+                not isinstance(x, torch.Tensor) or x.shape != t.shape for x, t in zip(init, b)):
+            got = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in init] \
+                if isinstance(init, list | tuple) else type(init).__name__
+            raise ValueError(f"init={got} is invalid: expected a list of tensors shaped like b "
+                             f"{[tuple(t.shape) for t in b]}")
+        init = list(init)
+    return b, init
 
 
 def _as_float(x: torch.Tensor, what: str) -> float:
@@ -255,7 +278,7 @@ def conjugate_gradient(matvec: Callable[[list], list], b: list, *, iters: int = 
     tol = check_number("tol", tol, lo=0.0)
     if tol > 0 and not check:
         raise ValueError(f"tol={tol!r} is invalid with check=False: early stopping reads the residual; use tol=0")
-    b = list(b)
+    b, init = _rhs(b, init)
     if torch._C._functorch.maybe_current_level() is None and b[0].device.type == "cpu":
         return _cg_host(matvec, b, iters, tol, init, check)
     return _cg(matvec, b, iters, tol, init, check)
@@ -269,14 +292,14 @@ def neumann(matvec: Callable[[list], list], b: list, *, iters: int = 20, alpha: 
     check_int("iters", iters, lo=1)
     if alpha is not None:
         alpha = check_number("alpha", alpha, lo=0.0, lo_open=True)
-    return _neumann(matvec, list(b), iters, alpha, check)
+    return _neumann(matvec, _rhs(b)[0], iters, alpha, check)
 
 
 def dense_solve(matvec: Callable[[list], list], b: list, *, check: bool = True) -> tuple[list, SolveInfo]:
     """A direct solve of the materialised matrix (``"dense"``): ``matvec.matrix()`` when the operator
     has one (the built-in does, in one ``jacrev``), else ``n`` matvecs. With ``check``, the smallest
     eigenvalue is the ``min_curvature``; a matrix that is not positive definite is not solved."""
-    b = list(b)
+    b = _rhs(b)[0]
     h = matvec.matrix() if callable(getattr(matvec, "matrix", None)) else matrix_from_matvec(matvec, b)
     return _dense(h, b, check)
 

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .._checks import check_int, check_number
+from .solvers import HypergradientError
 
 HPARAMS = ("weight_decay", "dropout")
 
@@ -47,10 +48,11 @@ class SelfTuningMLP(nn.Module):
 
     def __init__(self, sizes: list[int], n_hparams: int = len(HPARAMS)) -> None:
         super().__init__()
-        if len(sizes) < 2:
-            raise ValueError(f"sizes={sizes!r} is invalid: give at least input and output widths")
-        for s in sizes:
-            check_int("sizes[i]", s, lo=1)
+        if not isinstance(sizes, list | tuple) or len(sizes) < 2:
+            raise ValueError(f"sizes={sizes!r} is invalid: give a list of at least input and output widths")
+        for i, s in enumerate(sizes):
+            check_int(f"sizes[{i}]", s, lo=1)
+        check_int("n_hparams", n_hparams, lo=1)
         self.layers = nn.ModuleList(STLinear(a, b, n_hparams) for a, b in zip(sizes[:-1], sizes[1:]))
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, dropout: torch.Tensor | None = None) -> torch.Tensor:
@@ -77,6 +79,9 @@ class STNTrainer:
     Each :meth:`step` runs ``train_steps`` updates of the network on training batches with ``u`` sampled
     from ``N(u, sigma^2)`` per example, then ``val_steps`` updates of ``u`` and ``log sigma`` on the
     validation loss (no dropout) minus ``entropy_weight`` times the perturbation entropy.
+
+    A non-finite training or validation loss raises :class:`~nestopt.hyper.HypergradientError` before
+    its update: the network and the hyperparameters stay as they were at the last finite update.
     """
 
     def __init__(
@@ -93,6 +98,12 @@ class STNTrainer:
         train_steps: int = 5,
         val_steps: int = 1,
     ) -> None:
+        if not isinstance(model, SelfTuningMLP):
+            raise TypeError(f"model={type(model).__name__} is invalid: expected a SelfTuningMLP")
+        n_h = model.layers[0].scale.in_features
+        if n_h != len(HPARAMS):
+            raise ValueError(f"model has n_hparams={n_h}; STNTrainer tunes {len(HPARAMS)} ({', '.join(HPARAMS)}): "
+                             f"build it with SelfTuningMLP(sizes, n_hparams={len(HPARAMS)})")
         check_number("weight_decay", weight_decay, lo=0.0, lo_open=True)
         self.max_dropout = check_number("max_dropout", max_dropout, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
         check_number("dropout", dropout, lo=0.0, hi=max_dropout, lo_open=True, hi_open=True)
@@ -126,19 +137,23 @@ class STNTrainer:
         out = self.model(x, u, dropout=dp)
         n = x.shape[0]
         loss = F.cross_entropy(out, y) + wd.mean() * self.model.penalty() / n
+        value = _finite(loss, "training")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        return float(loss.detach())
+        return value
 
     def _val_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         u = self.u + self.log_sigma.exp() * torch.randn(x.shape[0], 2, device=x.device)
         loss = F.cross_entropy(self.model(x, u), y)
         entropy = self.log_sigma.sum()  # Gaussian entropy up to a constant
+        objective = loss - self.entropy_weight * entropy
+        value = _finite(loss, "validation")
+        _finite(objective, "validation objective")
         self.hyper_opt.zero_grad(set_to_none=True)
-        (loss - self.entropy_weight * entropy).backward()
+        objective.backward()
         self.hyper_opt.step()
-        return float(loss.detach())
+        return value
 
     def step(self, train_batch: tuple[torch.Tensor, torch.Tensor],
              val_batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
@@ -155,3 +170,11 @@ class STNTrainer:
         """Logits at the current hyperparameters, without dropout."""
         with torch.no_grad():
             return self.model(x, self.u.detach())
+
+
+def _finite(loss: torch.Tensor, what: str) -> float:
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise HypergradientError(f"STNTrainer: the {what} loss is {value} (check the batch for non-finite values, or "
+                                 "lower lr / hyper_lr); this update was not applied")
+    return value

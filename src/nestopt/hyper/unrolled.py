@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from .._checks import check_int, check_number
+from .._checks import check_callable, check_int, check_number
 from . import _tree as T
+from .solvers import HypergradientError
 
 
 @dataclass
@@ -58,15 +59,27 @@ def unrolled_hypergradient(
 
     Returns:
         The hypergradient with the structure of ``hparams`` (or ``(hypergradient, info)``).
+
+    Raises:
+        HypergradientError: the inner loop diverged (a non-finite inner loss or weights: the message
+            names the first step and its learning rate), or the outer loss or the hypergradient is not
+            finite. A non-finite hypergradient is never returned. The check reads the losses on the host
+            once, after the unroll.
     """
+    check_callable("inner_loss", inner_loss, "a function inner_loss(params, hparams[, batch]) -> scalar Tensor")
+    check_callable("outer_loss", outer_loss, "a function outer_loss(params, hparams) -> scalar Tensor")
     check_int("steps", steps, lo=1)
     momentum = check_number("momentum", momentum, lo=0.0, hi=1.0, hi_open=True)
     if truncate is not None:
         check_int("truncate", truncate, lo=1)
     if not callable(lr):
         lr = check_number("lr", lr, lo=0.0, lo_open=True)
-    if batches is not None and not callable(batches) and len(batches) == 0:
-        raise ValueError("batches is empty: give a non-empty sequence or a function step -> batch")
+    if batches is not None and not callable(batches):
+        if not isinstance(batches, Sequence) or isinstance(batches, str | bytes):
+            raise ValueError(f"batches={batches!r} is invalid: expected a sequence indexed by step or a function "
+                             "step -> batch")
+        if len(batches) == 0:
+            raise ValueError("batches is empty: give a non-empty sequence or a function step -> batch")
     w0, w_spec = T.flatten(params, "params")
     lam0, lam_spec = T.flatten(hparams, "hparams")
     lam = [t.detach().requires_grad_(True) for t in lam0]
@@ -78,6 +91,8 @@ def unrolled_hypergradient(
             return None
         return batches(t) if callable(batches) else batches[t % len(batches)]
 
+    losses: list[torch.Tensor] = []  # each step's inner loss, read once at the end (no host sync per step)
+    rates: list[Any] = []
     with torch.enable_grad():
         w = [t.detach().clone().requires_grad_(True) for t in w0]
         buf = None
@@ -85,9 +100,11 @@ def unrolled_hypergradient(
             tracked = t >= start
             b = batch(t)
             args = (T.unflatten(w, w_spec), lam_tree) if b is None else (T.unflatten(w, w_spec), lam_tree, b)
-            loss = inner_loss(*args)
+            loss = _scalar(inner_loss(*args), "inner_loss")
+            losses.append(loss.detach())
             g = torch.autograd.grad(loss, w, create_graph=tracked, allow_unused=True, materialize_grads=True)
             step_lr = lr(lam_tree) if callable(lr) else lr
+            rates.append(step_lr.detach() if isinstance(step_lr, torch.Tensor) else step_lr)
             if not tracked:
                 g = [x.detach() for x in g]
                 if isinstance(step_lr, torch.Tensor):
@@ -101,11 +118,51 @@ def unrolled_hypergradient(
             if not tracked:
                 w = [wi.detach().requires_grad_(True) for wi in w]
                 buf = None if buf is None else [m.detach() for m in buf]
-        final = outer_loss(T.unflatten(w, w_spec), lam_tree)
-        if not isinstance(final, torch.Tensor) or final.numel() != 1:
-            raise ValueError("outer_loss must return a scalar Tensor")
+        final = _scalar(outer_loss(T.unflatten(w, w_spec), lam_tree), "outer_loss")
         hg = torch.autograd.grad(final, lam, allow_unused=True, materialize_grads=True)
+    _check_finite(losses, rates, w, final, hg)
     hypergrad = T.unflatten([h.detach() for h in hg], lam_spec)
     if return_info:
         return hypergrad, UnrollInfo(T.unflatten([wi.detach() for wi in w], w_spec), float(final.detach()))
     return hypergrad
+
+
+def _scalar(loss: Any, name: str) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"{name} must return a scalar Tensor; got {got}")
+    return loss
+
+
+def _check_finite(losses: list[torch.Tensor], rates: list[Any], w: list[torch.Tensor], final: torch.Tensor,
+                  hg: Sequence[torch.Tensor]) -> None:
+    """One host read of every step's loss, the final weights, the outer loss and the hypergradient."""
+    flags = torch.stack([torch.stack(losses).isfinite().all(), final.detach().isfinite().all(),
+                         *(wi.detach().isfinite().all() for wi in w), *(h.isfinite().all() for h in hg)])
+    if bool(flags.all()):
+        return
+    per_step = torch.stack(losses).isfinite().tolist()
+    if not all(per_step):
+        k = per_step.index(False)
+        if k == 0:
+            raise HypergradientError(f"unrolled_hypergradient: the inner loss is {float(losses[0]):g} at the initial "
+                                     "weights (step 0), before any update: check params, hparams and inner_loss")
+        raise HypergradientError(
+            f"unrolled_hypergradient: the inner loop diverged at step {k} of {len(losses)} with "
+            f"lr={_rate(rates[k - 1])}: the inner loss is {float(losses[k]):g} there (it was "
+            f"{float(losses[k - 1]):g} at step {k - 1}); lower lr or steps")
+    if not all(bool(wi.detach().isfinite().all()) for wi in w):
+        raise HypergradientError(
+            f"unrolled_hypergradient: the inner loop diverged at step {len(losses)} of {len(losses)} with "
+            f"lr={_rate(rates[-1])}: the final weights are not finite; lower lr or steps")
+    if not bool(final.detach().isfinite().all()):
+        raise HypergradientError(f"unrolled_hypergradient: outer_loss is {float(final.detach()):g} at the unrolled weights "
+                                 "(the inner loop stayed finite): the hypergradient would not be finite")
+    raise HypergradientError("unrolled_hypergradient: the hypergradient is not finite (the inner loop, the weights "
+                             "and the outer loss are): a gradient overflowed in the backward pass; lower lr or steps")
+
+
+def _rate(lr: Any) -> str:
+    if isinstance(lr, torch.Tensor):
+        return f"{float(lr):g}" if lr.numel() == 1 else f"a tensor with max {float(lr.abs().max()):g}"
+    return f"{lr:g}"

@@ -129,6 +129,7 @@ class TruncatedBackprop(GradientEstimator):
 
     def estimate(self, net: nn.Module, task: Task, steps: int, gen: torch.Generator,
                  unrolls: Unrolls | None = None) -> Estimate:
+        check_int("steps", steps, lo=1)
         meta_loss, losses = task.unroll(net, steps, self.second_order)
         return Estimate(meta_loss, losses)
 
@@ -151,6 +152,7 @@ class Surrogate(GradientEstimator):
 
     def estimate(self, net: nn.Module, task: Task, steps: int, gen: torch.Generator,
                  unrolls: Unrolls | None = None) -> Estimate:
+        check_int("steps", steps, lo=1)
         if not hasattr(task, "surrogate"):
             raise ValueError("the surrogate needs an update network's inner run (a nested controller has none)")
         meta_loss, losses = task.surrogate(net, steps, self.step_size)
@@ -177,6 +179,7 @@ class ES(GradientEstimator):
 
     def estimate(self, net: nn.Module, task: Task, steps: int, gen: torch.Generator,
                  unrolls: Unrolls | None = None) -> Estimate:
+        check_int("steps", steps, lo=1)
         batches = task.draw(steps)
         grad = es_gradient(task, net, steps, self.sigma, self.pairs, gen, batches, unrolls)
         meta_loss, losses = task.unroll(net, steps, False, batches)  # advance with Phi itself
@@ -239,6 +242,7 @@ class PersistentES(GradientEstimator):
 
     def estimate(self, net: nn.Module, task: Task, steps: int, gen: torch.Generator,
                  unrolls: Unrolls | None = None) -> Estimate:
+        check_int("steps", steps, lo=1)
         if task is not self.inner:
             raise ValueError("PersistentES.estimate needs the task its new_task returned (its particles live on it)")
         out = self.step(net, steps, self.sigma, gen, unrolls)
@@ -251,6 +255,8 @@ class PersistentES(GradientEstimator):
              ) -> tuple[torch.Tensor, float, list[float]] | None:
         """One truncation: ``(gradient estimate, mean meta-loss of the particles, the first particle's
         losses)``, or ``None`` when a particle's loss is not finite (the run has diverged)."""
+        check_int("steps", steps, lo=1)
+        check_number("sigma", sigma, lo=0.0, lo_open=True)
         inner = self._task()
         t0 = inner.t
         batches = inner.draw(steps)
@@ -276,6 +282,10 @@ class PersistentES(GradientEstimator):
         return {"xi": [x.clone() for x in self.xi], "particles": list(self.snaps)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or not {"xi", "particles"} <= set(state):
+            keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"state={keys} is invalid: a PersistentES state holds 'xi' and 'particles' "
+                             "(what state_dict() returns)")
         xi, snaps = list(state["xi"]), list(state["particles"])
         if len(xi) != self.pairs or len(snaps) != 2 * self.pairs:
             raise ValueError(f"the state holds {len(xi)} pairs and {len(snaps)} particles; this PersistentES has "

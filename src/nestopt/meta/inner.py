@@ -14,6 +14,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .. import tasks as task_registry
+from .._checks import check_seed
 from ..nets import UpdateNet
 from ..train import LoopResult, train_loop
 
@@ -184,4 +185,10 @@ def make_inner(net: Any, family: str, seed: int) -> _Inner | _ControllerInner:
     for a :class:`~nestopt.nets.Controller`."""
     from ..nets import Controller
 
+    if not isinstance(net, UpdateNet | Controller):
+        raise TypeError(f"net={type(net).__name__} is invalid: expected an UpdateNet (HybridAdamNet, LinearUpdate, ...) "
+                        "or a nested optimizer's Controller")
+    if not isinstance(family, str):
+        raise TypeError(f"family={family!r} is invalid: expected a task family name ({', '.join(task_registry.family_names())})")
+    check_seed("seed", seed)
     return _ControllerInner(net, family, seed) if isinstance(net, Controller) else _Inner(net, family, seed)

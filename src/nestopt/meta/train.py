@@ -21,9 +21,11 @@ truncated backpropagation only see each truncation's own effect).
 ``workers > 1`` spreads the ES/PES unrolls (the particles) over that many processes; every unroll
 is a deterministic function of its inputs, so the result does not depend on the worker count.
 
-The loop writes a checkpoint (network, outer optimizer, counters, RNG, the estimator's
-``state_dict``) every ``checkpoint_every`` outer steps and resumes from one (a resumed run starts
-a fresh task).
+The loop writes a checkpoint (network, outer optimizer, counters, RNG, the settings) every
+``checkpoint_every`` outer steps, and when it is interrupted (``KeyboardInterrupt``, at the last
+finished step), to a temporary name and renamed; it resumes from one (a resumed run starts a fresh
+task). A checkpoint that cannot be read, or was written for another network or other settings, is
+a :class:`CheckpointError` that says what differs.
 """
 
 from __future__ import annotations
@@ -41,15 +43,23 @@ from torch import nn
 
 from .. import tasks as task_registry
 from .._checks import check_choice, check_int, check_number
+from .._io import atomic_path, deferred_interrupts
 from .estimators import ES, ESTIMATORS, Estimate, GradientEstimator, PersistentES, Surrogate, Task, TruncatedBackprop
 from .inner import CONTROLLER_LRS, _ControllerInner, _Inner, _Loss, make_inner
 from .unrolls import Unrolls, es_gradient
 
-__all__ = ["CONTROLLER_LRS", "ES", "ESTIMATORS", "METHODS", "Estimate", "GradientEstimator", "MetaConfig",
+__all__ = ["CONTROLLER_LRS", "CheckpointError", "ES", "ESTIMATORS", "METHODS", "Estimate", "GradientEstimator", "MetaConfig",
            "PersistentES", "Surrogate", "TruncatedBackprop", "Unrolls", "_ControllerInner", "_Inner", "_Loss",
            "es_gradient", "make_inner", "meta_train"]
 
 METHODS = tuple(ESTIMATORS)
+
+# Settings a resumed run may change: how long it runs, how it spreads its work, how often it saves.
+RESUMABLE_CHANGES = ("outer_steps", "workers", "checkpoint_every")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint ``meta_train`` cannot resume from; the message (one line) says why."""
 
 
 @dataclass
@@ -101,10 +111,13 @@ class MetaConfig:
 
 
 def meta_train(net: nn.Module, cfg: MetaConfig, *, checkpoint: str | Path | None = None, resume: bool = False,
-               progress: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+               progress: Callable[[dict[str, Any]], None] | None = None,
+               on_resume: Callable[[int, list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
     """Meta-train ``net`` in place; return the history (one row per outer step). ``net`` is an
     update network, or a nested optimizer's ``Controller`` (``method`` ``"es"`` or ``"pes"``, or an
-    estimator that does not backpropagate)."""
+    estimator that does not backpropagate). With ``resume`` and an existing ``checkpoint``, the run
+    continues from it (``on_resume(step, history)`` is told from which step); a checkpoint it
+    cannot use raises :class:`CheckpointError`."""
     cfg.check()
     estimator = cfg.estimator()
     from ..nets import Controller
@@ -121,14 +134,87 @@ def meta_train(net: nn.Module, cfg: MetaConfig, *, checkpoint: str | Path | None
     gen = torch.Generator().manual_seed(cfg.seed)
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if resume and ckpt is not None and ckpt.is_file():
-        saved = torch.load(ckpt, weights_only=False)
-        net.load_state_dict(saved["net"])
-        outer.load_state_dict(saved["outer"])
-        history, start = saved["history"], saved["step"]
-        gen.set_state(saved["generator"])  # a resumed run starts a fresh task (and fresh PES particles)
-    with Unrolls(cfg.workers if estimator.parallel else 1) as unrolls:
-        _loop(net, cfg, estimator, outer, history, start, gen, ckpt, progress, unrolls)
+        history, start = _resume(ckpt, net, outer, gen, cfg, estimator)  # a resumed run starts a fresh task
+        if on_resume is not None:
+            on_resume(start, history)
+    try:
+        with Unrolls(cfg.workers if estimator.parallel else 1) as unrolls:
+            _loop(net, cfg, estimator, outer, history, start, gen, ckpt, progress, unrolls)
+    except KeyboardInterrupt:
+        # The state is whole at a step boundary (each step's update, row and checkpoint run with
+        # interrupts deferred): save it, so a resume loses nothing of what finished.
+        done = history[-1]["step"] if history else 0
+        if ckpt is not None and done > start:
+            _save(ckpt, net, outer, history, done, gen, cfg, estimator)
+        raise
     return history
+
+
+def _save(ckpt: Path, net: nn.Module, outer: torch.optim.Optimizer, history: list[dict[str, Any]], step: int,
+          gen: torch.Generator, cfg: MetaConfig, estimator: GradientEstimator) -> None:
+    with deferred_interrupts(), atomic_path(ckpt) as tmp:
+        torch.save({"net": net.state_dict(), "outer": outer.state_dict(), "history": history, "step": step,
+                    "generator": gen.get_state(), "config": _config_json(cfg, estimator),
+                    "net_class": type(net).__name__}, tmp)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def _resume(ckpt: Path, net: nn.Module, outer: torch.optim.Optimizer, gen: torch.Generator, cfg: MetaConfig,
+            estimator: GradientEstimator) -> tuple[list[dict[str, Any]], int]:
+    """Load ``ckpt`` into ``net``, ``outer`` and ``gen`` after checking it fits; ``(history, step)``."""
+    name = str(ckpt)
+    try:
+        saved = torch.load(ckpt, weights_only=False, map_location="cpu")
+    except Exception as e:  # torch raises pickle, zip and EOF errors for a damaged file
+        raise CheckpointError(f"checkpoint {name!r} cannot be read ({_first_line(e)}): it is not a file "
+                              "meta-train wrote, or it is damaged") from None
+    keys = ("net", "outer", "history", "step", "generator")
+    if not isinstance(saved, dict) or any(k not in saved for k in keys):
+        raise CheckpointError(f"checkpoint {name!r} is not a meta-train checkpoint (it lacks "
+                              f"{', '.join(k for k in keys if not isinstance(saved, dict) or k not in saved)})")
+    theirs, ours = saved["net"], net.state_dict()
+    kind = saved.get("net_class")
+    missing = [k for k in ours if k not in theirs]
+    extra = [k for k in theirs if k not in ours]
+    shapes = [f"{k} {tuple(theirs[k].shape)} here {tuple(v.shape)}" for k, v in ours.items()
+              if k in theirs and hasattr(theirs[k], "shape") and tuple(theirs[k].shape) != tuple(v.shape)]
+    if (kind is not None and kind != type(net).__name__) or missing or extra or shapes:
+        what = [f"it holds a {kind}, this run trains a {type(net).__name__}"] if kind and kind != type(net).__name__ else []
+        if missing:
+            what.append(f"{len(missing)} weight(s) missing ({', '.join(missing[:3])})")
+        if extra:
+            what.append(f"{len(extra)} unknown weight(s) ({', '.join(extra[:3])})")
+        if shapes:
+            what.append(f"other shapes ({'; '.join(shapes[:2])})")
+        raise CheckpointError(f"checkpoint {name!r} was written for another network: {'; '.join(what)}")
+    if saved.get("config"):
+        try:
+            before = json.loads(saved["config"])
+        except (TypeError, ValueError):
+            before = {}
+        now = json.loads(_config_json(cfg, estimator))
+        differ = [f"{k}={before[k]!r} there, {now.get(k)!r} here" for k in before
+                  if k not in RESUMABLE_CHANGES and k in now and before[k] != now[k]]
+        if differ:
+            raise CheckpointError(f"checkpoint {name!r} was written with other settings ({'; '.join(differ[:3])}): "
+                                  "resume with the settings it was started with")
+    step = saved["step"]
+    if not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"checkpoint {name!r} has step {step!r}; expected a step count")
+    if step > cfg.outer_steps:
+        raise CheckpointError(f"checkpoint {name!r} is at step {step}, past the last step of this run "
+                              f"(outer_steps, --steps {cfg.outer_steps}): ask for more than {step} steps to continue it")
+    try:
+        net.load_state_dict(theirs)
+        outer.load_state_dict(saved["outer"])
+        gen.set_state(saved["generator"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {name!r} does not fit this run ({_first_line(e)})") from None
+    return list(saved["history"]), step
 
 
 def _config_json(cfg: MetaConfig, estimator: GradientEstimator) -> str:
@@ -157,30 +243,39 @@ def _loop(net: nn.Module, cfg: MetaConfig, estimator: GradientEstimator, outer: 
             task = estimator.new_task(net, family, seed)
         outer.zero_grad(set_to_none=True)
         est: Estimate = estimator.estimate(net, task, cfg.unroll, gen, unrolls)
-        meta_loss = est.meta_loss
-        reg = cfg.reg * sum((p * p).sum() for p in net.parameters())
-        total = meta_loss + reg
-        row = {"step": step + 1, "task": task.name, "inner_t": task.t, "meta_loss": float(meta_loss.detach()),
-               "last_loss": est.losses[-1], "time_s": time.perf_counter() - t0, "skipped": False}
-        if torch.isfinite(total):
-            if total.requires_grad:  # (with reg 0, an ES step has nothing to backpropagate)
-                total.backward()
-            if est.grad is not None:
-                _add_flat_grad(net, est.grad)
-            grads = [p.grad for p in net.parameters() if p.grad is not None]
-            norm = float(torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip)) if grads else 0.0
-            if math.isfinite(norm):
-                outer.step()
-            else:
-                row["skipped"] = True
-            row["grad_norm"] = norm
-        else:  # a diverging inner run: drop it and start a new task
+        with deferred_interrupts():  # the update, its row and the checkpoint happen whole
+            task = _update(net, cfg, estimator, outer, history, step, gen, ckpt, progress, task, est, t0)
+
+
+def _update(net: nn.Module, cfg: MetaConfig, estimator: GradientEstimator, outer: torch.optim.Optimizer,
+            history: list[dict[str, Any]], step: int, gen: torch.Generator, ckpt: Path | None,
+            progress: Callable[[dict[str, Any]], None] | None, task: Task | None, est: Estimate,
+            t0: float) -> Task | None:
+    """One outer step's update from its estimate ``est``; the task to go on with (``None``: a new one)."""
+    assert task is not None
+    meta_loss = est.meta_loss
+    reg = cfg.reg * sum((p * p).sum() for p in net.parameters())
+    total = meta_loss + reg
+    row = {"step": step + 1, "task": task.name, "inner_t": task.t, "meta_loss": float(meta_loss.detach()),
+           "last_loss": est.losses[-1], "time_s": time.perf_counter() - t0, "skipped": False}
+    if torch.isfinite(total):
+        if total.requires_grad:  # (with reg 0, an ES step has nothing to backpropagate)
+            total.backward()
+        if est.grad is not None:
+            _add_flat_grad(net, est.grad)
+        grads = [p.grad for p in net.parameters() if p.grad is not None]
+        norm = float(torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip)) if grads else 0.0
+        if math.isfinite(norm):
+            outer.step()
+        else:
             row["skipped"] = True
-            task = None
-        history.append(row)
-        if progress is not None:
-            progress(row)
-        if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.outer_steps):
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"net": net.state_dict(), "outer": outer.state_dict(), "history": history, "step": step + 1,
-                        "generator": gen.get_state(), "config": _config_json(cfg, estimator)}, ckpt)
+        row["grad_norm"] = norm
+    else:  # a diverging inner run: drop it and start a new task
+        row["skipped"] = True
+        task = None
+    history.append(row)
+    if progress is not None:
+        progress(row)
+    if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.outer_steps):
+        _save(ckpt, net, outer, history, step + 1, gen, cfg, estimator)
+    return task

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._checks import check_int
+from .._checks import check_int, check_number
 from .inner import _ControllerInner, _Inner, make_inner
 
 
@@ -91,6 +91,15 @@ def es_gradient(inner: _Inner | _ControllerInner, net: nn.Module, steps: int, si
     unroll from the same inner state and on the same batches. Needs no backpropagation through
     the unroll, so its cost does not grow with the unroll's memory. Leaves ``inner`` and ``net``
     as they were."""
+    check_int("steps", steps, lo=1)
+    check_number("sigma", sigma, lo=0.0, lo_open=True)
+    check_int("pairs", pairs, lo=1)
+    if not isinstance(gen, torch.Generator):
+        raise TypeError(f"gen={gen!r} is invalid: expected a torch.Generator")
+    if not isinstance(batches, list | tuple) or len(batches) < steps + 1:
+        n = len(batches) if isinstance(batches, list | tuple) else type(batches).__name__
+        raise ValueError(f"batches={n} is invalid: an unroll of steps={steps} needs {steps + 1} batches "
+                         "(inner.draw(steps) gives them)")
     snap = inner.snapshot()
     flat = torch.nn.utils.parameters_to_vector(list(net.parameters())).detach()
     eps = [torch.randn(flat.shape, generator=gen, dtype=flat.dtype) * sigma for _ in range(pairs)]

@@ -84,6 +84,11 @@ class HybridAdamNet(UpdateNet):
                  base_lr: float = 1e-3, max_log_scale: float = 3.0) -> None:
         super().__init__()
         check_int("hidden", hidden, lo=1)
+        if not isinstance(betas, tuple | list) or len(betas) != 2:
+            raise ValueError(f"betas={betas!r} is invalid: expected a pair (beta1, beta2) in [0, 1)")
+        check_number("betas[0]", betas[0], lo=0.0, hi=1.0, hi_open=True)
+        check_number("betas[1]", betas[1], lo=0.0, hi=1.0, hi_open=True)
+        check_number("eps", eps, lo=0.0, lo_open=True)
         check_number("base_lr", base_lr, lo=0.0, lo_open=True)
         check_number("max_log_scale", max_log_scale, lo=0.0, lo_open=True)
         self.hidden, self.betas, self.eps, self.max_log_scale = hidden, tuple(betas), eps, max_log_scale
@@ -168,6 +173,8 @@ class DirectUpdateMLP(UpdateNet):
         super().__init__()
         check_choice("features", features, FEATURE_SETS)
         check_int("hidden", hidden, lo=1)
+        check_number("step_mult", step_mult, lo=0.0, lo_open=True)
+        check_number("exp_mult", exp_mult)
         self.feature_set, self.hidden, self.step_mult, self.exp_mult = features, hidden, step_mult, exp_mult
         self.buffers = ("m",) if features == "seed" else ("m", "m_slow", "v")
         n_in = 4 if features == "seed" else 6

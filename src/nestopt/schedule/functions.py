@@ -14,8 +14,10 @@ from __future__ import annotations
 import abc
 import bisect
 import math
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .._checks import check_number
 
@@ -29,9 +31,31 @@ class Schedule(abc.ABC):
 
 
 def _t(t: float) -> float:
-    if t < 0:
+    if isinstance(t, bool | str | bytes):
+        raise ValueError(f"t={t!r} is invalid: expected a number >= 0 (a step or an epoch)")
+    try:
+        v = float(t)  # a 0-dim tensor or array is a number too
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"t={t!r} is invalid: expected a number >= 0 (a step or an epoch)") from None
+    if math.isnan(v):
+        raise ValueError(f"t={t!r} is invalid: a schedule is defined for t >= 0, not NaN")
+    if v < 0:
         raise ValueError(f"t={t!r} is invalid: a schedule is defined for t >= 0")
     return t
+
+
+def _numbers(name: str, values: Any, what: str) -> tuple[float, ...]:
+    """``values`` as a tuple after checking it is a sequence of finite real numbers (not bools)."""
+    if isinstance(values, str | bytes):
+        raise ValueError(f"{name}={values!r} is invalid: expected a sequence of {what}")
+    try:
+        out = tuple(values)
+    except TypeError:
+        raise ValueError(f"{name}={values!r} is invalid: expected a sequence of {what}") from None
+    for v in out:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise ValueError(f"{name}={out!r} is invalid: expected a sequence of finite {what}; got {v!r}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -93,7 +117,9 @@ class StepDecay(Schedule):
     def __post_init__(self) -> None:
         check_number("base", self.base, lo=0.0)
         check_number("factor", self.factor, lo=0.0, lo_open=True, hi=1.0)
-        if list(self.milestones) != sorted(self.milestones) or any(m <= 0 for m in self.milestones):
+        milestones = _numbers("milestones", self.milestones, "positive, increasing numbers")
+        object.__setattr__(self, "milestones", milestones)  # a list would make the frozen dataclass unhashable
+        if list(milestones) != sorted(milestones) or any(m <= 0 for m in milestones):
             raise ValueError(f"milestones={self.milestones!r} is invalid: expected positive, increasing values")
 
     def __call__(self, t: float) -> float:
@@ -127,11 +153,21 @@ class Join(Schedule):
     boundaries: tuple[float, ...]
 
     def __post_init__(self) -> None:
-        if len(self.pieces) != len(self.boundaries) + 1:
-            raise ValueError(f"boundaries={self.boundaries!r} is invalid: {len(self.pieces)} pieces need "
-                             f"{len(self.pieces) - 1} boundaries")
-        if list(self.boundaries) != sorted(self.boundaries) or any(b < 0 for b in self.boundaries):
-            raise ValueError(f"boundaries={self.boundaries!r} is invalid: expected non-negative, increasing values")
+        if isinstance(self.pieces, Schedule | str | bytes) or not isinstance(self.pieces, Iterable):
+            raise ValueError(f"pieces={self.pieces!r} is invalid: expected a sequence of schedules")
+        pieces = tuple(self.pieces)
+        for i, piece in enumerate(pieces):
+            if not callable(piece):
+                raise ValueError(f"pieces[{i}]={piece!r} is invalid: expected a Schedule (constant, linear, ...)")
+        boundaries = _numbers("boundaries", self.boundaries, "non-negative, increasing numbers")
+        object.__setattr__(self, "pieces", pieces)
+        object.__setattr__(self, "boundaries", boundaries)
+        if len(pieces) != len(boundaries) + 1:
+            raise ValueError(f"boundaries={self.boundaries!r} is invalid: {len(pieces)} pieces need "
+                             f"{len(pieces) - 1} boundaries")
+        if any(b >= c for b, c in zip(boundaries, boundaries[1:])) or any(b < 0 for b in boundaries):
+            raise ValueError(f"boundaries={self.boundaries!r} is invalid: expected non-negative, strictly increasing "
+                             "values (a piece between equal boundaries would never run)")
 
     def __call__(self, t: float) -> float:
         i = bisect.bisect_right(self.boundaries, _t(t))
@@ -152,7 +188,7 @@ def cosine(base: float, min_value: float, steps: float) -> Cosine:
 
 
 def step_decay(base: float, milestones: Sequence[float], factor: float) -> StepDecay:
-    return StepDecay(base, tuple(milestones), factor)
+    return StepDecay(base, _numbers("milestones", milestones, "positive, increasing numbers"), factor)
 
 
 def exponential(base: float, factor: float, every: float = 1.0, min_value: float = 0.0) -> Exponential:
@@ -160,12 +196,15 @@ def exponential(base: float, factor: float, every: float = 1.0, min_value: float
 
 
 def join(pieces: Sequence[Schedule], boundaries: Sequence[float]) -> Join:
-    return Join(tuple(pieces), tuple(boundaries))
+    return Join(pieces, boundaries)  # Join checks both and stores them as tuples
 
 
 def warmup_then(decay: Schedule, warmup_start: float, base: float, warmup: float) -> Schedule:
     """Linear warmup from ``warmup_start`` to ``base`` over ``warmup``, then ``decay`` (its clock
     starting at the end of warmup); no warmup if ``warmup == 0``."""
+    if not callable(decay):
+        raise ValueError(f"decay={decay!r} is invalid: expected a Schedule (cosine, step_decay, ...)")
+    check_number("warmup", warmup, lo=0.0)
     if warmup == 0:
         return decay
     return join([linear(warmup_start, base, warmup), decay], [warmup])

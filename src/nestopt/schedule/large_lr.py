@@ -20,6 +20,7 @@ resume from ``state_dict()`` gives exactly the rates of an uninterrupted run.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -60,7 +61,7 @@ class LargeLRConfig:
         check_number("warmup_start_lr", self.warmup_start_lr, lo=0.0, hi=self.base_lr)
         check_choice("decay", self.decay, DECAYS)
         check_int("total_epochs", self.total_epochs, lo=max(1, self.warmup_epochs + 1))
-        if any(not isinstance(e, int) or e <= 0 for e in self.decay_epochs) or list(self.decay_epochs) != sorted(self.decay_epochs):
+        if any(isinstance(e, bool) or not isinstance(e, int) or e <= 0 for e in self.decay_epochs) or list(self.decay_epochs) != sorted(self.decay_epochs):
             raise ValueError(f"decay_epochs={self.decay_epochs!r} is invalid: expected positive, increasing integers")
         check_number("decay_factor", self.decay_factor, lo=0.0, lo_open=True, hi=1.0)
         check_number("weight_decay", self.weight_decay, lo=0.0, hi=1.0, hi_open=True)
@@ -68,16 +69,22 @@ class LargeLRConfig:
             check_number("grad_clip", self.grad_clip, lo=0.0, lo_open=True)
         check_number("label_smoothing", self.label_smoothing, lo=0.0, hi=1.0, hi_open=True)
         check_number("momentum", self.momentum, lo=0.0, hi=1.0, hi_open=True)
-        if not self.lr_grid or any(not isinstance(x, int | float) or not 0 < x <= 10 for x in self.lr_grid):
+        if not self.lr_grid or any(isinstance(x, bool) or not isinstance(x, int | float) or not 0 < x <= 10
+                                   for x in self.lr_grid):
             raise ValueError(f"lr_grid={self.lr_grid!r} is invalid: expected a non-empty list of rates in (0, 10]")
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> LargeLRConfig:
         """From a mapping of field names (or the environment aliases) to values."""
+        if not isinstance(values, Mapping):
+            raise TypeError(f"values={values!r} is invalid: expected a mapping of field names to values")
         names = {f.name for f in fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in values.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{key!r}={value!r} is invalid: a field name is a string; valid fields: "
+                                 f"{', '.join(sorted(names))}")
             name = ALIASES.get(key.upper(), key.lower())
             if name not in names:
                 raise ValueError(f"{key}={value!r} is invalid: unknown field; valid fields: {', '.join(sorted(names))}")
@@ -141,6 +148,8 @@ class LargeLRScheduler(LRScheduler):
 
     def __init__(self, optimizer: torch.optim.Optimizer, schedule: Schedule | LargeLRConfig,
                  steps_per_epoch: float = 1, last_epoch: int = -1) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer={optimizer!r} is invalid: expected a torch.optim.Optimizer")
         if isinstance(schedule, LargeLRConfig):
             schedule = schedule.schedule()
         if not callable(schedule):
@@ -153,8 +162,33 @@ class LargeLRScheduler(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def lr_at(self, step: int) -> list[float]:
-        value = self.schedule(step / self.steps_per_epoch) * self.scale
+        """Every group's rate at ``step``; a ``ValueError`` naming the step and the value when the
+        schedule gives something that is not a finite rate >= 0 (nothing is set on the optimizer then)."""
+        t = step / self.steps_per_epoch
+        raw = self.schedule(t)
+        if isinstance(raw, bool | str | bytes) or raw is None:
+            raise ValueError(f"the schedule's rate at step {step} (t={t:g}) is {raw!r}: expected a learning rate, "
+                             "a finite number >= 0; the optimizer's rates are left as they were")
+        try:
+            value = raw * self.scale
+            v = float(value)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"the schedule's rate at step {step} (t={t:g}) is {raw!r}: expected a learning rate, "
+                             "a finite number >= 0; the optimizer's rates are left as they were") from None
+        if not (math.isfinite(v) and v >= 0):
+            scaled = "" if self.scale == 1.0 else f" (times scale={self.scale!r}: {v!r})"
+            raise ValueError(f"the schedule's rate at step {step} (t={t:g}) is {raw!r}{scaled}: a learning rate "
+                             "must be a finite number >= 0; the optimizer's rates are left as they were")
         return [value * r for r in self.ratios]
+
+    def step(self, epoch: int | None = None) -> None:
+        """Advance one step and set the rates; a refused rate leaves the clock and every rate as they were."""
+        last, count = self.last_epoch, getattr(self, "_step_count", 0)
+        try:
+            super().step(epoch)  # type: ignore[arg-type]
+        except Exception:
+            self.last_epoch, self._step_count = last, count
+            raise
 
     def get_lr(self) -> list[float]:
         return self.lr_at(self.last_epoch)

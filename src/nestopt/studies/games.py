@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._io import atomic_savefig, atomic_write_text, save_part
 from ..games import linear, play
 from ..games.lyapunov import lyapunov_exponent, sign_changes
 from ..games.ridge_rider import SymmetricWells, distinct, random_restarts, ridge_rider
@@ -198,15 +199,20 @@ def run_study(out: str | Path, quick: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     doc: dict[str, Any] = {"quick": quick}
     doc["rates"] = rates_section(steps=300 if quick else 1500, coarse=4 if quick else 1)
+    save_part("rates", doc["rates"])  # each section is kept (in partial/) if a later one is interrupted
     cm = next(r for r in doc["rates"]["rows"] if r["method"] == "complex momentum (simultaneous)")
     doc["heatmap"] = heatmap_section(cm["lr"], measured_grid=3 if quick else 8, steps=300 if quick else 600,
                                      analytic_grid=8 if quick else 39)
+    save_part("heatmap", doc["heatmap"])
     doc["gan"] = gan_section(steps=60 if quick else 3000, seeds=1 if quick else 3, every=30 if quick else 250)
+    save_part("gan", doc["gan"])
     doc["lyapunov"] = lyapunov_section(cm={"lr": cm["lr"], "beta": cm["beta"]}, points=5 if quick else 17)
+    save_part("lyapunov", doc["lyapunov"])
     doc["ridge"] = ridge_section(budgets=(300,) if quick else (2000, 5000, 10000), seeds=1 if quick else 3)
+    save_part("ridge", doc["ridge"])
     doc["wall_s"] = time.perf_counter() - t0
-    (out / "results.json").write_text(json.dumps(finite(doc)))
-    (out / "report.md").write_text(report(doc))
+    atomic_write_text(out / "results.json", json.dumps(finite(doc)))
+    atomic_write_text(out / "report.md", report(doc))
     figures(doc, out)
     return doc
 
@@ -266,7 +272,7 @@ def figures(doc: dict[str, Any], out: Path) -> None:
         ax.semilogy(np.arange(len(row["curve"])) * 10, row["curve"], label=f"{row['method']} (rho {row['rho']:.3f})")
     ax.set_xlabel("step"); ax.set_ylabel("distance to equilibrium"); ax.legend(fontsize=6)
     ax.set_title("bilinear game")
-    fig.tight_layout(); fig.savefig(out / "bilinear.png", dpi=120); plt.close(fig)
+    fig.tight_layout(); atomic_savefig(fig, out / "bilinear.png", dpi=120); plt.close(fig)
 
     h = doc["heatmap"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -279,7 +285,7 @@ def figures(doc: dict[str, Any], out: Path) -> None:
                                 h["measured_mags"][-1]], cmap="viridis")
     axes[1].set_title("measured rate"); axes[1].set_xlabel("arg beta")
     fig.colorbar(im, ax=axes[1])
-    fig.tight_layout(); fig.savefig(out / "heatmap.png", dpi=120); plt.close(fig)
+    fig.tight_layout(); atomic_savefig(fig, out / "heatmap.png", dpi=120); plt.close(fig)
 
     g = doc["gan"]["methods"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -292,7 +298,7 @@ def figures(doc: dict[str, Any], out: Path) -> None:
     for a in axes:
         a.set_xlabel("step")
     axes[1].legend(fontsize=6)
-    fig.tight_layout(); fig.savefig(out / "gan_curves.png", dpi=120); plt.close(fig)
+    fig.tight_layout(); atomic_savefig(fig, out / "gan_curves.png", dpi=120); plt.close(fig)
 
     centers = MixtureGAN().centers.numpy()
     fig, axes = plt.subplots(1, len(g), figsize=(2.4 * len(g), 2.6))
@@ -301,7 +307,7 @@ def figures(doc: dict[str, Any], out: Path) -> None:
         a.scatter(s[:, 0], s[:, 1], s=1, alpha=0.4)
         a.scatter(centers[:, 0], centers[:, 1], s=10, c="red", marker="x")
         a.set_xlim(-3, 3); a.set_ylim(-3, 3); a.set_title(name, fontsize=6); a.set_xticks([]); a.set_yticks([])
-    fig.tight_layout(); fig.savefig(out / "gan_samples.png", dpi=120); plt.close(fig)
+    fig.tight_layout(); atomic_savefig(fig, out / "gan_samples.png", dpi=120); plt.close(fig)
 
     ly = doc["lyapunov"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -315,11 +321,11 @@ def figures(doc: dict[str, Any], out: Path) -> None:
     axes[1].plot([r["phase"] for r in b], [r["analytic"] for r in b], "--", label="log rho (analytic)")
     axes[1].axhline(0, c="k", lw=0.5); axes[1].set_xlabel("arg beta"); axes[1].set_title("bilinear, complex momentum")
     axes[1].legend()
-    fig.tight_layout(); fig.savefig(out / "lyapunov.png", dpi=120); plt.close(fig)
+    fig.tight_layout(); atomic_savefig(fig, out / "lyapunov.png", dpi=120); plt.close(fig)
 
     rr = doc["ridge"]["rows"]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([r["budget"] for r in rr], [r["ridge_rider"] for r in rr], "o-", label="Ridge Rider")
     ax.plot([r["budget"] for r in rr], [np.mean(r["restarts"]) for r in rr], "s-", label="random restarts (mean)")
     ax.set_xlabel("gradient evaluations"); ax.set_ylabel("distinct solutions"); ax.legend()
-    fig.tight_layout(); fig.savefig(out / "ridge_rider.png", dpi=120); plt.close(fig)
+    fig.tight_layout(); atomic_savefig(fig, out / "ridge_rider.png", dpi=120); plt.close(fig)

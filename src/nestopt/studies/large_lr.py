@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._io import atomic_savefig, atomic_write_text, save_part
 from .. import diagnostics as D
 from ..schedule import LargeLRConfig, LargeLRScheduler, grid_search
 from ..train import train_loop
@@ -236,7 +237,7 @@ def _figures(runs: list[dict[str, Any]], grid: list[float], out: Path) -> list[s
     axes[0][0].legend()
     fig.suptitle("spurious-cue digits: test metrics against learning rate (mean ± sd over seeds; failed runs left out)")
     fig.tight_layout()
-    fig.savefig(out / "metrics_vs_lr.png", dpi=100)
+    atomic_savefig(fig, out / "metrics_vs_lr.png", dpi=100)
     plt.close(fig)
     return ["metrics_vs_lr.png"]
 
@@ -247,10 +248,20 @@ def run_study(out: str | Path, seeds: int = 3, epochs: int = 20, grid: tuple[flo
     t0 = time.perf_counter()
     grid = list(grid or LargeLRConfig().lr_grid)
     data = spurious_digits()
-    runs = [train(data, lr, seed, recipe, epochs) for recipe in (True, False) for lr in grid for seed in range(seeds)]
+    runs = []
+    for recipe in (True, False):
+        for lr in grid:
+            part = [train(data, lr, seed, recipe, epochs) for seed in range(seeds)]
+            runs += part
+            save_part(f"{'recipe' if recipe else 'none'}-lr{lr:g}", part)
     # The recipe's grid search as a user would run it: best rate by validation accuracy (seed 0).
     by_lr = {r["lr"]: r for r in runs if r["recipe"] and r["seed"] == 0}
-    best = grid_search(lambda lr: by_lr[lr].get("val_accuracy", float("nan")), grid, minimize=False)
+    try:
+        best = grid_search(lambda lr: by_lr[lr].get("val_accuracy", float("nan")), grid, minimize=False)
+        search = {"best_lr": best.best_lr, "scores": {str(k): s for k, s in best.scores.items()}}
+        table = best.table()
+    except ValueError as e:  # every run diverged or collapsed: there is no best rate to report
+        search, table = {"best_lr": None, "error": str(e)}, str(e)
     # Diagnostics overhead at the default interval (every 100 steps), recipe at lr 0.3, seed 0.
     cost_run = train(data, 0.3, 0, True, epochs, diagnostics_every=100)
     plain = next(r for r in runs if r["recipe"] and r["lr"] == 0.3 and r["seed"] == 0) if 0.3 in grid else None
@@ -274,7 +285,7 @@ def run_study(out: str | Path, seeds: int = 3, epochs: int = 20, grid: tuple[flo
             ok = [r for r in rs if not r["diverged"]]
             cells = [f"{statistics.fmean(r[m] for r in ok):.3f}" if ok else "-" for m in METRICS]
             lines.append(f"| {'recipe' if recipe else 'none'} | {lr:g} | {len(rs) - len(ok)}/{len(rs)} | " + " | ".join(cells) + " |")
-    lines += ["", "## Grid search (recipe, seed 0, by validation accuracy)", "", "```", best.table(), "```",
+    lines += ["", "## Grid search (recipe, seed 0, by validation accuracy)", "", "```", table, "```",
               "", "Validation images carry the cue with the training statistics (95% aligned), so the rate that wins "
               "on validation need not be the one that is robust on the test set.", "",
               "## Diagnostics overhead", "",
@@ -282,10 +293,10 @@ def run_study(out: str | Path, seeds: int = 3, epochs: int = 20, grid: tuple[flo
               f"{cost_run['train_seconds']:.2f} s of training ({100 * overhead:.2f}%)"
               + (f"; the same run without the callback trained in {plain['train_seconds']:.2f} s." if plain else "."),
               "", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     doc = {"wall_s": wall, "grid": grid, "seeds": seeds, "epochs": epochs, "verdicts": v,
-           "grid_search": {"best_lr": best.best_lr, "scores": {str(k): s for k, s in best.scores.items()}},
+           "grid_search": search,
            "diagnostics_overhead": overhead, "runs": runs}
-    (out / "results.json").write_text(json.dumps(finite(doc), indent=1, allow_nan=False))
+    atomic_write_text(out / "results.json", json.dumps(finite(doc), indent=1, allow_nan=False))
     return doc
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .._io import atomic_savefig, atomic_write_text, save_part
 from .. import tasks as task_registry
 from .._threads import one_thread
 from ..train import LoopResult, train_loop
@@ -77,6 +78,9 @@ def run(family: str, index: int, opt: str, lr: float, seed: int, steps: int | No
 
 
 def _worker_init() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C (and stops the pool)
     torch.set_num_threads(1)  # one thread per worker process: the pool fills the cores
 
 
@@ -150,12 +154,28 @@ def run_study(out: str | Path, nets: dict[str, str] | None = None, workers: int 
         jobs += [(f, i, "adamw", lr, s, n) for lr in ADAMW_LRS for s in range(seeds)]
         jobs += [(f, i, path, 1.0, s, n) for path in nets.values() for s in range(seeds)]
     jobs.sort(key=lambda j: -(j[5] if len(j) > 5 else 400) * (3 if j[0] == "trading" else 1))
-    if workers == 1:
-        with one_thread():
-            records = [_run_job(j) for j in jobs]
-    else:
-        with mp.get_context("spawn").Pool(workers, initializer=_worker_init) as pool:
-            records = pool.map(_run_job, jobs, chunksize=1)
+    records: list[dict[str, Any]] = []
+    saved = [time.perf_counter()]
+
+    def finished(rec: dict[str, Any]) -> None:  # the runs so far are the study's part "runs" (every 5 s)
+        records.append(rec)
+        if len(records) == len(jobs) or time.perf_counter() - saved[0] > 5.0:
+            save_part("runs", records)
+            saved[0] = time.perf_counter()
+
+    try:
+        if workers == 1:
+            with one_thread():
+                for j in jobs:
+                    finished(_run_job(j))
+        else:
+            with mp.get_context("spawn").Pool(workers, initializer=_worker_init) as pool:
+                for rec in pool.imap(_run_job, jobs, chunksize=1):  # in order, as pool.map
+                    finished(rec)
+    except KeyboardInterrupt:
+        if records:
+            save_part("runs", records)
+        raise
     short = [r for r in records if long is None or r["steps"] != long[2] or r["task"] != f"{long[0]}#{long[1]}"]
     long_recs = [r for r in records if r not in short]
     rows = analyse(short, nets)
@@ -175,8 +195,8 @@ def run_study(out: str | Path, nets: dict[str, str] | None = None, workers: int 
     doc = {"study": "learned", "wall_s": time.perf_counter() - t0, "nets": nets, "rows": rows, "long": long_rows,
            "figures": figures, "records": records}
     doc["verdicts"] = verdicts(doc)
-    (out / "results.json").write_text(json.dumps(finite(doc), indent=1))
-    (out / "report.md").write_text(_report(doc, seeds))
+    atomic_write_text(out / "results.json", json.dumps(finite(doc), indent=1))
+    atomic_write_text(out / "report.md", _report(doc, seeds))
     return doc
 
 
@@ -212,7 +232,7 @@ def _figures(records: list[dict[str, Any]], rows: list[dict[str, Any]], nets: di
     axes[0][0].legend(fontsize=7)
     fig.suptitle("held-out tasks: validation loss (each seed; dashed: tuned AdamW's target)")
     fig.tight_layout()
-    fig.savefig(out / "heldout_curves.png", dpi=100)
+    atomic_savefig(fig, out / "heldout_curves.png", dpi=100)
     plt.close(fig)
     files.append("heldout_curves.png")
     if histories:
@@ -228,7 +248,7 @@ def _figures(records: list[dict[str, Any]], rows: list[dict[str, Any]], nets: di
         ax.set_title("meta-training: mean log(L_t / L_0) per truncation (surrogate runs: their own loss)", fontsize=9)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "meta_training.png", dpi=100)
+        atomic_savefig(fig, out / "meta_training.png", dpi=100)
         plt.close(fig)
         files.append("meta_training.png")
     return files

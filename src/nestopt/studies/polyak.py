@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._io import atomic_savefig, atomic_write_text, save_part
 from ..bench.runner import quiet_create_graph_warning
 from ._common import finite
 from .polyak_experiments import VARIANTS, Run, experiments, run_all
@@ -194,7 +195,7 @@ def _figures(runs: list[Run], out: Path, exps: dict[str, Any]) -> list[str]:
         ax.set_ylabel(exps[key].names[1])
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "trajectories.png", dpi=110)
+    atomic_savefig(fig, out / "trajectories.png", dpi=110)
     plt.close(fig)
     names.append("trajectories.png")
 
@@ -213,7 +214,7 @@ def _figures(runs: list[Run], out: Path, exps: dict[str, Any]) -> list[str]:
             ax.set_xlabel("step")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=100)
+    atomic_savefig(fig, out / "loss_curves.png", dpi=100)
     plt.close(fig)
     names.append("loss_curves.png")
 
@@ -231,7 +232,7 @@ def _figures(runs: list[Run], out: Path, exps: dict[str, Any]) -> list[str]:
         ax.set_xlabel("step")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "parameter_errors.png", dpi=110)
+    atomic_savefig(fig, out / "parameter_errors.png", dpi=110)
     plt.close(fig)
     names.append("parameter_errors.png")
 
@@ -244,7 +245,7 @@ def _figures(runs: list[Run], out: Path, exps: dict[str, Any]) -> list[str]:
     ax.set_ylabel("|grad_x| / |grad_y|")
     ax.set_title("exp3, global rule (float64)")
     fig.tight_layout()
-    fig.savefig(out / "grad_ratio.png", dpi=110)
+    atomic_savefig(fig, out / "grad_ratio.png", dpi=110)
     plt.close(fig)
     names.append("grad_ratio.png")
     return names
@@ -273,13 +274,20 @@ CLAIM_TEXT = {
 }
 
 
+def _record(r: Run) -> dict[str, Any]:
+    """A run as ``results.json`` holds it."""
+    return {"experiment": r.experiment, "variant": r.variant, "dtype": r.dtype, "lr": r.lr, "error": r.error,
+            "metrics": {k: val for k, val in r.metrics.items() if k != "grad_ratio"},
+            "loss": [x if math.isfinite(x) else None for x in r.loss]}
+
+
 def run_study(out: str | Path, variants: list[str] | None = None) -> dict[str, Any]:
     """Run everything (or only ``variants``, which must include ``"global"``), write the outputs."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     quiet_create_graph_warning()
-    runs = run_all(variants=variants)
+    runs = run_all(variants=variants, on_part=lambda name, rs: save_part(name, [_record(r) for r in rs]))
     v = verdicts(runs)
     exps = {e.key: e for e in experiments(torch.float64)}
     figures = _figures(runs, out, exps)
@@ -299,11 +307,9 @@ def run_study(out: str | Path, variants: list[str] | None = None) -> dict[str, A
         lines += [""] + _table(runs, key)
     lines += ["", "## Which fix works where (float64)", ""] + where_fixes_work(runs)
     lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     doc = {"wall_s": wall, "verdicts": v,
-           "runs": [{"experiment": r.experiment, "variant": r.variant, "dtype": r.dtype, "lr": r.lr, "error": r.error,
-                     "metrics": {k: val for k, val in r.metrics.items() if k != "grad_ratio"},
-                     "loss": [x if math.isfinite(x) else None for x in r.loss]} for r in runs]}
-    (out / "results.json").write_text(json.dumps(finite(doc), indent=1, allow_nan=False))
+           "runs": [_record(r) for r in runs]}
+    atomic_write_text(out / "results.json", json.dumps(finite(doc), indent=1, allow_nan=False))
     return doc
 

@@ -234,13 +234,16 @@ def measure(exp: Experiment, r: Run) -> dict[str, Any]:
 
 
 def run_all(dtypes: tuple[torch.dtype, ...] = (torch.float64, torch.float32),
-            variants: list[str] | None = None) -> list[Run]:
+            variants: list[str] | None = None,
+            on_part: Callable[[str, list[Run]], None] | None = None) -> list[Run]:
     """Every experiment x variant x dtype; AdamW at the best rate of its grid (lowest final loss,
-    ties broken by fewer steps to 1e-6). ``variants`` restricts the variants (by key)."""
-    out = []
+    ties broken by fewer steps to 1e-6). ``variants`` restricts the variants (by key).
+    ``on_part(name, runs)`` is called as each experiment finishes in each dtype (``"exp1-float64"``)."""
+    out: list[Run] = []
     chosen = [v for v in VARIANTS if variants is None or v.key in variants]
     for dtype in dtypes:
         for exp in experiments(dtype):
+            first = len(out)
             for v in chosen:
                 if v.needs == "hessian" and exp.hessian_diag is None:
                     continue
@@ -255,4 +258,6 @@ def run_all(dtypes: tuple[torch.dtype, ...] = (torch.float64, torch.float32),
                 r = run(exp, v, dtype)
                 r.metrics = measure(exp, r)
                 out.append(r)
+            if on_part is not None:
+                on_part(f"{exp.key}-{str(dtype).removeprefix('torch.')}", out[first:])
     return out

@@ -158,14 +158,15 @@ def _learned_prepare(out: Path, net: tuple[str, ...], peer: tuple[str, ...]) -> 
     from ..nets import SHIPPED_NETS, load_net, save_net
     from .learned import PEER
 
-    nets = {"shipped default (linear)": str(SHIPPED_NETS["default"]), "shipped MLP (net='mlp')": str(SHIPPED_NETS["mlp"]),
-            "hybrid, untrained (Adam 1e-3)": str(save_net(HybridAdamNet(), out / "untrained.safetensors"))}
+    from .._io import atomic_path
+
+    extra: dict[str, str] = {}
     for item in net:
         label, sep, path = item.partition("=")
         if not sep or not label or not path:
             raise ValueError(f"--net {item!r} is invalid: expected LABEL=PATH")
         load_net(path)  # a ValueError that names the problem
-        nets[label] = path
+        extra[label] = path
     known = opt_registry.names(available_only=False)
     for name in peer:
         if name not in known:
@@ -173,7 +174,12 @@ def _learned_prepare(out: Path, net: tuple[str, ...], peer: tuple[str, ...]) -> 
         spec = opt_registry.get(name)
         if not spec.available():
             raise ValueError(f"--peer {name!r} needs the package {spec.requires!r}: pip install 'nestopt[peers]'")
-        nets[f"{name} (defaults)"] = PEER + name
+        extra[f"{name} (defaults)"] = PEER + name
+    untrained = out / "untrained.safetensors"  # written once the arguments are known to be good
+    with atomic_path(untrained) as tmp:
+        save_net(HybridAdamNet(), tmp)
+    nets = {"shipped default (linear)": str(SHIPPED_NETS["default"]), "shipped MLP (net='mlp')": str(SHIPPED_NETS["mlp"]),
+            "hybrid, untrained (Adam 1e-3)": str(untrained), **extra}
     return {"nets": nets}
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .._checks import unknown_name
+from .._checks import check_callable, unknown_name
 from .analytic import AnalyticTask, AxisQuadratic, Point, RotatedQuadratic, Rosenbrock, ScalarQuadratic
 from .base import Task, TaskFamily, generator
 from .charlm import CharLMTask
@@ -45,6 +45,11 @@ _FAMILIES: dict[str, Callable[[], TaskFamily]] = {
 }
 
 
+def _name(name: object, valid: dict) -> None:
+    if not isinstance(name, str):
+        raise TypeError(f"name={name!r} is invalid: expected a string, one of {', '.join(sorted(valid))}")
+
+
 def names() -> list[str]:
     """Names of the registered tasks, in registration order."""
     return list(_TASKS)
@@ -52,6 +57,7 @@ def names() -> list[str]:
 
 def get(name: str) -> Task:
     """A fresh instance of the task called ``name`` (``KeyError`` lists the valid names)."""
+    _name(name, _TASKS)
     if name not in _TASKS:
         raise unknown_name("task", name, _TASKS)
     return _TASKS[name]()
@@ -59,6 +65,8 @@ def get(name: str) -> Task:
 
 def register(name: str, factory: Callable[[], Task]) -> None:
     """Add a task to the registry (a ``ValueError`` if the name is taken)."""
+    _name(name, _TASKS)
+    check_callable("factory", factory, "a function () -> Task")
     if name in _TASKS:
         raise ValueError(f"name={name!r} is invalid: a task of that name is already registered")
     _TASKS[name] = factory
@@ -70,6 +78,7 @@ def family_names() -> list[str]:
 
 def family(name: str) -> TaskFamily:
     """The task family called ``name`` (``KeyError`` lists the valid names)."""
+    _name(name, _FAMILIES)
     if name not in _FAMILIES:
         raise unknown_name("task family", name, _FAMILIES)
     return _FAMILIES[name]()

@@ -24,8 +24,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .._checks import check_number
+from .._checks import check_int, check_number, check_seed
 from .base import Sampler, Task, generator
+
+
+def _float_dtype(dtype: object) -> torch.dtype:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype={dtype!r} is invalid: expected a floating-point torch.dtype (torch.float32, ...)")
+    return dtype
 
 
 class Point(nn.Module):
@@ -47,7 +53,7 @@ class AnalyticTask(Task):
     spread = 0.5
 
     def __init__(self, dtype: torch.dtype = torch.float32) -> None:
-        self.dtype = dtype
+        self.dtype = _float_dtype(dtype)
 
     # -- closed forms ---------------------------------------------------------------------
     start: tuple[float, ...] = ()
@@ -66,7 +72,14 @@ class AnalyticTask(Task):
         return torch.tensor(self.start, dtype=self.dtype)
 
     def point(self, values: Sequence[float] | torch.Tensor) -> Point:
-        return Point(torch.as_tensor(values, dtype=self.dtype))
+        try:
+            x = torch.as_tensor(values, dtype=self.dtype)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"values={values!r} is invalid: expected {len(self.start)} numbers") from None
+        if self.start and tuple(x.shape) != (len(self.start),):
+            raise ValueError(f"values={values!r} is invalid: {self.name} is a function of {len(self.start)} "
+                             f"numbers; got shape {tuple(x.shape)}")
+        return Point(x)
 
     def init(self, seed: int) -> Point:
         x0 = self.start_tensor()
@@ -107,7 +120,10 @@ class AxisQuadratic(AnalyticTask):
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__(dtype)
         self.c = check_number("c", c, lo=0.0, lo_open=True)
-        self.target = target
+        if (not isinstance(target, tuple | list) or len(target) != 2
+                or any(isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) for v in target)):
+            raise ValueError(f"target={target!r} is invalid: expected two finite numbers (a, b)")
+        self.target = tuple(target)
         self.name = "quad-sym" if self.c == 1.0 else ("quad-asym" if self.c == 100.0 else f"quad-c{self.c:g}")
         self.description = f"(x - {target[0]:g})^2 + {self.c:g} (y - {target[1]:g})^2 from (10, 10)"
 
@@ -134,7 +150,8 @@ class RotatedQuadratic(AnalyticTask):
                  structure_seed: int = 1234) -> None:
         super().__init__(dtype)
         self.cond = check_number("cond", cond, lo=1.0)
-        self.dim = dim
+        self.dim = dim = check_int("dim", dim, lo=1)
+        structure_seed = check_seed("structure_seed", structure_seed, lo=None)
         self.name = f"quad-cond1e{round(math.log10(self.cond))}" if self._is_pow10(self.cond) \
             else f"quad-cond{self.cond:g}"
         self.description = f"rotated {dim}-d quadratic, condition number {self.cond:g}"

@@ -31,12 +31,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import check_int, check_seed
+
 Batch = Any
 Sampler = Callable[[int], Batch]
 
 
 def generator(seed: int, stream: int = 0) -> torch.Generator:
-    """A CPU generator for ``seed``; ``stream`` separates independent uses of one seed."""
+    """A CPU generator for ``seed`` (an integer); ``stream`` separates independent uses of one seed."""
+    seed = check_seed("seed", seed, lo=None)
+    check_int("stream", stream, lo=0)
     g = torch.Generator()
     g.manual_seed((int(seed) * 1_000_003 + stream * 7_919) % (2**63 - 1))
     return g

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._checks import check_seed
 from .base import Sampler, Task, generator
 
 CONTEXT = 32
@@ -78,6 +79,7 @@ class CharLMTask(Task):
         self._train = train
 
     def init(self, seed: int) -> nn.Module:
+        seed = check_seed("seed", seed, lo=None)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return TinyTransformer(self.vocab_size)

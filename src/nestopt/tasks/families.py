@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._checks import check_seed
 from .analytic import RotatedQuadratic
 from .base import Task, TaskFamily
 from .supervised import ArrayTask, digits_mlp
@@ -28,7 +29,7 @@ class QuadraticFamily(TaskFamily):
     description = "rotated quadratics, dim 2-32, condition number 1-1e4"
 
     def sample(self, seed: int) -> Task:
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(check_seed("seed", seed))
         dim = int(rng.integers(2, 33))
         cond = float(10 ** rng.uniform(0.0, 4.0))
         task = RotatedQuadratic(cond=cond, dim=dim, structure_seed=seed)
@@ -38,7 +39,7 @@ class QuadraticFamily(TaskFamily):
 
 def teacher_regression(seed: int) -> ArrayTask:
     """Regression on 512 + 256 generated points labelled by a random tanh teacher, plus noise."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(check_seed("seed", seed))
     d_in = int(rng.integers(4, 17))
     width = int(rng.choice([16, 32, 64]))
     noise = float(rng.uniform(0.0, 0.3))
@@ -67,7 +68,7 @@ class DigitsMLPFamily(TaskFamily):
     description = "digits MLPs with random width, depth, activation and batch size"
 
     def sample(self, seed: int) -> Task:
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(check_seed("seed", seed))
         width = int(rng.choice([16, 32, 64, 128]))
         depth = int(rng.integers(1, 3))
         act = [nn.ReLU, nn.Tanh, nn.GELU][int(rng.integers(0, 3))]
@@ -81,7 +82,7 @@ class TradingFamily(TaskFamily):
     description = "multi-horizon trading on markets with random signal strengths and volatility"
 
     def sample(self, seed: int) -> Task:
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(check_seed("seed", seed))
         base = float(rng.uniform(0.7e-3, 1.5e-3))
         cfg = MarketConfig(a_fast=float(rng.uniform(3e-4, 9e-4)), a_slow=float(rng.uniform(1e-5, 6e-5)),
                            vol=(base, 1.5 * base, 3.0 * base), seed=int(seed) + 10_000)

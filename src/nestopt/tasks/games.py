@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from .._checks import check_int, unknown_name
+from .._checks import check_int, check_number, check_seed, unknown_name
 from .base import generator
 
 
@@ -53,6 +53,8 @@ class BilinearGame(Game):
 
     def __init__(self, dim: int = 2, dtype: torch.dtype = torch.float64, structure_seed: int = 99) -> None:
         self.dim = check_int("dim", dim, lo=1)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype={dtype!r} is invalid: expected a floating-point torch.dtype (torch.float64, ...)")
         self.dtype = dtype
         g = generator(structure_seed, stream=6)
         u, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
@@ -63,7 +65,7 @@ class BilinearGame(Game):
         self.description = f"min_x max_y x^T A y, dim {dim}, singular values in [1, 2]"
 
     def init(self, seed: int) -> list[nn.Module]:
-        g = generator(seed, stream=7)
+        g = generator(check_seed("seed", seed, lo=None), stream=7)
         return [Vector(torch.randn(self.dim, generator=g, dtype=torch.float64).to(self.dtype)),
                 Vector(torch.randn(self.dim, generator=g, dtype=torch.float64).to(self.dtype))]
 
@@ -95,8 +97,11 @@ class DiracGAN(Game):
     name = "dirac-gan"
 
     def __init__(self, gamma: float = 0.0, start: tuple[float, float] = (1.0, 1.0)) -> None:
-        self.gamma = float(gamma)
-        self.start = start
+        self.gamma = check_number("gamma", gamma)
+        if (not isinstance(start, tuple | list) or len(start) != 2
+                or any(isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) for v in start)):
+            raise ValueError(f"start={start!r} is invalid: expected two finite numbers (theta, psi)")
+        self.start = tuple(start)
         self.description = f"Dirac GAN, gradient penalty gamma={gamma}"
 
     def init(self, seed: int) -> list[nn.Module]:
@@ -118,6 +123,8 @@ class DiracGAN(Game):
 
 def mixture_centers(modes: int = 8, radius: float = 2.0) -> torch.Tensor:
     """``modes`` points evenly spaced on a circle of ``radius`` (float32, shape ``(modes, 2)``)."""
+    check_int("modes", modes, lo=1)
+    check_number("radius", radius, lo=0.0, lo_open=True)
     angles = torch.arange(modes, dtype=torch.float64) * (2 * math.pi / modes)
     return (radius * torch.stack([angles.cos(), angles.sin()], dim=1)).float()
 
@@ -138,8 +145,8 @@ class MixtureGAN(Game):
     def __init__(self, modes: int = 8, radius: float = 2.0, std: float = 0.02, z_dim: int = 16, hidden: int = 128,
                  batch: int = 256) -> None:
         self.modes = check_int("modes", modes, lo=1)
-        self.radius = float(radius)
-        self.std = float(std)
+        self.radius = check_number("radius", radius, lo=0.0, lo_open=True)
+        self.std = check_number("std", std, lo=0.0, lo_open=True)
         self.z_dim = check_int("z_dim", z_dim, lo=1)
         self.hidden = check_int("hidden", hidden, lo=1)
         self.batch = check_int("batch", batch, lo=1)
@@ -148,6 +155,7 @@ class MixtureGAN(Game):
         self.description = f"GAN on {modes} Gaussians (radius {radius}, std {std}), MLPs of width {hidden}"
 
     def init(self, seed: int) -> list[nn.Module]:
+        seed = check_seed("seed", seed, lo=None)
         self._rng = torch.Generator().manual_seed(int(seed) + 10_007)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
@@ -179,6 +187,12 @@ def mode_stats(game: MixtureGAN, generator: nn.Module, n: int = 2500, seed: int 
     """Score ``n`` samples: a sample is *high quality* within 3 standard deviations of its
     nearest mode; a mode is *covered* when at least ``min_count`` (default 1% of ``n``)
     high-quality samples fall on it. Returns ``{"modes": covered count, "high_quality": fraction}``."""
+    if not isinstance(game, MixtureGAN):
+        raise TypeError(f"game={game!r} is invalid: expected the MixtureGAN the generator was trained on")
+    check_int("n", n, lo=1)
+    check_seed("seed", seed, lo=None)
+    if min_count is not None:
+        check_int("min_count", min_count, lo=1)
     rng = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         x = generator(game.noise(n, rng))
@@ -198,6 +212,8 @@ def game_names() -> list[str]:
 
 
 def get_game(name: str, **kwargs: object) -> Game:
+    if not isinstance(name, str):
+        raise TypeError(f"name={name!r} is invalid: expected a game name, a string ({', '.join(sorted(_GAMES))})")
     if name not in _GAMES:
         raise unknown_name("game", name, _GAMES)
     return _GAMES[name](**kwargs)  # type: ignore[arg-type]

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._checks import check_callable, check_int, check_seed
 from .base import Sampler, Task, evaluate_classifier, generator
 
 _SPLIT_SEED = 20240601
@@ -70,6 +71,12 @@ class ArrayTask(Task):
     def __init__(self, name: str, data: Callable[[], tuple[torch.Tensor, ...]],
                  build: Callable[[], nn.Module], *, classification: bool, steps: int,
                  batch_size: int, description: str, kind: str) -> None:
+        if not isinstance(name, str):
+            raise TypeError(f"name={name!r} is invalid: expected a string")
+        check_callable("data", data, "a function () -> (x_train, y_train, x_val, y_val)")
+        check_callable("build", build, "a function () -> nn.Module")
+        check_int("steps", steps, lo=1)
+        check_int("batch_size", batch_size, lo=1)
         self.name = name
         self._data = data
         self._build = build
@@ -84,6 +91,7 @@ class ArrayTask(Task):
         return self._data()
 
     def init(self, seed: int) -> nn.Module:
+        seed = check_seed("seed", seed, lo=None)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self._build()
@@ -140,6 +148,11 @@ def digits_logreg() -> ArrayTask:
 
 def digits_mlp(width: int = 64, depth: int = 1, activation: type[nn.Module] = nn.ReLU,
                name: str = "digits-mlp", steps: int = 500, batch_size: int = 64) -> ArrayTask:
+    check_int("width", width, lo=1)
+    check_int("depth", depth, lo=0)
+    if not (isinstance(activation, type) and issubclass(activation, nn.Module)):
+        raise TypeError(f"activation={activation!r} is invalid: expected an nn.Module class (nn.ReLU, nn.Tanh, ...)")
+
     def build() -> nn.Module:
         layers: list[nn.Module] = []
         d = 64

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._checks import check_int, check_number, check_seed
 from .base import Sampler, Task, generator
 
 HORIZON_NAMES = ("10m", "1h", "4h", "1d", "3d", "7d", "14d")
@@ -57,6 +58,28 @@ class MarketConfig:
     vol: tuple[float, float, float] = (1.0e-3, 1.5e-3, 3.0e-3)
     drift: tuple[float, float, float] = (0.0, 1e-5, -1e-5)
     seed: int = 7
+
+    def __post_init__(self) -> None:
+        check_int("n_assets", self.n_assets, lo=2)
+        check_int("n_train_assets", self.n_train_assets, lo=1, hi=self.n_assets - 1)
+        check_int("stride", self.stride, lo=1)
+        check_int("val_stride", self.val_stride, lo=self.stride)
+        if self.val_stride % self.stride:
+            raise ValueError(f"val_stride={self.val_stride!r} is invalid: expected a multiple of stride={self.stride}")
+        need = max(RETURN_WINDOWS) + max(HORIZON_BARS) + self.val_stride
+        check_int("n_bars", self.n_bars, lo=need)  # a path must hold the longest window, horizon and a sample
+        check_number("regime_stay", self.regime_stay, lo=1.0, lo_open=True)
+        check_number("a_fast", self.a_fast)
+        check_number("a_slow", self.a_slow)
+        check_number("fast_phi", self.fast_phi, lo=0.0, hi=1.0, hi_open=True)
+        check_number("slow_phi", self.slow_phi, lo=0.0, hi=1.0, hi_open=True)
+        check_number("signal_noise", self.signal_noise, lo=0.0)
+        for name, values, lo in (("vol", self.vol, 0.0), ("drift", self.drift, None)):
+            if not isinstance(values, tuple | list) or len(values) != 3:
+                raise ValueError(f"{name}={values!r} is invalid: expected three numbers (calm, trending, turbulent)")
+            for i, v in enumerate(values):
+                check_number(f"{name}[{i}]", v, lo=lo, lo_open=lo is not None)
+        check_seed("seed", self.seed)
 
 
 def _ar1(rng: np.random.Generator, n: int, phi: float) -> np.ndarray:
@@ -121,6 +144,10 @@ def market_data(config: MarketConfig = MarketConfig()) -> dict[str, torch.Tensor
 
 def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """Area under the ROC curve by the rank-sum formula (ties get average ranks); one sort."""
+    if not isinstance(scores, torch.Tensor) or not isinstance(labels, torch.Tensor) or scores.numel() != labels.numel():
+        n = [t.numel() if isinstance(t, torch.Tensor) else type(t).__name__ for t in (scores, labels)]
+        raise ValueError(f"scores ({n[0]}) and labels ({n[1]}) are invalid: expected two tensors with one score per "
+                         "label")
     s = scores.detach().double().flatten()
     y = labels.detach().flatten() > 0.5
     n_pos, n_neg = int(y.sum()), int((~y).sum())
@@ -154,6 +181,8 @@ class TradingTask(Task):
     horizons = HORIZON_NAMES
 
     def __init__(self, config: MarketConfig = MarketConfig(), name: str = "trading-multihorizon") -> None:
+        if not isinstance(config, MarketConfig):
+            raise TypeError(f"config={config!r} is invalid: expected a MarketConfig")
         self.config = config
         self.name = name
         self.description = "synthetic 10-minute price paths, shared trunk + 7 horizon heads (10m..14d)"
@@ -162,6 +191,7 @@ class TradingTask(Task):
         return market_data(self.config)
 
     def init(self, seed: int) -> MultiHorizonModel:
+        seed = check_seed("seed", seed, lo=None)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return MultiHorizonModel(self.data()["x_train"].shape[1], len(HORIZON_BARS))

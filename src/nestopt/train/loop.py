@@ -54,6 +54,18 @@ DIVERGE_FACTOR = 100.0
 DEFAULT_CATCH: tuple[type[BaseException], ...] = (RuntimeError, ValueError, ArithmeticError)
 
 
+class _UsageValueError(ValueError):
+    """A misuse found inside the steps (a bad metric): raised through ``catch``, never taken for divergence."""
+
+
+class _UsageTypeError(TypeError):
+    """A misuse found inside the steps (a loss that is not a scalar Tensor): raised through ``catch``."""
+
+
+class _UsageKeyError(KeyError):
+    """``monitor`` names no metric: raised through ``catch``."""
+
+
 @dataclass(frozen=True)
 class Divergence:
     """The divergence rule: a training loss that is not finite, or a monitored (evaluation) value
@@ -113,8 +125,28 @@ def _monitored(metrics: Any, monitor: str | None) -> float | None:
     if monitor is None or metrics is None:
         return None
     if isinstance(metrics, Mapping):
-        return float(metrics[monitor])
-    return float(metrics)
+        if monitor not in metrics:
+            raise _UsageKeyError(f"monitor={monitor!r} is not among the metrics evaluate() returned: "
+                           f"{sorted(map(str, metrics))}; pass monitor= one of them, or monitor=None")
+        value = metrics[monitor]
+        where = f"evaluate()[{monitor!r}]"
+    else:
+        value, where = metrics, "evaluate()"
+    if isinstance(value, bool | str | bytes) or value is None:
+        raise _UsageValueError(f"{where}={value!r} is invalid: the monitored value must be a number")
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise _UsageValueError(f"{where}={value!r} is invalid: the monitored value must be a number") from None
+
+
+def _loss_value(value: Any, what: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise _UsageTypeError(f"{what} returned {type(value).__name__}: expected a scalar Tensor (the training loss)")
+    if value.numel() != 1:
+        raise _UsageTypeError(f"{what} returned a Tensor of shape {tuple(value.shape)}: expected a scalar Tensor "
+                              "(the training loss)")
+    return value
 
 
 def train_loop(opt: torch.optim.Optimizer, steps: int, loss: LossFn, *,
@@ -141,6 +173,20 @@ def train_loop(opt: torch.optim.Optimizer, steps: int, loss: LossFn, *,
     """
     check_int("steps", steps, lo=0)
     check_int("eval_every", eval_every, lo=1)
+    if not isinstance(opt, torch.optim.Optimizer) and not all(hasattr(opt, a) for a in ("step", "zero_grad",
+                                                                                         "param_groups")):
+        raise TypeError(f"opt={opt!r} is invalid: expected a torch.optim.Optimizer")
+    for name, fn in (("loss", loss), ("batch", batch), ("step_fn", step_fn), ("evaluate", evaluate),
+                     ("on_step", on_step), ("on_eval", on_eval)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name}={fn!r} is invalid: expected a function")
+    if clip_norm is not None and clip_norm != math.inf:
+        check_number("clip_norm", clip_norm, lo=0.0, lo_open=True)
+    if divergence is not None and not isinstance(divergence, Divergence):
+        raise TypeError(f"divergence={divergence!r} is invalid: expected a Divergence or None")
+    if (not isinstance(catch, tuple)
+            or not all(isinstance(c, type) and issubclass(c, BaseException) for c in catch)):
+        raise TypeError(f"catch={catch!r} is invalid: expected a tuple of exception classes")
     if clip_norm is not None and clip_params is None:
         clip_params = [p for g in opt.param_groups for p in g["params"]]
     res = LoopResult()
@@ -163,7 +209,7 @@ def train_loop(opt: torch.optim.Optimizer, steps: int, loss: LossFn, *,
 
         def c() -> torch.Tensor:
             opt.zero_grad(set_to_none=True)
-            value = loss(b)
+            value = _loss_value(loss(b), "loss(batch)")
             value.backward(create_graph=create_graph)
             if clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(clip_params, clip_norm)  # type: ignore[arg-type]
@@ -187,7 +233,18 @@ def train_loop(opt: torch.optim.Optimizer, steps: int, loss: LossFn, *,
                 opt.step()
             if scheduler is not None:
                 scheduler.step()
-            lv = float((out if out is not None else c.box[-1]).detach())  # type: ignore[attr-defined]
+            if out is None:
+                if not c.box:  # type: ignore[attr-defined]
+                    raise _UsageTypeError("the step returned None and never called the closure: there is no loss "
+                                          "to record")
+                out = c.box[-1]  # type: ignore[attr-defined]
+            if isinstance(out, torch.Tensor):
+                lv = float(_loss_value(out, "the step").detach())
+            elif isinstance(out, int | float) and not isinstance(out, bool):
+                lv = float(out)
+            else:
+                raise _UsageTypeError(f"the step returned {type(out).__name__}: expected the loss, a scalar Tensor "
+                                      "or a number")
             res.train_time += time.perf_counter() - t0
             res.steps_done = done = step + 1
             res.loss = lv
@@ -212,6 +269,8 @@ def train_loop(opt: torch.optim.Optimizer, steps: int, loss: LossFn, *,
             if stop:
                 res.stopped = True
                 break
+    except (_UsageValueError, _UsageTypeError, _UsageKeyError):
+        raise
     except catch as e:
         res.error = f"{type(e).__name__}: {e}"
         res.diverged, res.diverged_step = True, res.steps_done + 1

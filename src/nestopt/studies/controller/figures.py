@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..._io import atomic_savefig
 from .plan import ROBUST
 
 
@@ -14,7 +15,7 @@ def _save(fig: Any, out: Path, name: str) -> str:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(out / name, dpi=100)
+    atomic_savefig(fig, out / name, dpi=100)
     plt.close(fig)
     return name
 

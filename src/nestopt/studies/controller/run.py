@@ -16,7 +16,11 @@ from .plan import CONFIGS, HEAD_CONFIGS, _nested, head_options
 
 
 def one_thread_worker() -> None:
-    """Initializer of the processes that run :func:`train_heads` (each starts bare)."""
+    """Initializer of the processes that run :func:`train_heads` (each starts bare). Ctrl-C is
+    the parent's to handle (it stops the pool); a worker ignores it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
 
 

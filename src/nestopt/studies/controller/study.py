@@ -10,6 +10,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from ..._io import atomic_write_text, save_part
 from ...bench.runner import run_jobs
 from ...bench.scoring import attach_targets, choose_rates, targets
 from .._common import finite
@@ -26,6 +27,7 @@ def _tune(seeds: int, tasks: tuple[str, ...], workers: int | None) -> tuple[list
     """Phase 1 (AdamW over its grid): the records, the chosen rates, each task's ``lr*`` and the
     keys already run."""
     records, interrupted = run_jobs(plan_tuning(seeds, tasks), workers=workers)
+    save_part("tuning-unfinished" if interrupted else "tuning", records)
     if interrupted:
         raise KeyboardInterrupt
     chosen = choose_rates(records)
@@ -43,6 +45,7 @@ def run_study(out: str | Path, seeds: int = 3, ablation_seeds: int = 2, head_see
     t0 = time.perf_counter()
     records, chosen, best_lr, done = _tune(seeds, tasks, workers)
     more, interrupted = run_jobs(plan_main(best_lr, seeds, ablation_seeds, tasks, done), workers=workers)
+    save_part("main-unfinished" if interrupted else "main", more)
     if interrupted:
         raise KeyboardInterrupt
     records += more
@@ -59,6 +62,7 @@ def run_study(out: str | Path, seeds: int = 3, ablation_seeds: int = 2, head_see
         else:
             with mp.get_context("spawn").Pool(workers, initializer=one_thread_worker) as pool:
                 head_runs = pool.starmap(partial(_train_heads_job, lr=head_lr, steps=head_steps), head_jobs)
+        save_part("heads", [{k: v for k, v in r.items() if k != "trace"} for r in head_runs])
         traces = [trace_multipliers("digits-mlp", lr) for lr in _around(best_lr["digits-mlp"], ABLATION)] \
             if "digits-mlp" in tasks else []
     rob = robustness(records, tasks, best_lr)
@@ -78,8 +82,8 @@ def run_study(out: str | Path, seeds: int = 3, ablation_seeds: int = 2, head_see
            "traces": traces, "figures": figures,
            "seeds": seeds, "ablation_seeds": ablation_seeds, "head_seeds": head_seeds, "tasks": list(tasks),
            "records": [{k: v for k, v in r.items() if k != "curve"} for r in records]}
-    (out / "results.json").write_text(json.dumps(finite(doc), indent=1))
-    (out / "report.md").write_text(study_report(doc))
+    atomic_write_text(out / "results.json", json.dumps(finite(doc), indent=1))
+    atomic_write_text(out / "report.md", study_report(doc))
     return doc
 
 
@@ -94,6 +98,7 @@ def run_variants(out: str | Path, variants: tuple[str, ...] = tuple(VARIANTS), s
     records, chosen, best_lr, done = _tune(seeds, tasks, workers)
     methods = {"adamw": "adamw", **{v: _variant_name(v) for v in variants}}
     more, interrupted = run_jobs(plan_variants(best_lr, methods, seeds, tasks, done), workers=workers)
+    save_part("variants-unfinished" if interrupted else "variants", more)
     if interrupted:
         raise KeyboardInterrupt
     records += more
@@ -104,6 +109,6 @@ def run_variants(out: str | Path, variants: tuple[str, ...] = tuple(VARIANTS), s
     doc = {"study": "controller-variants", "wall_s": wall, "runs": len(records), "best_lr": best_lr, "seeds": seeds,
            "variants": {v: VARIANTS[v] for v in variants}, "robustness": rob, "robust_difference": diffs,
            "robust_verdicts": {v: robust_verdict(d) for v, d in diffs.items()}, "tasks": list(tasks)}
-    (out / "variants.json").write_text(json.dumps(finite(doc), indent=1, default=list))
-    (out / "variants.md").write_text(variants_report(doc))
+    atomic_write_text(out / "variants.json", json.dumps(finite(doc), indent=1, default=list))
+    atomic_write_text(out / "variants.md", variants_report(doc))
     return doc

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from ..._io import atomic_savefig
+
 
 def figures(doc: dict[str, Any], out: Path) -> None:
     import matplotlib
@@ -29,7 +31,7 @@ def figures(doc: dict[str, Any], out: Path) -> None:
     axes[0].axhline(0.999, color="grey", lw=0.8)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "exactness.png", dpi=120)
+    atomic_savefig(fig, out / "exactness.png", dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -40,7 +42,7 @@ def figures(doc: dict[str, Any], out: Path) -> None:
     ax.set(xlabel="tuning wall-clock (s)", ylabel="retrained test accuracy", title="Weight decay on digits MLP")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "hpo.png", dpi=120)
+    atomic_savefig(fig, out / "hpo.png", dpi=120)
     plt.close(fig)
 
     syn, real = doc["distill"]["images"]
@@ -61,7 +63,7 @@ def figures(doc: dict[str, Any], out: Path) -> None:
     ax.set(xlabel="log10 weight decay", ylabel="dropout rate", title="Grid validation loss (colour) and STN path")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "stn.png", dpi=120)
+    atomic_savefig(fig, out / "stn.png", dpi=120)
     plt.close(fig)
 
 
@@ -77,5 +79,5 @@ def _image_rows(path: Path, rows: list[torch.Tensor], titles: list[str]) -> None
             axes[r, c].axis("off")
         axes[r, 0].set_title(title, fontsize=8, loc="left")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)

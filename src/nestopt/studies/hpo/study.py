@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..._io import atomic_write_text, save_part
 from .._common import finite
 from .augment import augmentation
 from .distillation import distill
@@ -33,6 +34,7 @@ def run_study(out: str | Path, quick: bool = False) -> dict[str, Any]:
             s = time.perf_counter()
             doc[name] = fn()
             timings[name] = time.perf_counter() - s
+            save_part(name, doc[name])  # kept (in partial/) if a later section is interrupted
 
         if quick:
             section("exactness", lambda: exactness((1, 5, 20)))
@@ -55,6 +57,6 @@ def run_study(out: str | Path, quick: bool = False) -> dict[str, Any]:
         figures(doc, out)
         doc["distill"].pop("images")  # tensors for the figures, not results
         doc["augment"].pop("examples")
-        (out / "results.json").write_text(json.dumps(finite(doc), indent=1, default=float))
-        (out / "report.md").write_text(report(doc))
+        atomic_write_text(out / "results.json", json.dumps(finite(doc), indent=1, default=float))
+        atomic_write_text(out / "report.md", report(doc))
     return doc

@@ -442,3 +442,16 @@ def test_valid_inputs_still_work():
     res = _loop(clip_norm=INF)
     assert res.steps_done == 3 and not res.diverged
     assert isinstance(GuardConfig(), GuardConfig)
+
+
+def test_the_optimizer_registry_refuses_a_name_that_is_not_a_string_and_a_bad_rate():
+    import torch
+
+    from nestopt.bench import registry
+
+    with pytest.raises(TypeError, match=r"name=\['sgd'\] is invalid: expected an optimizer name"):
+        registry.get(["sgd"])
+    w = torch.nn.Parameter(torch.ones(2))
+    for lr in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"^lr="):
+            registry.get("sgd").make([w], lr=lr)

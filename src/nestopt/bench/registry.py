@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import torch
 
-from .._checks import unknown_name
+from .._checks import check_number, unknown_name
 
 Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
@@ -87,7 +87,10 @@ class OptimizerSpec:
         if not self.available():
             raise RuntimeError(f"optimizer {self.name!r} needs the package {self.requires!r}: "
                                f"pip install 'nestopt[peers]'")
-        return self.build(params, lr=self.default_lr if lr is None else lr)
+        lr = self.default_lr if lr is None else lr
+        if not torch.is_tensor(lr):
+            check_number("lr", lr, lo=0.0)
+        return self.build(params, lr=lr)
 
 
 _REGISTRY: dict[str, OptimizerSpec] = {}
@@ -122,6 +125,9 @@ def variants() -> list[OptimizerSpec]:
 
 def get(name: str) -> OptimizerSpec:
     """The spec called ``name`` (a registered optimizer or variant); ``KeyError`` lists the valid names."""
+    if not isinstance(name, str):
+        raise TypeError(f"name={name!r} is invalid: expected an optimizer name (a string) such as "
+                        f"{next(iter(_REGISTRY), 'sgd')!r}")
     if name in _REGISTRY:
         return _REGISTRY[name]
     if name in _VARIANTS:

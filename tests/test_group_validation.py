@@ -153,3 +153,63 @@ def test_a_group_value_that_is_a_tensor_is_checked_on_entry():
     model = tiny_mlp()
     with pytest.raises(ValueError, match=r"param_groups\[1\]\['lr'\]=-0.5"):
         Polyak(_groups(model, torch.tensor(-0.5)))
+
+
+# -- the nested optimizer's base ------------------------------------------------------------------
+def test_nested_refuses_a_non_finite_value_for_its_base():
+    # torch's SGD accepts weight_decay=inf: the parameters were NaN after one step
+    with pytest.raises(ValueError, match=r"weight_decay=inf is invalid"):
+        NestedOptimizer(tiny_mlp().parameters(), torch.optim.SGD, lr=1e-3, weight_decay=math.inf)
+
+
+@pytest.mark.parametrize("base", [Polyak, torch.optim.LBFGS])
+def test_nested_refuses_a_base_whose_step_needs_the_loss(base):
+    with pytest.raises(ValueError, match=rf"base={base.__name__} is invalid: its step needs a closure or the loss"):
+        NestedOptimizer(tiny_mlp().parameters(), base)
+
+
+def test_nested_checks_a_base_value_changed_between_steps_with_the_bases_own_rules():
+    model = tiny_mlp()
+    opt = NestedOptimizer(model.parameters(), signal="proxy", lr=1e-3)
+    x, y = regression_data(16)
+    closure = mse_closure(opt, model, x, y)
+    opt.step(closure)
+    opt.param_groups[0]["betas"] = (0.9, 1.5)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"param_groups\[0\] is invalid for the base AdamW: .*beta"):
+        opt.step(closure)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    opt.param_groups[0]["betas"] = (0.9, 0.999)
+    opt.step(closure)
+
+
+def test_nested_add_param_group_refuses_what_its_constructor_refuses():
+    opt = NestedOptimizer(tiny_mlp().parameters(), signal="proxy", lr=1e-3)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\] has dtype torch.float16"):
+        opt.add_param_group({"params": nn.Linear(4, 2).half().parameters()})
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['lr'\]=-1.0"):
+        opt.add_param_group({"params": nn.Linear(4, 2).parameters(), "lr": -1.0})
+    assert len(opt.param_groups) == 1
+
+
+def test_nested_loads_a_state_saved_by_a_torch_whose_base_lacked_newer_keys():
+    _, opt = _stepped("nested-proxy")
+    sd = opt.state_dict()
+    for g in sd["param_groups"]:  # older torch releases saved no such keys; torch fills them in
+        for k in ("decoupled_weight_decay", "fused", "capturable"):
+            g.pop(k, None)
+    model, fresh = _stepped("nested-proxy")
+    fresh.load_state_dict(sd)
+
+
+def test_a_numpy_scalar_rate_is_a_rate():
+    import numpy as np
+
+    model = tiny_mlp()
+    opt = Polyak(model.parameters())
+    opt.param_groups[0]["lr"] = np.float32(0.5)
+    x, y = regression_data(16)
+    opt.step(mse_closure(opt, model, x, y))
+    opt.param_groups[0]["lr"] = np.float32("nan")
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['lr'\]=np.float32\(nan\)"):
+        opt.step(mse_closure(opt, model, x, y))

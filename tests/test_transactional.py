@@ -191,3 +191,16 @@ def test_an_error_inside_the_update_kernel_says_the_update_had_begun(monkeypatch
     with pytest.raises(Boom) as err:
         opt.step(_closure(opt, model, x, y))
     assert "partly updated" in err.value.__notes__[0]
+
+
+def test_an_error_before_the_update_says_nothing_moved_even_deep_in_the_step():
+    # Polyak's Hutchinson preconditioner refuses a closure without create_graph inside its
+    # directions, before any running statistic is touched
+    from nestopt.optim import Polyak
+
+    model = tiny_mlp()
+    opt = Polyak(model.parameters(), precondition="hutchinson")
+    x, y = regression_data(16)
+    with pytest.raises(RuntimeError, match="create_graph") as err:
+        opt.step(_closure(opt, model, x, y))
+    assert "as they were" in err.value.__notes__[0]

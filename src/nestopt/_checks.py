@@ -8,20 +8,26 @@ from __future__ import annotations
 
 import math
 import numbers
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
 
 def _fmt(value: Any) -> str:
-    return repr(value)
+    r = repr(value)
+    return r if len(r) <= 80 else f"{r[:40]}...({len(r)} characters)"
 
 
 def check_number(name: str, value: Any, *, lo: float | None = None, hi: float | None = None,
                  lo_open: bool = False, hi_open: bool = False) -> float:
     """Return ``float(value)`` after checking it is a finite number inside the given bounds."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # numbers.Real takes NumPy's scalars too (np.float32 from a NumPy-based schedule)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name}={_fmt(value)} is invalid: expected a real number")
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # an int beyond float's range (10**400)
+        v = math.inf
     if not math.isfinite(v):
         raise ValueError(f"{name}={_fmt(value)} is invalid: expected a finite number")
     if lo is not None and (v < lo or (lo_open and v == lo)):

@@ -144,6 +144,8 @@ def prepare_out(path: str | Path, *, force: bool, resume: bool = False, flag_hin
     if not text.strip():
         raise OutputError(f"{option} {text!r} is invalid: expected a folder path")
     out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{option} {text!r} is a file: expected a folder (a new or an empty one)")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".nestopt-write-test-{os.getpid()}"
@@ -329,11 +331,17 @@ _DEFER = 0
 _PENDING: list[int] = []
 _ACTIVE = 0
 _SEEN = [0]
+_LAST = [0]
 
 
 def signals_seen() -> int:
     """How many SIGINT and SIGTERM the :func:`interruptible` handlers have taken so far."""
     return _SEEN[0]
+
+
+def last_signal() -> int:
+    """The last signal the :func:`interruptible` handlers took (0: none)."""
+    return _LAST[0]
 
 
 def _raise_for(signum: int) -> None:
@@ -344,6 +352,7 @@ def _raise_for(signum: int) -> None:
 
 def _handler(signum: int, frame: Any) -> None:
     _SEEN[0] += 1
+    _LAST[0] = signum
     if _DEFER:
         _PENDING.append(signum)
         return
@@ -360,6 +369,7 @@ def interruptible() -> Iterator[None]:
         yield
         return
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    _LAST[0] = 0
     for s in before:
         signal.signal(s, _handler)
     _ACTIVE += 1

@@ -20,7 +20,7 @@ Outputs never lose work: a command refuses an ``--out`` folder that holds anythi
 temporary name and renames it. A run's files reach ``--out`` together when it completes and replace
 the older result's files; an interrupted run (Ctrl-C, SIGINT or SIGTERM, in the foreground or in the
 background) writes what it finished to ``OUT/partial/`` instead, leaves a complete result in
-``OUT`` as it was, and exits with code 130 (see :mod:`nestopt._io`).
+``OUT`` as it was, and exits with code 130 (SIGINT) or 143 (SIGTERM) (see :mod:`nestopt._io`).
 """
 
 from __future__ import annotations
@@ -521,7 +521,9 @@ COMMANDS = {"bench": _cmd_bench, "study": _cmd_study, "tasks": _cmd_tasks, "opti
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ._io import OutputError, Terminated, interruptible
+    import signal
+
+    from ._io import OutputError, Terminated, interruptible, last_signal
 
     parser = build_parser()
     try:
@@ -529,13 +531,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         # SIGINT and SIGTERM stop every command cleanly, also in a background job (which a shell
         # starts with SIGINT ignored); the handlers before are restored after.
         with interruptible():
-            return COMMANDS[args.command](args)
+            rc = COMMANDS[args.command](args)
+        # the shell's convention: 128 + the signal's number (130 for SIGINT, 143 for SIGTERM)
+        return 128 + signal.SIGTERM if rc == EXIT_INTERRUPTED and last_signal() == signal.SIGTERM else rc
     except (UsageError, OutputError) as e:
         print(f"nestopt: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as e:
         print(f"nestopt: interrupted{' (SIGTERM)' if isinstance(e, Terminated) else ''}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return 128 + signal.SIGTERM if isinstance(e, Terminated) else EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -100,7 +100,8 @@ class NestoptOptimizer(Counted, Optimizer):
 
     def _check_step_groups(self) -> None:
         """At each step: re-check the groups whose values changed since they were last checked."""
-        keys = tuple(self.group_spec)
+        spec = self.step_spec()
+        keys = tuple(spec)
         if not keys:
             return
         now = spec_values(self.param_groups, keys)
@@ -108,8 +109,16 @@ class NestoptOptimizer(Counted, Optimizer):
         if seen is not None and unchanged(now, seen):
             return
         for i, g in enumerate(self.param_groups):
-            check_group(g, f"param_groups[{i}]", self.group_spec)
+            if seen is None or i >= len(seen) or not unchanged([now[i]], [seen[i]]):
+                self.check_changed_group(g, f"param_groups[{i}]", spec)
         self.__dict__["_seen"] = now
+
+    def step_spec(self) -> Mapping[str, Check]:
+        """The group values a step re-checks when they change (``group_spec``)."""
+        return self.group_spec
+
+    def check_changed_group(self, group: dict[str, Any], where: str, spec: Mapping[str, Check]) -> None:
+        check_group(group, where, spec)
 
     # -- state -------------------------------------------------------------------------------------
     def state_shape_ok(self, key: str, value: torch.Tensor, p: torch.Tensor) -> bool:

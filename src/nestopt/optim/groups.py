@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -80,6 +82,22 @@ def choice(*options: Any) -> Check:
             raise ValueError(f"{name}={value!r} is invalid: expected one of {', '.join(map(repr, options))}")
 
     return check
+
+
+def nonnegative(name: str, value: Any) -> None:
+    """A finite number >= 0 (a module-level check: an optimizer that keeps its spec pickles it)."""
+    check_number(name, _scalar(name, value), lo=0.0)
+
+
+def finite(name: str, value: Any) -> None:
+    """A real number, or a tuple or list of them, must be finite; other values are not checked
+    (the base optimizer of a nested optimizer checks its own)."""
+    values = value if isinstance(value, tuple | list) else (value,)
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            continue
+        if not math.isfinite(float(v)):
+            raise ValueError(f"{name}={value!r} is invalid: expected finite numbers")
 
 
 def check_group(group: Mapping[str, Any], where: str, spec: Mapping[str, Check]) -> None:

@@ -94,6 +94,7 @@ class Polyak(NestoptOptimizer):
     """
 
     counter_reasons = ("zero_grad", "at_target")  # whole-optimizer counts (module docstring)
+    needs_loss = True  # step() needs the loss: a closure or loss=
     unsupported_why = {"complex": "its preconditioner reads g * g, which is not |g|^2 for complex g",
                        "float16": "precond_eps underflows and the preconditioned dot product overflows in float16"}
     group_spec = {"lr": number(0.0), "f_star": number(), "max_lr": number(0.0, lo_open=True, optional=True),
@@ -162,6 +163,7 @@ class Polyak(NestoptOptimizer):
             params = [p for _, p in items]
             step = self.state[params[0]].get("diag_step", 0) + 1
             hvps = self._hvps(params, grads, step, items[0][0]["seed"])
+        commit(self)  # the running statistics update in place from here
         out: list[torch.Tensor] = [grads[0]] * len(items)
         for group, idx in _by_group(items, range(len(items))):
             ps = [items[i][1] for i in idx]
@@ -259,7 +261,6 @@ class Polyak(NestoptOptimizer):
         if total == 0.0:
             return self._count("zero_grad")
         plain = self.precondition is None and type(self)._directions is Polyak._directions
-        commit(self)
         gap = loss_v - group0["f_star"]
         if plain and group0 is items[-1][0] and self.scope != "tensor" and group0["momentum"] == 0:
             # The common case (u = g, one step size, no momentum) as one update (see below for the
@@ -267,6 +268,7 @@ class Polyak(NestoptOptimizer):
             eta = _eta(group0, 1.0, gap, total)
             if eta is None:  # gap / ||g||^2 overflowed: a step of infinite size is not taken
                 return self._count("nonfinite")
+            commit(self)
             torch._foreach_add_([p for _, p in reversed(items)], grads[::-1], alpha=-group0["lr"] * eta)
             group0["polyak"]["eta"] = eta
             return self._count("steps")
@@ -276,6 +278,7 @@ class Polyak(NestoptOptimizer):
             us = self._directions(items, grads)
             s_p = torch.stack([torch.dot(g.reshape(-1), u.reshape(-1)).to(torch.float64)
                                for g, u in zip(grads, us)]).tolist()
+        commit(self)  # (the directions may have begun it: they update running statistics)
         pieces = self._pieces(items)
         s = [sum(s_p[i] for i in piece) for piece in pieces]
         shares = self._shares(s)
@@ -375,6 +378,7 @@ class PolyakAdam(Polyak):
         super().add_param_group(param_group)
 
     def _directions(self, items: list[tuple[dict[str, Any], torch.Tensor]], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        commit(self)  # the moments update in place from here
         out: list[torch.Tensor] = [grads[0]] * len(items)
         for group, idx in _by_group(items, range(len(items))):
             b1, b2 = group["betas"]

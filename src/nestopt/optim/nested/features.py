@@ -57,7 +57,11 @@ class Feature(abc.ABC):
         """Runs before :meth:`values` on each step that reaches the controller. It may replace the
         tensors, arrays and lists it keeps (as attributes) but must not write into them in place:
         a step that fails after it ran puts the feature's attributes back as they were, keeping
-        references rather than copies."""
+        references rather than copies. Work that must write in place goes in :meth:`commit`."""
+
+    def commit(self) -> None:
+        """Runs when the step is sure to be taken, right before the base optimizer's update (the
+        parameters and gradients are still the ones :meth:`update` saw)."""
 
     @abc.abstractmethod
     def values(self, view: StepView) -> list[list[float]]:
@@ -152,6 +156,7 @@ class Curvature(Feature):
         self.curv: list[float] = []
         self.prev_grad: list[torch.Tensor] = []
         self.prev_param: list[torch.Tensor] = []
+        self.pending: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # this step's, for commit
 
     def add_group(self) -> None:
         self.curv.append(0.0)
@@ -170,9 +175,19 @@ class Curvature(Feature):
                 a, b = sum(host[off:off + k]), sum(host[n + off:n + off + k])
                 self.curv[i] = math.sqrt(a / b) if b > 0 else self.curv[i]
                 off += k
-        # new copies rather than writing into the old ones: a step that fails later puts the old back
-        self.prev_grad = [g.detach().clone() for g in gs]
-        self.prev_param = [p.detach().clone() for p in ps]
+        self.pending = (gs, ps)  # kept at commit, when the step is sure to be taken
+
+    def commit(self) -> None:
+        if self.pending is None:
+            return
+        gs, ps = self.pending
+        self.pending = None
+        if self.prev_grad and len(self.prev_grad) == len(gs):
+            torch._foreach_copy_(self.prev_grad, gs)  # into the buffers kept: no new memory
+            torch._foreach_copy_(self.prev_param, ps)
+        else:
+            self.prev_grad = [g.detach().clone() for g in gs]
+            self.prev_param = [p.detach().clone() for p in ps]
 
     def values(self, view: StepView) -> list[list[float]]:
         return [[_log(c)] for c in self.curv]
@@ -185,6 +200,7 @@ class Curvature(Feature):
                 "prev_param": [t.clone() for t in self.prev_param]}
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        self.pending = None
         self.curv = list(state["curv"])
         self.prev_grad = [t.to(device).clone() for t in state["prev_grad"]]
         self.prev_param = [t.to(device).clone() for t in state["prev_param"]]

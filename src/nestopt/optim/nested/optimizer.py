@@ -4,6 +4,7 @@ described in the package docstring (:mod:`nestopt.optim.nested`)."""
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -18,7 +19,7 @@ from ..._checks import check_choice, check_int, check_number
 from ...nets.controller import Controller, RunningNorm
 from ..base import NestoptOptimizer, refuse_sparse
 from ..counters import bump, ensure
-from ..groups import check_group, check_loadable, number, shape_fits
+from ..groups import check_group, check_loadable, finite, nonnegative, number, shape_fits
 from ..tensors import host_sq_norms
 from ..transaction import commit, current, enter, evaluate
 from .features import DEFAULT_FEATURES, Feature, LossTracker, StepView, make_features
@@ -88,6 +89,11 @@ class NestedOptimizer(NestoptOptimizer):
                 params = [{"params": [p], "depth": i / max(n - 1, 1)} for i, p in enumerate(params)]
         if not (isinstance(base, type) and issubclass(base, Optimizer)):
             raise ValueError(f"base={base!r} is invalid: expected a torch.optim.Optimizer subclass")
+        if issubclass(base, torch.optim.LBFGS) or getattr(base, "needs_loss", False):
+            raise ValueError(f"base={base.__name__} is invalid: its step needs a closure or the loss, and the nested "
+                             "optimizer steps its base without either (and replays it); use a base such as AdamW or SGD")
+        for k, v in base_kwargs.items():  # the base checks its own; torch's accept inf for some
+            finite(k, v)
         if "lr" in base_kwargs and not torch.is_tensor(base_kwargs["lr"]):
             check_number("lr", base_kwargs["lr"], lo=0.0)
         check_choice("signal", signal, SIGNALS)
@@ -135,6 +141,9 @@ class NestedOptimizer(NestoptOptimizer):
             raise ValueError(f"controller has n_features={controller.n_features}, scratchpad={controller.scratchpad}; "
                              f"the features {list(names)} need n_features={n_features}, scratchpad={scratchpad}")
         self.base = base(params, **base_kwargs)
+        # what a step re-checks when a group's values change: lr, and every number the base reads
+        # must be finite (module-level checks: this dict is pickled with the optimizer)
+        self._step_checks = {"lr": nonnegative, **{k: finite for k in self.base.defaults if k != "lr"}}
         self._raw_base_step = raw_step(self.base)  # the base's step without torch's hook wrapper
         self._ready = False
         super().__init__(self.base.param_groups, dict(self.base.defaults))
@@ -188,13 +197,43 @@ class NestedOptimizer(NestoptOptimizer):
         return {"float16": f"the base optimizer's eps={eps} rounds to 0 in float16, so a gradient element that is "
                            "exactly 0 gives 0/0 = NaN; pass eps >= 6e-8 or fused=True to the base"}
 
+    def step_spec(self) -> dict[str, Any]:
+        return self.__dict__.get("_step_checks") or self.group_spec
+
+    def check_changed_group(self, group: dict[str, Any], where: str, spec: Any) -> None:
+        """A changed group: lr and the base's numbers finite, and, when a value other than lr
+        changed, the base's own checks on the new values (by building a throwaway base with them:
+        torch checks its hyperparameters only when an optimizer is built)."""
+        check_group(group, where, spec)
+        try:
+            takes = inspect.signature(type(self.base).__init__).parameters
+        except (TypeError, ValueError):
+            return
+        keys = [k for k in self.base.defaults if k != "lr" and k in takes]
+        now = tuple(group.get(k) for k in keys)
+        seen = self.__dict__.setdefault("_base_seen", {})
+        if seen.get(where) is not None and seen[where] == now:
+            return
+        probe = torch.zeros(1, requires_grad=True)
+        try:
+            type(self.base)([probe], **{k: group[k] for k in keys if k in group})
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise ValueError(f"{where} is invalid for the base {type(self.base).__name__}: {e}") from None
+        seen[where] = now
+
     # -- plumbing ------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not self._ready:  # during Optimizer.__init__: the groups are the base's own dicts
             return super().add_param_group(param_group)
         where = f"param_groups[{len(self.param_groups)}]"
-        check_group({k: v for k, v in param_group.items() if k in self.group_spec}, where,
-                    {k: c for k, c in self.group_spec.items() if k in param_group})
+        params = param_group.get("params")
+        if params is not None and not isinstance(params, set):
+            param_group["params"] = [params] if torch.is_tensor(params) else list(params)
+            for j, p in enumerate(param_group["params"]):
+                if torch.is_tensor(p):
+                    self._check_param(p, f"{where}['params'][{j}]")
+        spec = self.step_spec()
+        check_group(param_group, where, {k: c for k, c in spec.items() if k in param_group})
         self.base.add_param_group(param_group)
         self.__dict__["_seen"] = None
         self.param_groups[-1].setdefault("nested_mult", 1.0)
@@ -378,6 +417,7 @@ class NestedOptimizer(NestoptOptimizer):
         only once a step is about to train them (:meth:`keep_controller`)."""
         entry = self.counter_entry
         counters = [(g[entry], dict(g[entry])) for g in self.param_groups]
+        mults = [g["nested_mult"] for g in self.param_groups]
         own = {k: self.__dict__[k] for k in ("memory", "last_features", "last_raw", "_val")}
         own["_val"] = dict(own["_val"])
         norm = dict(vars(self.norm))
@@ -388,6 +428,8 @@ class NestedOptimizer(NestoptOptimizer):
             for live, saved in counters:
                 live.clear()
                 live.update(saved)
+            for g, m in zip(self.param_groups, mults):
+                g["nested_mult"] = m
             self.__dict__.update(own)
             vars(self.norm).update(norm)
             for o, saved in objs:
@@ -418,6 +460,8 @@ class NestedOptimizer(NestoptOptimizer):
         txn.on_rollback(undo)
 
     def _base_step(self, mults: list[float], refresh: bool, pflat: list[torch.Tensor]) -> None:
+        for f in self.features:
+            f.commit()
         sample = None
         if refresh and ("update_ratio" in self.features_on or "param_norm" in self.features_on):
             # The update's size from a fixed strided sample of each tensor (at most ~1024
@@ -496,8 +540,8 @@ class NestedOptimizer(NestoptOptimizer):
             raise ValueError("state_dict is invalid for NestedOptimizer: its first param group has no 'nested' entry "
                              "(was it saved from the base optimizer?)")
         # the base's keys must all be there (its step reads them); the nested optimizer checks lr
-        spec = {**{k: _any for k in self.base.defaults}, **self.group_spec}
-        check_loadable(self, {**state_dict, "param_groups": groups}, spec, self._known, shape_fits)
+        # only lr is required: a base saved by an older torch may lack keys its loader fills in
+        check_loadable(self, {**state_dict, "param_groups": groups}, self.group_spec, self._known, shape_fits)
         nested = _unpack(nested)
         params = self._params()
         if nested["n_params"] != len(params):
@@ -523,10 +567,6 @@ class NestedOptimizer(NestoptOptimizer):
         for f in self.features:
             f.load_state_dict(copy.deepcopy(nested["features"].get(f.name, f.state_dict())), dev)
         self.signal_impl.load_state_dict(nested["signal"], params)
-
-
-def _any(name: str, value: Any) -> None:
-    """Any value: the base optimizer's own values are its to check."""
 
 
 class _Gen:

@@ -114,7 +114,11 @@ def spec_values(groups: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> lis
 
 
 def unchanged(now: list[tuple[Any, ...]], seen: list[tuple[Any, ...]]) -> bool:
-    """``now == seen`` without ever reading a tensor's value (identity for tensors)."""
+    """``now == seen`` without reading a tensor's value where it is the same object."""
+    try:  # the common case in C: numbers compare by value, a tensor kept in place by identity
+        return bool(now == seen)
+    except RuntimeError:  # a tensor replaced by another one of several elements: compare below
+        pass
     if len(now) != len(seen):
         return False
     for a, b in zip(now, seen):

@@ -143,7 +143,8 @@ class NestedOptimizer(NestoptOptimizer):
         self.base = base(params, **base_kwargs)
         # what a step re-checks when a group's values change: lr, and every number the base reads
         # must be finite (module-level checks: this dict is pickled with the optimizer)
-        self._step_checks = {"lr": nonnegative, **{k: finite for k in self.base.defaults if k != "lr"}}
+        self._step_checks = {"lr": nonnegative, **{k: finite for k, v in self.base.defaults.items()
+                                                   if k != "lr" and _numeric(v)}}
         self._raw_base_step = raw_step(self.base)  # the base's step without torch's hook wrapper
         self._ready = False
         super().__init__(self.base.param_groups, dict(self.base.defaults))
@@ -567,6 +568,11 @@ class NestedOptimizer(NestoptOptimizer):
         for f in self.features:
             f.load_state_dict(copy.deepcopy(nested["features"].get(f.name, f.state_dict())), dev)
         self.signal_impl.load_state_dict(nested["signal"], params)
+
+
+def _numeric(v: Any) -> bool:
+    values = v if isinstance(v, tuple | list) else (v,)
+    return bool(values) and all(isinstance(x, int | float) and not isinstance(x, bool) for x in values)
 
 
 class _Gen:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .._checks import check_number
+from .._checks import _fmt, check_number
 
 Check = Callable[[str, Any], None]
 
@@ -96,8 +96,12 @@ def finite(name: str, value: Any) -> None:
     for v in values:
         if isinstance(v, bool) or not isinstance(v, numbers.Real):
             continue
-        if not math.isfinite(float(v)):
-            raise ValueError(f"{name}={value!r} is invalid: expected finite numbers")
+        try:
+            ok = math.isfinite(float(v))
+        except OverflowError:  # an int beyond float's range
+            ok = False
+        if not ok:
+            raise ValueError(f"{name}={_fmt(value)} is invalid: expected finite numbers")
 
 
 def check_group(group: Mapping[str, Any], where: str, spec: Mapping[str, Check]) -> None:

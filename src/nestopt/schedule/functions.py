@@ -103,7 +103,8 @@ class Cosine(Schedule):
 
     def __call__(self, t: float) -> float:
         t = min(_t(t), self.steps)
-        return self.min_value + (self.base - self.min_value) * (1 + math.cos(math.pi * t / self.steps)) / 2
+        # the half taken first: (base - min) * 2 overflows for a base near float's largest
+        return self.min_value + (self.base - self.min_value) * ((1 + math.cos(math.pi * t / self.steps)) / 2)
 
 
 @dataclass(frozen=True)

@@ -140,7 +140,11 @@ class NestedOptimizer(NestoptOptimizer):
         if controller.n_features != max(n_features, 1) or controller.scratchpad != scratchpad:
             raise ValueError(f"controller has n_features={controller.n_features}, scratchpad={controller.scratchpad}; "
                              f"the features {list(names)} need n_features={n_features}, scratchpad={scratchpad}")
-        self.base = base(params, **base_kwargs)
+        try:
+            self.base = base(params, **base_kwargs)
+        except (TypeError, ValueError) as e:  # the base's own checks: name what it was given
+            given = ", ".join(f"{k}={v!r}" for k, v in base_kwargs.items())
+            raise ValueError(f"base={base.__name__} refused its arguments ({given or 'none'}): {e}") from None
         # what a step re-checks when a group's values change: lr, and every number the base reads
         # must be finite (module-level checks: this dict is pickled with the optimizer)
         self._step_checks = {"lr": nonnegative, **{k: finite for k, v in self.base.defaults.items()
@@ -533,6 +537,9 @@ class NestedOptimizer(NestoptOptimizer):
         return {**sd, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, dict):
+            raise ValueError(f"state_dict={type(state_dict).__name__} is invalid for NestedOptimizer: expected the "
+                             "dict its state_dict() returned")
         if "nested" in state_dict:  # saved before the optimizer was in parts (nestopt 407dc63 and earlier)
             state_dict = self._from_old_layout(state_dict)
         groups = [dict(g) for g in state_dict.get("param_groups", ())]

@@ -176,7 +176,7 @@ def test_nested_checks_a_base_value_changed_between_steps_with_the_bases_own_rul
     opt.step(closure)
     opt.param_groups[0]["betas"] = (0.9, 1.5)
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(ValueError, match=r"param_groups\[0\] is invalid for the base AdamW: .*beta"):
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['betas'\]=\(0.9, 1.5\) is invalid for the base AdamW: .*beta"):
         opt.step(closure)
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     opt.param_groups[0]["betas"] = (0.9, 0.999)
@@ -213,3 +213,44 @@ def test_a_numpy_scalar_rate_is_a_rate():
     opt.param_groups[0]["lr"] = np.float32("nan")
     with pytest.raises(ValueError, match=r"param_groups\[0\]\['lr'\]=np.float32\(nan\)"):
         opt.step(mse_closure(opt, model, x, y))
+
+
+@pytest.mark.parametrize(("make", "group", "match"), [
+    (lambda g: ComplexAdam(g), {"lr": 0.1, "weight_decay": 20.0}, r"lr \* weight_decay must be at most 1"),
+    (lambda g: HypergradientSGD(g), {"scale_min": 2.0, "scale_max": 1.0}, r"expected scale_min <= scale_max"),
+    (lambda g: HypergradientSGD(g), {"lr": 1.0, "scale_max": 1e13}, r"could reach 1e\+13"),
+    (lambda g: Polyak(g), {"lr": 1e13}, r"allowed range is \[0.0, 1000000000000.0\]"),
+])
+def test_values_that_are_fine_alone_but_not_together_are_refused(make, group, match):
+    model = tiny_mlp()
+    with pytest.raises(ValueError, match=match):
+        make([{"params": list(model.parameters()), **group}])
+    opt = make([{"params": list(model.parameters())}])  # and the same between steps
+    x, y = regression_data(16)
+    opt.step(mse_closure(opt, model, x, y))
+    opt.param_groups[0].update(group)
+    with pytest.raises(ValueError, match=match):
+        opt.step(mse_closure(opt, model, x, y))
+
+
+def test_nested_refuses_a_base_switch_flipped_once_the_base_has_state():
+    # AdamW itself raised KeyError: 'max_exp_avg_sq' at the next step
+    model = tiny_mlp()
+    opt = NestedOptimizer(model.parameters(), signal="proxy", lr=1e-3)
+    x, y = regression_data(16)
+    opt.step(mse_closure(opt, model, x, y))
+    opt.param_groups[0]["amsgrad"] = True
+    with pytest.raises(ValueError, match=r"\['amsgrad'\]=True is invalid for the base AdamW: a switch cannot change"):
+        opt.step(mse_closure(opt, model, x, y))
+
+
+def test_complex_momentum_with_a_tiny_imaginary_part_stays_finite():
+    # the fused kernel's weight decay -(1 - Re beta) / Im beta overflowed float32: NaN at beta = 1e-76
+    from nestopt.optim import ComplexMomentum
+
+    model = tiny_mlp()
+    opt = ComplexMomentum(model.parameters(), beta=1e-76)
+    x, y = regression_data(16)
+    for _ in range(3):
+        opt.step(mse_closure(opt, model, x, y))
+    assert all(torch.isfinite(p).all() for p in model.parameters())

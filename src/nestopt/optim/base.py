@@ -56,6 +56,8 @@ class NestoptOptimizer(Counted, Optimizer):
     supports: ClassVar[frozenset[str]] = frozenset()
     # why a kind is refused (in the error); a subclass may say more
     unsupported_why: ClassVar[Mapping[str, str]] = {}
+    # checks of several values of a group together (module-level functions: ``f(group, where)``)
+    group_rules: ClassVar[tuple[Any, ...]] = ()
     _known: ClassVar[dict[str, set[str]]] = {}  # every subclass's group keys: to name a state dict's source
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -81,6 +83,14 @@ class NestoptOptimizer(Counted, Optimizer):
                 check(f"{where}[{key!r}]", param_group[key])
         super().add_param_group(param_group)
         self.__dict__["_seen"] = None
+        try:  # torch filled in the defaults: the whole group now (a default was checked as an argument)
+            check_group({k: v for k, v in self.param_groups[-1].items() if k in self.group_spec}, where,
+                        {k: c for k, c in self.group_spec.items() if k in self.param_groups[-1]})
+            for rule in self.group_rules:
+                rule(self.param_groups[-1], where)
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     def supported(self) -> frozenset[str]:
         """The dtypes beyond float32/float64 this optimizer steps (its class's ``supports``)."""
@@ -119,6 +129,8 @@ class NestoptOptimizer(Counted, Optimizer):
 
     def check_changed_group(self, group: dict[str, Any], where: str, spec: Mapping[str, Check]) -> None:
         check_group(group, where, spec)
+        for rule in self.group_rules:
+            rule(group, where)
 
     # -- state -------------------------------------------------------------------------------------
     def state_shape_ok(self, key: str, value: torch.Tensor, p: torch.Tensor) -> bool:

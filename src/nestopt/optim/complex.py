@@ -53,7 +53,7 @@ import torch
 from .._checks import check_number
 from .base import NestoptOptimizer, refuse_sparse
 from .counters import bump
-from .groups import choice, number, pair
+from .groups import LR_MAX, choice, decay_within_rate, number, pair
 from .transaction import commit, evaluate
 
 # Elements per block on CPU: 2^18 floats = 1 MB per operand, so the five operands of a block
@@ -97,12 +97,18 @@ def _fused(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[tor
                       nesterov=False, maximize=False, is_first_step=False)
 
 
+def _fusable(beta_re: float, beta_im: float) -> bool:
+    """The fused trick's ``wd = -(1 - Re beta) / Im beta`` stays far from float32's range (a tiny
+    ``Im beta`` makes it overflow, and ``inf * 0`` NaN: beta = 1e-76 did)."""
+    return abs((1.0 - beta_re) / beta_im) < 1e15
+
+
 def _rotate(re: list[torch.Tensor], im: list[torch.Tensor], t: list[torch.Tensor], params: list[torch.Tensor],
             *, lr: float, beta_re: float, beta_im: float, fused: bool | None = None) -> None:
     """``Im m <- Re(beta) Im m + Im(beta) Re m;  Re m <- Re(beta) Re m + t;  theta -= lr Re m``
     (``t = g - Im(beta) Im m`` was computed from the old imaginary plane). The fused kernel takes
     lists of one device and dtype and tensors laid out alike (the caller sees to both)."""
-    if _USE_FUSED if fused is None else fused:
+    if (_USE_FUSED and _fusable(beta_re, beta_im)) if fused is None else fused:
         _fused(im, re, [], lr=-beta_im, momentum=0.0, weight_decay=-(1.0 - beta_re) / beta_im)
         _fused(params, t, re, lr=lr, momentum=beta_re, weight_decay=0.0)
         return
@@ -153,7 +159,7 @@ def complex_momentum_step(params: list[torch.Tensor], grads: list[torch.Tensor],
         return
     cache: dict[Any, torch.Tensor] = {} if scratch is None else scratch
     wd_im, lr_im = -(1.0 - beta_re) / beta_im, -beta_im
-    fused = _USE_FUSED
+    fused = _USE_FUSED and _fusable(beta_re, beta_im)
     for p, g, a, b in zip(params, grads, re, im):
         if not p.is_contiguous():  # a strided parameter (a transposed view): whole-tensor plain ops
             _rotate([a], [b], [g.sub(b, alpha=beta_im)], [p], lr=lr, beta_re=beta_re, beta_im=beta_im, fused=False)
@@ -258,15 +264,16 @@ class ComplexMomentum(_SkippingOptimizer):
         torch.complex64
     """
 
-    group_spec = {"lr": number(0.0), "beta": number(0.0, 1.0, hi_open=True), "phase": number(-math.pi, math.pi),
+    group_spec = {"lr": number(0.0, LR_MAX), "beta": number(0.0, 1.0, hi_open=True), "phase": number(-math.pi, math.pi),
                   "weight_decay": number(0.0), "foreach": choice(None, True, False)}
+    group_rules = (decay_within_rate,)
     supports = frozenset({"float16", "bfloat16"})
     unsupported_why = {"complex": "its momentum is complex for real parameters (store a complex parameter as "
                                   "real pairs with torch.view_as_real)"}
 
     def __init__(self, params: Iterable[Any], lr: float = 0.1, beta: float = 0.9, phase: float = math.pi / 8,
                  *, weight_decay: float = 0.0, foreach: bool | None = None) -> None:
-        check_number("lr", lr, lo=0.0)
+        check_number("lr", lr, lo=0.0, hi=LR_MAX)
         check_number("beta", beta, lo=0.0, hi=1.0, hi_open=True)
         check_number("phase", phase, lo=-math.pi, hi=math.pi)
         check_number("weight_decay", weight_decay, lo=0.0)
@@ -354,15 +361,16 @@ class ComplexAdam(_SkippingOptimizer):
         >>> (w ** 2).sum().backward(); opt.step()
     """
 
-    group_spec = {"lr": number(0.0), "betas": pair(0.0, 1.0), "phase": number(-math.pi, math.pi),
+    group_spec = {"lr": number(0.0, LR_MAX), "betas": pair(0.0, 1.0), "phase": number(-math.pi, math.pi),
                   "eps": number(0.0), "weight_decay": number(0.0)}
+    group_rules = (decay_within_rate,)
     supports = frozenset({"bfloat16"})
     unsupported_why = {"complex": "its second moment reads g * g and its first moment is complex for real "
                                   "parameters (store a complex parameter as real pairs with torch.view_as_real)"}
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  phase: float = math.pi / 8, eps: float = 1e-8, *, weight_decay: float = 0.0) -> None:
-        check_number("lr", lr, lo=0.0)
+        check_number("lr", lr, lo=0.0, hi=LR_MAX)
         if not isinstance(betas, tuple | list) or len(betas) != 2:
             raise ValueError(f"betas={betas!r} is invalid: expected a pair (beta1, beta2)")
         check_number("betas[0]", betas[0], lo=0.0, hi=1.0, hi_open=True)

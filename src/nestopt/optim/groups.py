@@ -30,6 +30,10 @@ import torch
 from .._checks import _fmt, check_number
 
 Check = Callable[[str, Any], None]
+# The largest learning rate a group takes: far above any useful one (these optimizers' rates are
+# multipliers near 1 or small steps), and small enough that lr times a gradient, a Polyak step or
+# a learned scale stays finite in float32 (a rate of 1e30 made ComplexAdam's parameters inf).
+LR_MAX = 1e12
 
 
 def _scalar(name: str, value: Any) -> Any:
@@ -84,9 +88,10 @@ def choice(*options: Any) -> Check:
     return check
 
 
-def nonnegative(name: str, value: Any) -> None:
-    """A finite number >= 0 (a module-level check: an optimizer that keeps its spec pickles it)."""
-    check_number(name, _scalar(name, value), lo=0.0)
+def rate(name: str, value: Any) -> None:
+    """A learning rate in ``[0, LR_MAX]`` (a module-level check: an optimizer that keeps its spec
+    pickles it)."""
+    check_number(name, _scalar(name, value), lo=0.0, hi=LR_MAX)
 
 
 def finite(name: str, value: Any) -> None:
@@ -102,6 +107,32 @@ def finite(name: str, value: Any) -> None:
             ok = False
         if not ok:
             raise ValueError(f"{name}={_fmt(value)} is invalid: expected finite numbers")
+
+
+def _real(v: Any) -> float | None:
+    if torch.is_tensor(v) and v.numel() == 1 and not v.is_complex():
+        return float(v)
+    return float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else None
+
+
+def decay_within_rate(group: Mapping[str, Any], where: str) -> None:
+    """``lr * weight_decay <= 1``: a larger decay (decoupled, ``p *= 1 - lr wd``, or as an L2 term)
+    flips the parameters' signs and grows them without bound."""
+    lr, wd = _real(group.get("lr")), _real(group.get("weight_decay"))
+    if lr is not None and wd is not None and lr * wd > 1.0:
+        raise ValueError(f"{where}['weight_decay']={_fmt(group['weight_decay'])} is invalid with lr={_fmt(group['lr'])}: "
+                         "lr * weight_decay must be at most 1 (a larger decay flips the parameters' signs)")
+
+
+def scale_bounds(group: Mapping[str, Any], where: str) -> None:
+    """A hypergradient scale's bounds: ``scale_min <= scale_max`` and ``lr * scale_max <= LR_MAX``."""
+    lo, hi, lr = _real(group.get("scale_min")), _real(group.get("scale_max")), _real(group.get("lr"))
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"{where}['scale_min']={_fmt(group['scale_min'])} and ['scale_max']={_fmt(group['scale_max'])} "
+                         "are invalid: expected scale_min <= scale_max")
+    if hi is not None and lr is not None and lr * hi > LR_MAX:
+        raise ValueError(f"{where}['scale_max']={_fmt(group['scale_max'])} is invalid with lr={_fmt(group['lr'])}: the "
+                         f"learned rate lr * scale could reach {lr * hi:g}, above {LR_MAX:g}")
 
 
 def check_group(group: Mapping[str, Any], where: str, spec: Mapping[str, Check]) -> None:

@@ -36,7 +36,7 @@ from torch.optim.adamw import adamw as _adamw
 from .._checks import check_choice, check_number
 from .base import NestoptOptimizer, refuse_sparse
 from .counters import bump
-from .groups import choice, number, pair
+from .groups import LR_MAX, choice, decay_within_rate, number, pair, scale_bounds
 from .tensors import fused_ok, host_sq_norms
 from .transaction import commit, current, evaluate
 
@@ -46,6 +46,7 @@ RULES = ("multiplicative", "additive")
 class _Hypergradient(NestoptOptimizer):
     group_spec = {"rule": choice(*RULES), "beta": number(0.0), "scale_min": number(0.0, lo_open=True),
                   "scale_max": number(0.0, lo_open=True)}
+    group_rules: tuple = (scale_bounds,)
     supports = frozenset({"bfloat16"})
     unsupported_why = {"complex": "its hypergradient g . u takes no complex conjugate",
                        "float16": "its dot products and norms overflow float16 (65504) and eps underflows"}
@@ -55,7 +56,10 @@ class _Hypergradient(NestoptOptimizer):
         check_choice("rule", rule, RULES)
         check_number("beta", beta, lo=0.0)
         check_number("scale_min", scale_min, lo=0.0, lo_open=True)
-        check_number("scale_max", scale_max, lo=scale_min)
+        check_number("scale_max", scale_max, lo=0.0, lo_open=True)
+        if scale_max < scale_min:
+            raise ValueError(f"scale_min={scale_min!r} and scale_max={scale_max!r} are invalid: expected "
+                             "scale_min <= scale_max")
         defaults = {**defaults, "rule": rule, "beta": beta, "scale_min": scale_min, "scale_max": scale_max}
         super().__init__(params, defaults)
 
@@ -92,11 +96,11 @@ class HypergradientSGD(_Hypergradient):
     scale, default 1e-3 to 1e3).
     """
 
-    group_spec = {"lr": number(0.0), **_Hypergradient.group_spec}
+    group_spec = {"lr": number(0.0, LR_MAX), **_Hypergradient.group_spec}
 
     def __init__(self, params: Iterable[Any], lr: float = 0.01, *, rule: str = "multiplicative",
                  beta: float = 0.02, scale_min: float = 1e-3, scale_max: float = 1e3) -> None:
-        check_number("lr", lr, lo=0.0)
+        check_number("lr", lr, lo=0.0, hi=LR_MAX)
         super().__init__(params, {"lr": lr}, rule=rule, beta=beta, scale_min=scale_min, scale_max=scale_max)
 
     @torch.no_grad()
@@ -146,13 +150,14 @@ class HypergradientAdam(_Hypergradient):
     (default 0.02, multiplicative), ``scale_min``/``scale_max``.
     """
 
-    group_spec = {"lr": number(0.0), "betas": pair(0.0, 1.0), "eps": number(0.0, lo_open=True),
+    group_spec = {"lr": number(0.0, LR_MAX), "betas": pair(0.0, 1.0), "eps": number(0.0, lo_open=True),
                   "weight_decay": number(0.0), **_Hypergradient.group_spec}
+    group_rules = (scale_bounds, decay_within_rate)
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, *, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, rule: str = "multiplicative", beta: float = 0.02,
                  scale_min: float = 1e-3, scale_max: float = 1e3) -> None:
-        check_number("lr", lr, lo=0.0)
+        check_number("lr", lr, lo=0.0, hi=LR_MAX)
         if not (isinstance(betas, tuple | list) and len(betas) == 2):
             raise ValueError(f"betas={betas!r} is invalid: expected a pair (beta1, beta2)")
         check_number("betas[0]", betas[0], lo=0.0, hi=1.0, hi_open=True)

@@ -49,7 +49,7 @@ from ..nets import DirectUpdateMLP, HybridAdamNet, LinearUpdate, UpdateNet
 from ..nets.weights import SHIPPED_NETS, load_net
 from .base import NestoptOptimizer, refuse_sparse
 from .counters import bump
-from .groups import number
+from .groups import LR_MAX, decay_within_rate, number
 from .tensors import fused_ok, host_sq_norms
 from .transaction import commit, evaluate
 
@@ -91,7 +91,8 @@ class LearnedOptimizer(NestoptOptimizer):
             ``True``: compiled for every tensor, errors raised; ``False``: never compiled.
     """
 
-    group_spec = {"lr": number(0.0), "weight_decay": number(0.0)}
+    group_spec = {"lr": number(0.0, LR_MAX), "weight_decay": number(0.0)}
+    group_rules = (decay_within_rate,)
     supports = frozenset({"bfloat16"})
     unsupported_why = {"complex": "its networks read g * g and |g| as real features"}
 
@@ -104,7 +105,7 @@ class LearnedOptimizer(NestoptOptimizer):
 
     def __init__(self, params: Iterable[Any], net: UpdateNet | str | Path = "default", lr: float = 1.0,
                  weight_decay: float = 0.0, *, chunk: int | None = None, compile: bool | None = None) -> None:
-        check_number("lr", lr, lo=0.0)
+        check_number("lr", lr, lo=0.0, hi=LR_MAX)
         check_number("weight_decay", weight_decay, lo=0.0)
         if compile not in (None, True, False):
             raise ValueError(f"compile={compile!r} is invalid: expected None, True or False")

@@ -54,7 +54,7 @@ import torch
 from .._checks import check_choice, check_int, check_number
 from .base import NestoptOptimizer, refuse_sparse
 from .counters import bump
-from .groups import integer, number, pair
+from .groups import LR_MAX, integer, number, pair
 from .tensors import host_sq_norms
 from .transaction import commit, evaluate
 
@@ -97,7 +97,7 @@ class Polyak(NestoptOptimizer):
     needs_loss = True  # step() needs the loss: a closure or loss=
     unsupported_why = {"complex": "its preconditioner reads g * g, which is not |g|^2 for complex g",
                        "float16": "precond_eps underflows and the preconditioned dot product overflows in float16"}
-    group_spec = {"lr": number(0.0), "f_star": number(), "max_lr": number(0.0, lo_open=True, optional=True),
+    group_spec = {"lr": number(0.0, LR_MAX), "f_star": number(), "max_lr": number(0.0, lo_open=True, optional=True),
                   "eps": number(0.0), "momentum": number(0.0, 1.0, hi_open=True),
                   "beta2": number(0.0, 1.0, hi_open=True), "precond_eps": number(0.0), "seed": integer(0)}
 
@@ -105,7 +105,7 @@ class Polyak(NestoptOptimizer):
                  f_star: float = 0.0, max_lr: float | None = None, eps: float = 0.0, momentum: float = 0.0,
                  precondition: str | DiagFn | None = None, beta2: float = 0.999, precond_eps: float = 1e-8,
                  seed: int = 0) -> None:
-        check_number("lr", lr, lo=0.0)
+        check_number("lr", lr, lo=0.0, hi=LR_MAX)
         check_choice("scope", scope, SCOPES)
         check_choice("share", share, SHARES)
         check_number("f_star", f_star)
@@ -318,7 +318,8 @@ def _eta(group: dict[str, Any], w: float, gap: float, s: float) -> float | None:
     if not (math.isfinite(s) and s + eps > 0.0):
         return None
     eta = w * gap / (s + eps)
-    if not (math.isfinite(eta) and eta > 0.0):  # a share of 0 (or one that overflowed): no step
+    # a share of 0, or a step that overflowed (alone or times the rate): no step
+    if not (math.isfinite(eta) and eta > 0.0 and math.isfinite(eta * group["lr"])):
         return None
     cap = group["max_lr"]
     return eta if cap is None else min(eta, cap)

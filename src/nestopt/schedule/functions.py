@@ -85,7 +85,10 @@ class Linear(Schedule):
 
     def __call__(self, t: float) -> float:
         t = min(_t(t), self.steps)
-        return self.start + (self.end - self.start) * t / self.steps
+        d = (self.end - self.start) * t / self.steps
+        if not math.isfinite(d):  # (end - start) * t overflowed: the fraction first (same value otherwise)
+            d = (self.end - self.start) * (t / self.steps)
+        return self.start + d
 
 
 @dataclass(frozen=True)
@@ -103,8 +106,11 @@ class Cosine(Schedule):
 
     def __call__(self, t: float) -> float:
         t = min(_t(t), self.steps)
-        # the half taken first: (base - min) * 2 overflows for a base near float's largest
-        return self.min_value + (self.base - self.min_value) * ((1 + math.cos(math.pi * t / self.steps)) / 2)
+        c = 1 + math.cos(math.pi * t / self.steps)
+        d = (self.base - self.min_value) * c / 2
+        if not math.isfinite(d):  # (base - min) * c overflowed for a base near float's largest: halve first
+            d = (self.base - self.min_value) * (c / 2)
+        return self.min_value + d
 
 
 @dataclass(frozen=True)

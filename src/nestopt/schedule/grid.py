@@ -42,7 +42,11 @@ def grid_search(train: Callable[[float], float], grid: Sequence[float], *, minim
     if not rates:
         raise ValueError("grid=[] is invalid: expected at least one learning rate")
     for lr in rates:
-        if isinstance(lr, bool) or not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
+        try:
+            ok = not isinstance(lr, bool) and isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0
+        except OverflowError:  # an int beyond float's range
+            ok = False
+        if not ok:
             raise ValueError(f"grid={rates!r} is invalid: every rate must be a positive number; got {lr!r}")
     if len({float(lr) for lr in rates}) != len(rates):
         twice = sorted({float(lr) for lr in rates if sum(float(x) == float(lr) for x in rates) > 1})

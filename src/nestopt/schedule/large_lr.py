@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
-from .._checks import check_choice, check_int, check_number
+from .._checks import _fmt, check_choice, check_int, check_number
 from .functions import Schedule, constant, cosine, exponential, step_decay, warmup_then
 
 DECAYS = ("cosine", "step", "exponential", "none")
@@ -172,8 +172,8 @@ class LargeLRScheduler(LRScheduler):
         try:
             value = raw * self.scale
             v = float(value)
-        except (TypeError, ValueError, RuntimeError):
-            raise ValueError(f"the schedule's rate at step {step} (t={t:g}) is {raw!r}: expected a learning rate, "
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            raise ValueError(f"the schedule's rate at step {step} (t={t:g}) is {_fmt(raw)}: expected a learning rate, "
                              "a finite number >= 0; the optimizer's rates are left as they were") from None
         if not (math.isfinite(v) and v >= 0):
             scaled = "" if self.scale == 1.0 else f" (times scale={self.scale!r}: {v!r})"

@@ -241,6 +241,9 @@ class LossTracker:
 def make_features(features: Sequence[str | Feature]) -> list[Feature]:
     """Feature objects for names from :data:`FEATURES` or :class:`Feature` instances; a
     ``ValueError`` names an unknown name (with the valid ones) or a name given twice."""
+    if isinstance(features, str | Feature) or not isinstance(features, Sequence | tuple | list):
+        raise ValueError(f"features={features!r} is invalid: expected a list of feature names "
+                         f"({', '.join(BUILTIN)}) or nestopt.optim.nested.Feature objects")
     out: list[Feature] = []
     for f in features:
         if isinstance(f, Feature):

@@ -19,7 +19,7 @@ from ..._checks import check_choice, check_int, check_number
 from ...nets.controller import Controller, RunningNorm
 from ..base import NestoptOptimizer, refuse_sparse
 from ..counters import bump, ensure
-from ..groups import check_group, check_loadable, finite, nonnegative, number, shape_fits
+from ..groups import LR_MAX, check_group, check_loadable, decay_within_rate, finite, number, rate, shape_fits
 from ..tensors import host_sq_norms
 from ..transaction import commit, current, enter, evaluate
 from .features import DEFAULT_FEATURES, Feature, LossTracker, StepView, make_features
@@ -73,7 +73,8 @@ class NestedOptimizer(NestoptOptimizer):
 
     counter_reasons = ("controller_updates", "controller_skipped", "replays", "replay_steps", "replay_closures")
     counter_entry = "nested_counters"  # the groups are the base's too, which may keep "counters"
-    group_spec = {"lr": number(0.0)}  # the base's own values are the base's to check
+    group_spec = {"lr": number(0.0, LR_MAX)}  # the base's own values are the base's to check
+    group_rules = (decay_within_rate,)
 
     def __init__(self, params: Iterable[Any], base: type[Optimizer] = torch.optim.AdamW, *,
                  controller: Controller | str | Path | None = None, signal: str = "hindsight",
@@ -95,12 +96,15 @@ class NestedOptimizer(NestoptOptimizer):
         for k, v in base_kwargs.items():  # the base checks its own; torch's accept inf for some
             finite(k, v)
         if "lr" in base_kwargs and not torch.is_tensor(base_kwargs["lr"]):
-            check_number("lr", base_kwargs["lr"], lo=0.0)
+            check_number("lr", base_kwargs["lr"], lo=0.0, hi=LR_MAX)
         check_choice("signal", signal, SIGNALS)
         if isinstance(controller, str | Path):
             from ...nets import load_net
 
-            controller = load_net(controller)
+            try:
+                controller = load_net(controller)
+            except ValueError as e:
+                raise ValueError(f"controller={str(controller)!r} is invalid: {e}") from None
             if not isinstance(controller, Controller):
                 raise ValueError(f"controller file holds a {controller.config()['kind']} network, not a nested "
                                  "optimizer's controller")
@@ -131,7 +135,9 @@ class NestedOptimizer(NestoptOptimizer):
             raise ValueError(f"follow={follow} is invalid with signal={signal!r}: it takes a share of the hindsight "
                              "label, so it needs signal='hindsight'")
         check_number("explore", explore, lo=0.0)
-        check_int("seed", seed, lo=0)
+        check_int("seed", seed, lo=0, hi=2**63 - 1)  # torch's generators take a 64-bit seed
+        check_int("scratchpad", scratchpad, lo=0, hi=1024)
+        check_int("hidden", hidden, lo=1, hi=4096)
         n_features = sum(f.width for f in feats)
         if controller is None:
             controller = Controller(max(n_features, 1), hidden, scratchpad, seed=seed)
@@ -142,13 +148,12 @@ class NestedOptimizer(NestoptOptimizer):
                              f"the features {list(names)} need n_features={n_features}, scratchpad={scratchpad}")
         try:
             self.base = base(params, **base_kwargs)
-        except (TypeError, ValueError) as e:  # the base's own checks: name what it was given
+        except Exception as e:  # the base's own checks (torch raises several types): name what it was given
             given = ", ".join(f"{k}={v!r}" for k, v in base_kwargs.items())
             raise ValueError(f"base={base.__name__} refused its arguments ({given or 'none'}): {e}") from None
         # what a step re-checks when a group's values change: lr, and every number the base reads
         # must be finite (module-level checks: this dict is pickled with the optimizer)
-        self._step_checks = {"lr": nonnegative, **{k: finite for k, v in self.base.defaults.items()
-                                                   if k != "lr" and _numeric(v)}}
+        self._step_checks = {"lr": rate, **{k: finite for k in self.base.defaults if k != "lr"}}
         self._raw_base_step = raw_step(self.base)  # the base's step without torch's hook wrapper
         self._ready = False
         super().__init__(self.base.param_groups, dict(self.base.defaults))
@@ -210,6 +215,8 @@ class NestedOptimizer(NestoptOptimizer):
         changed, the base's own checks on the new values (by building a throwaway base with them:
         torch checks its hyperparameters only when an optimizer is built)."""
         check_group(group, where, spec)
+        for rule in self.group_rules:
+            rule(group, where)
         try:
             takes = inspect.signature(type(self.base).__init__).parameters
         except (TypeError, ValueError):
@@ -217,13 +224,34 @@ class NestedOptimizer(NestoptOptimizer):
         keys = [k for k in self.base.defaults if k != "lr" and k in takes]
         now = tuple(group.get(k) for k in keys)
         seen = self.__dict__.setdefault("_base_seen", {})
-        if seen.get(where) is not None and seen[where] == now:
+        before = seen.get(where)
+        if before is not None and before == now:
             return
         probe = torch.zeros(1, requires_grad=True)
         try:
             type(self.base)([probe], **{k: group[k] for k in keys if k in group})
-        except (ValueError, TypeError, RuntimeError) as e:
-            raise ValueError(f"{where} is invalid for the base {type(self.base).__name__}: {e}") from None
+            bad = None
+        except Exception as e:  # torch raises several types for a bad hyperparameter
+            bad = e
+        if bad is None:
+            for i, k in enumerate(keys):  # a value of another type than the base's own default (amsgrad=-1.0)
+                d = self.base.defaults[k]
+                v = group.get(k)
+                if isinstance(d, bool) and before is not None and before[i] != v and self.base.state:
+                    bad = ValueError(f"a switch cannot change once the base has state (it was {before[i]!r}): "
+                                     "set it when the optimizer is built")
+                    break
+                if isinstance(d, bool) and not isinstance(v, bool):
+                    bad = ValueError(f"expected True or False, as the base's default {d!r}")
+                    break
+                if isinstance(d, tuple) and not (isinstance(v, tuple | list) and len(v) == len(d)):
+                    bad = ValueError(f"expected {len(d)} values, as the base's default {d!r}")
+                    break
+        if bad is not None:
+            ref = before if before is not None else tuple(self.base.defaults[k] for k in keys)
+            changed = [k for i, k in enumerate(keys) if ref[i] is not now[i] and ref[i] != now[i]]
+            shown = ", ".join(f"[{k!r}]={group.get(k)!r}" for k in changed) or "its values"
+            raise ValueError(f"{where}{shown} is invalid for the base {type(self.base).__name__}: {bad}") from None
         seen[where] = now
 
     # -- plumbing ------------------------------------------------------------------------------------
@@ -575,11 +603,6 @@ class NestedOptimizer(NestoptOptimizer):
         for f in self.features:
             f.load_state_dict(copy.deepcopy(nested["features"].get(f.name, f.state_dict())), dev)
         self.signal_impl.load_state_dict(nested["signal"], params)
-
-
-def _numeric(v: Any) -> bool:
-    values = v if isinstance(v, tuple | list) else (v,)
-    return bool(values) and all(isinstance(x, int | float) and not isinstance(x, bool) for x in values)
 
 
 class _Gen:

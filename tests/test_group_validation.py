@@ -254,3 +254,32 @@ def test_complex_momentum_with_a_tiny_imaginary_part_stays_finite():
     for _ in range(3):
         opt.step(mse_closure(opt, model, x, y))
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(("key", "value", "match"), [
+    ("lr", None, r"\['lr'\]=None is invalid"),  # a required value may not be None (max_lr may)
+    ("betas", (1.5, 0.9), r"\['betas'\]\[0\]=1.5"),
+    ("lr", torch.tensor([0.1, 0.2]), r"\['lr'\]=tensor of shape \(2,\)"),
+])
+def test_a_value_set_between_steps_is_refused_naming_it(key, value, match):
+    model = tiny_mlp()
+    opt = PolyakAdam(model.parameters(), max_lr=0.1)
+    x, y = regression_data(16)
+    opt.step(mse_closure(opt, model, x, y))
+    opt.param_groups[0][key] = value
+    with pytest.raises(ValueError, match=match):
+        opt.step(mse_closure(opt, model, x, y))
+    opt.param_groups[0]["max_lr"] = None  # optional: fine
+    opt.param_groups[0][key] = opt.defaults[key]
+    opt.step(mse_closure(opt, model, x, y))
+
+
+def test_weight_decay_with_a_tensor_rate_is_checked_together():
+    model = tiny_mlp()
+    with pytest.raises(ValueError, match=r"lr \* weight_decay must be at most 1"):
+        ComplexAdam([{"params": list(model.parameters()), "lr": torch.tensor(0.5), "weight_decay": 10.0}])
+
+
+def test_nested_refuses_a_base_value_beyond_floats_range():
+    with pytest.raises(ValueError, match=r"weight_decay=.* is invalid: expected finite numbers"):
+        NestedOptimizer(tiny_mlp().parameters(), torch.optim.SGD, lr=1e-3, weight_decay=10**400)

@@ -149,24 +149,13 @@ def spec_values(groups: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> lis
 
 
 def unchanged(now: list[tuple[Any, ...]], seen: list[tuple[Any, ...]]) -> bool:
-    """``now == seen`` without reading a tensor's value where it is the same object."""
-    try:  # the common case in C: numbers compare by value, a tensor kept in place by identity
+    """``now == seen``, in C: numbers compare by value, a tensor kept in place by identity (its
+    value is not read). A tensor of several elements in a group cannot be compared: changed (the
+    full check then refuses it)."""
+    try:
         return bool(now == seen)
-    except RuntimeError:  # a tensor replaced by another one of several elements: compare below
-        pass
-    if len(now) != len(seen):
+    except RuntimeError:
         return False
-    for a, b in zip(now, seen):
-        if a is b:
-            continue
-        if len(a) != len(b):
-            return False
-        for x, y in zip(a, b):
-            if x is y:
-                continue
-            if torch.is_tensor(x) or torch.is_tensor(y) or x != y:
-                return False
-    return True
 
 
 # -- state dicts --------------------------------------------------------------------------------

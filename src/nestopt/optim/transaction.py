@@ -49,7 +49,7 @@ class Transaction:
         self.phase = "the closure" if closure else "the step's checks"
         self.committed = False
         # only a closure can replace or write into the gradients: without one there is nothing to keep
-        self.grads = [(p, p.grad, -1 if p.grad is None else p.grad._version)
+        self.grads = [(p, p.grad, None if p.grad is None else p.grad._version)
                       for g in opt.param_groups for p in g["params"]] if closure else None
         self.undo: list[Callable[[], None]] = []
 

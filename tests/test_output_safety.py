@@ -368,3 +368,12 @@ def test_run_bench_without_a_main_guard_stops_at_once_and_names_the_guard(tmp_pa
     assert 'if __name__ == "__main__":' in r.stderr
     assert "bootstrapping phase" not in r.stderr  # stopped by nestopt, before multiprocessing's own traceback
     assert time.monotonic() - t0 < 150
+
+
+def test_an_abbreviated_option_is_refused_not_guessed(tmp_path, capsys):
+    from nestopt import cli
+
+    assert cli.main(["bench", "--suit", "quick", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--suit" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

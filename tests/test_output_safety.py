@@ -259,7 +259,7 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case, expect", [
-    ("corrupt", "cannot be read"),
+    ("corrupt", "is damaged"),
     ("other-net", "another network"),
     ("other-settings", "other settings"),
 ])

@@ -400,3 +400,60 @@ def deferred_interrupts() -> Iterator[None]:
             signum = _PENDING[0]
             _PENDING.clear()
             _raise_for(signum)
+
+
+# -- loading files a user may hand us -----------------------------------------------------------------
+class LoadError(ValueError):
+    """A file nestopt will not load; the message (one line) names the file and what is wrong."""
+
+
+_PLAIN = (str, bytes, int, float, bool, type(None))
+
+
+def is_plain(obj: Any) -> bool:
+    """Whether ``obj`` holds only tensors, numbers, strings, bytes, ``None`` and lists, tuples and
+    dicts of them: what ``torch.load(weights_only=True)`` reads back without running any code."""
+    import torch
+
+    if isinstance(obj, _PLAIN) or torch.is_tensor(obj) or isinstance(obj, torch.dtype | torch.Size):
+        return True
+    if isinstance(obj, list | tuple):
+        return all(is_plain(x) for x in obj)
+    if isinstance(obj, dict):
+        return all(isinstance(k, _PLAIN) and is_plain(v) for k, v in obj.items())
+    return False
+
+
+def safe_load(path: str | Path, *, what: str = "file") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain containers only, so a
+    crafted file cannot run code while it loads. A :class:`LoadError` names the file and says
+    whether it is missing, damaged or truncated, or holds other objects (which are not unpickled)."""
+    import pickle
+
+    import torch
+
+    name = str(path)
+    if not Path(path).is_file():
+        raise LoadError(f"{what} {name!r} does not exist")
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        if _names_a_global(e):
+            raise LoadError(f"{what} {name!r} holds objects other than tensors and plain values; nestopt does not "
+                            "unpickle them, because that can run code from the file (a file nestopt wrote holds "
+                            "none: this one was written by something else, or altered)") from None
+        raise LoadError(f"{what} {name!r} is damaged ({_first(e)})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError) as e:
+        raise LoadError(f"{what} {name!r} is damaged or truncated ({_first(e)})") from None
+
+
+def _names_a_global(e: BaseException) -> bool:
+    """Whether torch's weights-only unpickler refused an object (a class or function to import), as
+    opposed to bytes that are not a pickle at all."""
+    text = str(e)
+    return "Unsupported global" in text or "GLOBAL" in text or "not an allowed global" in text
+
+
+def _first(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:160]}" if lines else type(e).__name__

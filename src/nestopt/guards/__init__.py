@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from .._checks import as_real, check_int, check_number
+from .._io import atomic_path, is_plain, safe_load
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ class TrainingGuard:
         self._over = 0
         self._since_ckpt = 0
         self._ckpts: deque[Any] = deque()
+        self._warned_memory = False  # said once that checkpoints stay in memory (see _checkpoint)
         self._first_loss: float | None = None
         self._best_val = math.inf
         self._bad_evals = 0
@@ -146,10 +148,18 @@ class TrainingGuard:
 
     def _checkpoint(self) -> None:
         state = self._state()
-        if self.checkpoint_dir is not None:
+        if self.checkpoint_dir is not None and is_plain(state):
+            # tensors and plain values only, read back with weights_only=True: a file swapped on a
+            # shared disk cannot run code when the guard rolls back to it
             path = self.checkpoint_dir / f"guard-{self.n_steps:08d}.pt"
-            torch.save(state, path)
+            with atomic_path(path) as tmp:
+                torch.save(state, tmp)
             state = path
+        elif self.checkpoint_dir is not None and not self._warned_memory:
+            self._warned_memory = True
+            warnings.warn("TrainingGuard keeps its checkpoints in memory, not in checkpoint_dir: the optimizer's or "
+                          "scheduler's state holds objects other than tensors and plain values, which nestopt does "
+                          "not write to a file it would later unpickle", stacklevel=3)
         self._ckpts.append((self.n_steps, state))
         while len(self._ckpts) > self.config.keep:
             _, old = self._ckpts.popleft()
@@ -160,7 +170,7 @@ class TrainingGuard:
     def _restore(self) -> int:
         step, state = self._ckpts[-1]
         if isinstance(state, Path):
-            state = torch.load(state, weights_only=False)
+            state = safe_load(state, what="guard checkpoint")  # runs no code from the file
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         if self.scheduler is not None and "scheduler" in state:

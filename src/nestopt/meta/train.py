@@ -43,7 +43,7 @@ from torch import nn
 
 from .. import tasks as task_registry
 from .._checks import check_choice, check_int, check_number
-from .._io import atomic_path, deferred_interrupts
+from .._io import LoadError, atomic_path, deferred_interrupts, safe_load
 from .estimators import ES, ESTIMATORS, Estimate, GradientEstimator, PersistentES, Surrogate, Task, TruncatedBackprop
 from .inner import CONTROLLER_LRS, _ControllerInner, _Inner, _Loss, make_inner
 from .unrolls import Unrolls, es_gradient
@@ -56,6 +56,7 @@ METHODS = tuple(ESTIMATORS)
 
 # Settings a resumed run may change: how long it runs, how it spreads its work, how often it saves.
 RESUMABLE_CHANGES = ("outer_steps", "workers", "checkpoint_every")
+CHECKPOINT_FORMAT = 1  # a checkpoint without "format" (written before it existed) is format 1
 
 
 class CheckpointError(ValueError):
@@ -153,9 +154,10 @@ def meta_train(net: nn.Module, cfg: MetaConfig, *, checkpoint: str | Path | None
 def _save(ckpt: Path, net: nn.Module, outer: torch.optim.Optimizer, history: list[dict[str, Any]], step: int,
           gen: torch.Generator, cfg: MetaConfig, estimator: GradientEstimator) -> None:
     with deferred_interrupts(), atomic_path(ckpt) as tmp:
-        torch.save({"net": net.state_dict(), "outer": outer.state_dict(), "history": history, "step": step,
-                    "generator": gen.get_state(), "config": _config_json(cfg, estimator),
-                    "net_class": type(net).__name__}, tmp)
+        # tensors and plain values only: a resume reads it with weights_only=True (no code runs)
+        torch.save({"format": CHECKPOINT_FORMAT, "net": net.state_dict(), "outer": outer.state_dict(),
+                    "history": history, "step": step, "generator": gen.get_state(),
+                    "config": _config_json(cfg, estimator), "net_class": type(net).__name__}, tmp)
 
 
 def _first_line(e: BaseException) -> str:
@@ -168,10 +170,13 @@ def _resume(ckpt: Path, net: nn.Module, outer: torch.optim.Optimizer, gen: torch
     """Load ``ckpt`` into ``net``, ``outer`` and ``gen`` after checking it fits; ``(history, step)``."""
     name = str(ckpt)
     try:
-        saved = torch.load(ckpt, weights_only=False, map_location="cpu")
-    except Exception as e:  # torch raises pickle, zip and EOF errors for a damaged file
-        raise CheckpointError(f"checkpoint {name!r} cannot be read ({_first_line(e)}): it is not a file "
-                              "meta-train wrote, or it is damaged") from None
+        saved = safe_load(ckpt, what="checkpoint")  # tensors and plain values only: runs no code
+    except LoadError as e:
+        raise CheckpointError(str(e)) from None
+    fmt = saved.get("format", 1) if isinstance(saved, dict) else None
+    if isinstance(fmt, int) and fmt > CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {name!r} has format {fmt}, newer than this nestopt's "
+                              f"{CHECKPOINT_FORMAT}: resume it with the nestopt that wrote it, or upgrade")
     keys = ("net", "outer", "history", "step", "generator")
     if not isinstance(saved, dict) or any(k not in saved for k in keys):
         raise CheckpointError(f"checkpoint {name!r} is not a meta-train checkpoint (it lacks "

@@ -41,6 +41,7 @@ def _worker_init() -> None:
 
 def _unroll_job(payload: bytes) -> bytes:
     """Worker side of :class:`Unrolls`: rebuilds the task once per (family, seed) and runs one unroll."""
+    # process-internal: bytes this run made for its own worker processes, never read from a file
     net, family, seed, flat, snap, steps, batches, keep_end = torch.load(io.BytesIO(payload), weights_only=False)
     inner = _WORKER_INNER.get((family, seed))
     if inner is None:
@@ -67,6 +68,7 @@ class Unrolls:
             if self.pool is None:
                 return [_unroll_one(net, inner, f, s, steps, batches, keep_end) for f, s in specs]
             jobs = [_dump((net, inner.family, inner.seed, f, s, steps, batches, keep_end)) for f, s in specs]
+            # process-internal: the workers' replies to this run, never read from a file
             return [torch.load(io.BytesIO(r), weights_only=False) for r in self.pool.map(_unroll_job, jobs)]
         finally:
             torch.nn.utils.vector_to_parameters(base, params)

@@ -665,4 +665,9 @@ def _unpack(state: bytes | dict[str, Any]) -> dict[str, Any]:
     # tensors come back on the devices they were saved from (CPU where there is no GPU); the
     # per-parameter caches then move to their parameter's device
     where = None if torch.cuda.is_available() else "cpu"
-    return torch.load(io.BytesIO(state), map_location=where, weights_only=True)  # runs no code
+    try:
+        return torch.load(io.BytesIO(state), map_location=where, weights_only=True)  # runs no code
+    except Exception as e:  # a crafted or damaged entry: never unpickled beyond plain values
+        kind = "holds objects other than tensors and plain values" if "GLOBAL" in str(e) else "is damaged"
+        raise ValueError(f"state_dict['param_groups'][0]['nested'] {kind}; NestedOptimizer does not unpickle it "
+                         f"({type(e).__name__})") from None

@@ -311,6 +311,9 @@ class Polyak(NestoptOptimizer):
         self._count("steps")
 
 
+_STEP_MAX = 1e38  # float32's largest is 3.4e38
+
+
 def _eta(group: dict[str, Any], w: float, gap: float, s: float) -> float | None:
     """The step size of a piece with share ``w`` of the loss gap and ``s = g^T u``, capped at the
     group's ``max_lr``; ``None`` (no step) where ``s + eps`` is not a positive finite number."""
@@ -318,8 +321,9 @@ def _eta(group: dict[str, Any], w: float, gap: float, s: float) -> float | None:
     if not (math.isfinite(s) and s + eps > 0.0):
         return None
     eta = w * gap / (s + eps)
-    # a share of 0, or a step that overflowed (alone or times the rate): no step
-    if not (math.isfinite(eta) and eta > 0.0 and math.isfinite(eta * group["lr"])):
+    # a share of 0, or a step that overflows: eta itself, times the rate, or a step whose length
+    # (lr eta ||g|| for u = g) would leave float32's range (an f_star of -7.5e38 made one)
+    if not (math.isfinite(eta) and eta > 0.0 and eta * group["lr"] * math.sqrt(s + eps) < _STEP_MAX):
         return None
     cap = group["max_lr"]
     return eta if cap is None else min(eta, cap)

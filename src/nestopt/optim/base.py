@@ -71,13 +71,7 @@ class NestoptOptimizer(Counted, Optimizer):
     # -- groups -------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         where = f"param_groups[{len(self.param_groups)}]"
-        params = param_group.get("params")
-        if params is not None and not isinstance(params, set):  # a set: torch's own error
-            plist = [params] if torch.is_tensor(params) else list(params)
-            param_group["params"] = plist  # torch keeps the caller's dict and lists its params too
-            for j, p in enumerate(plist):
-                if torch.is_tensor(p):
-                    self._check_param(p, f"{where}['params'][{j}]")
+        self._check_params(param_group, where)
         for key, check in self.group_spec.items():  # the values given; the defaults were checked as arguments
             if key in param_group:
                 check(f"{where}[{key!r}]", param_group[key])
@@ -95,6 +89,17 @@ class NestoptOptimizer(Counted, Optimizer):
     def supported(self) -> frozenset[str]:
         """The dtypes beyond float32/float64 this optimizer steps (its class's ``supports``)."""
         return self.supports
+
+    def _check_params(self, param_group: dict[str, Any], where: str) -> None:
+        """Each parameter of a group being added (its ``params`` made a list, as torch does)."""
+        params = param_group.get("params")
+        if params is None or isinstance(params, set):  # a set: torch's own error
+            return
+        plist = [params] if torch.is_tensor(params) else list(params)
+        param_group["params"] = plist  # torch keeps the caller's dict and lists its params too
+        for j, p in enumerate(plist):
+            if torch.is_tensor(p):
+                self._check_param(p, f"{where}['params'][{j}]")
 
     def _check_param(self, p: torch.Tensor, where: str) -> None:
         kind = param_kind(p)

@@ -11,9 +11,10 @@ checked where they enter:
   checked, which costs a tuple comparison per group.
 
 A bad value raises ``ValueError`` naming the group, the key and the value, e.g.
-``param_groups[1]['lr']=-1.0 is invalid: allowed range is [0.0, inf)``. Tensor values (a
-tensor ``lr``) are checked on entry; a step re-checks one only when it is replaced by another
-object, never when it is written in place, so that a step on a GPU makes no host sync for it.
+``param_groups[1]['lr']=-1.0 is invalid: allowed range is [0.0, 1e12]``. A tensor value (a
+tensor ``lr``) must hold one real element; its value is checked where it lives on the CPU and
+never read from an accelerator (that would be a host sync), and a step re-checks it only when
+it is replaced by another object, not when it is written in place.
 """
 
 from __future__ import annotations
@@ -37,13 +38,15 @@ LR_MAX = 1e12
 
 
 def _scalar(name: str, value: Any) -> Any:
+    """The number to check: a CPU tensor's value; ``None`` for a tensor on an accelerator, whose
+    shape and dtype are checked but whose value is never read (that would be a host sync)."""
     if torch.is_tensor(value):
         if value.numel() != 1:
             raise ValueError(f"{name}=tensor of shape {tuple(value.shape)} is invalid: expected a number or a "
                              "one-element tensor")
         if value.is_complex():
             raise ValueError(f"{name}={value!r} is invalid: expected a real number")
-        return float(value)
+        return float(value) if value.device.type == "cpu" else None
     return value
 
 
@@ -54,7 +57,9 @@ def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
     def check(name: str, value: Any) -> None:
         if optional and value is None:
             return
-        check_number(name, _scalar(name, value), lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open)
+        v = _scalar(name, value)
+        if v is not None or not torch.is_tensor(value):
+            check_number(name, v, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open)
 
     return check
 
@@ -91,7 +96,9 @@ def choice(*options: Any) -> Check:
 def rate(name: str, value: Any) -> None:
     """A learning rate in ``[0, LR_MAX]`` (a module-level check: an optimizer that keeps its spec
     pickles it)."""
-    check_number(name, _scalar(name, value), lo=0.0, hi=LR_MAX)
+    v = _scalar(name, value)
+    if v is not None or not torch.is_tensor(value):
+        check_number(name, v, lo=0.0, hi=LR_MAX)
 
 
 def finite(name: str, value: Any) -> None:
@@ -110,7 +117,8 @@ def finite(name: str, value: Any) -> None:
 
 
 def _real(v: Any) -> float | None:
-    if torch.is_tensor(v) and v.numel() == 1 and not v.is_complex():
+    """A number to compare (``None``: not a real number, or a tensor on an accelerator, not read)."""
+    if torch.is_tensor(v) and v.numel() == 1 and not v.is_complex() and v.device.type == "cpu":
         return float(v)
     return float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else None
 

@@ -4,8 +4,6 @@ described in the package docstring (:mod:`nestopt.optim.nested`)."""
 from __future__ import annotations
 
 import copy
-import inspect
-import io
 import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -25,6 +23,9 @@ from ..transaction import commit, current, enter, evaluate
 from .features import DEFAULT_FEATURES, Feature, LossTracker, StepView, make_features
 from .hindsight import Hindsight
 from .signals import Frozen, Proxy, Signal, Validation, noisy
+from .basecheck import base_supports, base_unsupported_why, check_base_values, constructor_keys
+from .packing import old_layout, pack, unpack
+from .undo import keep_controller, undo_point
 from .wrapper import MultRange, raw_step, step_scaled
 
 SIGNALS = ("hindsight", "proxy", "validation", "frozen")
@@ -154,6 +155,7 @@ class NestedOptimizer(NestoptOptimizer):
         # what a step re-checks when a group's values change: lr, and every number the base reads
         # must be finite (module-level checks: this dict is pickled with the optimizer)
         self._step_checks = {"lr": rate, **{k: finite for k in self.base.defaults if k != "lr"}}
+        self._base_keys = constructor_keys(self.base)  # found once: a changed group is checked often
         self._raw_base_step = raw_step(self.base)  # the base's step without torch's hook wrapper
         self._ready = False
         super().__init__(self.base.param_groups, dict(self.base.defaults))
@@ -191,80 +193,28 @@ class NestedOptimizer(NestoptOptimizer):
                 f.add_group()
 
     def supported(self) -> frozenset[str]:
-        # the controller reads host norms; the step is the base's. float16 needs a base whose eps
-        # survives in float16 (torch's Adam family at eps=1e-8 gives 0/0 = NaN there) or a fused one
-        base = self.__dict__.get("base")
-        eps = None if base is None else base.defaults.get("eps")
-        fused = base is not None and bool(base.defaults.get("fused"))
-        ok = {"bfloat16", "complex"}
-        if fused or not isinstance(eps, float) or eps >= 2.0 ** -24:
-            ok.add("float16")
-        return frozenset(ok)
+        return base_supports(self.__dict__.get("base"))
 
     @property
     def unsupported_why(self) -> dict[str, str]:  # type: ignore[override]
-        eps = self.base.defaults.get("eps")
-        return {"float16": f"the base optimizer's eps={eps} rounds to 0 in float16, so a gradient element that is "
-                           "exactly 0 gives 0/0 = NaN; pass eps >= 6e-8 or fused=True to the base"}
+        return base_unsupported_why(self.base)
 
     def step_spec(self) -> dict[str, Any]:
         return self.__dict__.get("_step_checks") or self.group_spec
 
     def check_changed_group(self, group: dict[str, Any], where: str, spec: Any) -> None:
-        """A changed group: lr and the base's numbers finite, and, when a value other than lr
-        changed, the base's own checks on the new values (by building a throwaway base with them:
-        torch checks its hyperparameters only when an optimizer is built)."""
         check_group(group, where, spec)
         for rule in self.group_rules:
             rule(group, where)
-        try:
-            takes = inspect.signature(type(self.base).__init__).parameters
-        except (TypeError, ValueError):
-            return
-        keys = [k for k in self.base.defaults if k != "lr" and k in takes]
-        now = tuple(group.get(k) for k in keys)
-        seen = self.__dict__.setdefault("_base_seen", {})
-        before = seen.get(where)
-        if before is not None and before == now:
-            return
-        probe = torch.zeros(1, requires_grad=True)
-        try:
-            type(self.base)([probe], **{k: group[k] for k in keys if k in group})
-            bad = None
-        except Exception as e:  # torch raises several types for a bad hyperparameter
-            bad = e
-        if bad is None:
-            for i, k in enumerate(keys):  # a value of another type than the base's own default (amsgrad=-1.0)
-                d = self.base.defaults[k]
-                v = group.get(k)
-                if isinstance(d, bool) and before is not None and before[i] != v and self.base.state:
-                    bad = ValueError(f"a switch cannot change once the base has state (it was {before[i]!r}): "
-                                     "set it when the optimizer is built")
-                    break
-                if isinstance(d, bool) and not isinstance(v, bool):
-                    bad = ValueError(f"expected True or False, as the base's default {d!r}")
-                    break
-                if isinstance(d, tuple) and not (isinstance(v, tuple | list) and len(v) == len(d)):
-                    bad = ValueError(f"expected {len(d)} values, as the base's default {d!r}")
-                    break
-        if bad is not None:
-            ref = before if before is not None else tuple(self.base.defaults[k] for k in keys)
-            changed = [k for i, k in enumerate(keys) if ref[i] is not now[i] and ref[i] != now[i]]
-            shown = ", ".join(f"[{k!r}]={group.get(k)!r}" for k in changed) or "its values"
-            raise ValueError(f"{where}{shown} is invalid for the base {type(self.base).__name__}: {bad}") from None
-        seen[where] = now
+        check_base_values(self.base, group, where, self.__dict__.setdefault("_base_seen", {}),
+                          self.__dict__.get("_base_keys", ()))
 
     # -- plumbing ------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not self._ready:  # during Optimizer.__init__: the groups are the base's own dicts
             return super().add_param_group(param_group)
         where = f"param_groups[{len(self.param_groups)}]"
-        params = param_group.get("params")
-        if params is not None and not isinstance(params, set):
-            param_group["params"] = [params] if torch.is_tensor(params) else list(params)
-            for j, p in enumerate(param_group["params"]):
-                if torch.is_tensor(p):
-                    self._check_param(p, f"{where}['params'][{j}]")
+        self._check_params(param_group, where)
         spec = self.step_spec()
         check_group(param_group, where, {k: c for k, c in spec.items() if k in param_group})
         self.base.add_param_group(param_group)
@@ -280,7 +230,7 @@ class NestedOptimizer(NestoptOptimizer):
         self.signal_impl.reset()
 
     def _from_old_layout(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        nested, counts = _old_nested(state_dict, self.signal)
+        nested, counts = old_layout(state_dict, self.signal)
         groups = [dict(g) for g in state_dict["param_groups"]]
         for g in groups:
             g[self.counter_entry] = dict(counts)
@@ -442,55 +392,13 @@ class NestedOptimizer(NestoptOptimizer):
         self.count("steps")
         return loss
 
-    # -- a failed step puts everything back -------------------------------------------------------
+    # -- a failed step puts everything back (see :mod:`.undo`) --------------------------------------
     def _undo_point(self) -> Callable[[], None]:
-        """A way back to the host state as it is now: the counters, the running statistics, the
-        features' and the signal's state (shallow: the tensors they keep are replaced by a step,
-        never written into; see :class:`~.features.Feature`). The controller's weights are kept
-        only once a step is about to train them (:meth:`keep_controller`)."""
-        entry = self.counter_entry
-        counters = [(g[entry], dict(g[entry])) for g in self.param_groups]
-        mults = [g["nested_mult"] for g in self.param_groups]
-        own = {k: self.__dict__[k] for k in ("memory", "last_features", "last_raw", "_val")}
-        own["_val"] = dict(own["_val"])
-        norm = dict(vars(self.norm))
-        objs = [(o, _keep(vars(o))) for o in (*self.features, self.signal_impl, self.loss_tracker)]
-        self.__dict__["_controller_kept"] = False
-
-        def undo() -> None:
-            for live, saved in counters:
-                live.clear()
-                live.update(saved)
-            for g, m in zip(self.param_groups, mults):
-                g["nested_mult"] = m
-            self.__dict__.update(own)
-            vars(self.norm).update(norm)
-            for o, saved in objs:
-                vars(o).clear()
-                vars(o).update(_put_back(saved))
-
-        return undo
+        return undo_point(self)
 
     def keep_controller(self) -> None:
-        """Called before the controller trains inside a step: keep its weights, gradients and Adam
-        state (once per step), so that a step failing afterwards puts them back."""
-        txn = current(self)
-        if txn is None or self.__dict__.get("_controller_kept"):
-            return
-        self.__dict__["_controller_kept"] = True
-        ps = list(self.controller.parameters())
-        weights = [p.detach().clone() for p in ps]
-        grads = [p.grad for p in ps]
-        opt_state = copy.deepcopy(self.controller_opt.state_dict())
-
-        def undo() -> None:
-            with torch.no_grad():
-                for p, w, g in zip(ps, weights, grads):
-                    p.copy_(w)
-                    p.grad = g
-            self.controller_opt.load_state_dict(opt_state)
-
-        txn.on_rollback(undo)
+        """Called before the controller trains inside a step (see :func:`.undo.keep_controller`)."""
+        keep_controller(self)
 
     def _base_step(self, mults: list[float], refresh: bool, pflat: list[torch.Tensor]) -> None:
         for f in self.features:
@@ -561,7 +469,7 @@ class NestedOptimizer(NestoptOptimizer):
             "signal": {"name": self.signal, **self.signal_impl.state_dict()},
             "n_params": len(self._params()),
         }
-        groups[0]["nested"] = _pack(groups[0]["nested"])
+        groups[0]["nested"] = pack(groups[0]["nested"])
         return {**sd, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -578,7 +486,7 @@ class NestedOptimizer(NestoptOptimizer):
         # the base's keys must all be there (its step reads them); the nested optimizer checks lr
         # only lr is required: a base saved by an older torch may lack keys its loader fills in
         check_loadable(self, {**state_dict, "param_groups": groups}, self.group_spec, self._known, shape_fits)
-        nested = _unpack(nested)
+        nested = unpack(nested)
         params = self._params()
         if nested["n_params"] != len(params):
             raise ValueError(f"state_dict is for {nested['n_params']} parameters, this optimizer has {len(params)}")
@@ -603,71 +511,3 @@ class NestedOptimizer(NestoptOptimizer):
         for f in self.features:
             f.load_state_dict(copy.deepcopy(nested["features"].get(f.name, f.state_dict())), dev)
         self.signal_impl.load_state_dict(nested["signal"], params)
-
-
-class _Gen:
-    """A generator and its state when kept (its state changes in place as it draws)."""
-
-    __slots__ = ("gen", "state")
-
-    def __init__(self, gen: torch.Generator) -> None:
-        self.gen, self.state = gen, gen.get_state()
-
-
-def _keep(v: Any) -> Any:
-    """A copy of the containers of ``v`` that shares their leaves (tensors, arrays, numbers)."""
-    if isinstance(v, dict):
-        return {k: _keep(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return list(v)  # rows appended to a list are never written into
-    if isinstance(v, torch.Generator):
-        return _Gen(v)
-    return v
-
-
-def _put_back(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {k: _put_back(x) for k, x in v.items()}
-    if isinstance(v, _Gen):
-        v.gen.set_state(v.state)
-        return v.gen
-    return v
-
-
-def _old_nested(sd: dict[str, Any], signal: str) -> tuple[dict[str, Any], dict[str, int]]:
-    """The pre-parts layout's top-level ``"nested"`` entry as this layout's, and its counters."""
-    old, sc = sd["nested"], sd["nested"]["scalars"]
-    buf = old["buffers"]
-    new = {k: old[k] for k in ("controller", "controller_opt", "norm", "memory", "last_features", "n_params")}
-    new.update(loss={"prev": sc["loss_prev"], "ema": sc["loss_ema"], "dloss_ema": sc["dloss_ema"]}, val=sc["val"],
-               param_rms=sc["param_rms"], update_ratio=sc["update_ratio"],
-               features={"curvature": {"curv": sc["curv"], "prev_grad": buf.get("prev_grad", []),
-                                       "prev_param": buf.get("prev_param", [])},
-                         "heads": {"rows": old["heads"]}},
-               signal={"name": signal, "scale": sc.get("scale", 1.0), "window": old["window"],
-                       "generator": old["generator"], "baseline": sc["baseline"], "pending": old["pending"],
-                       "held": old["val_noise"], "inputs": old["val_inputs"]})
-    return new, dict(old["counters"])
-
-
-def _pack(state: dict[str, Any]) -> bytes:
-    """The nested optimizer's own state as one bytes value: its structure changes as training runs
-    (the hindsight window fills and empties), and torch's distributed-checkpoint helpers load in
-    place, into a state of the same structure; a bytes leaf they carry as it is."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getvalue()
-
-
-def _unpack(state: bytes | dict[str, Any]) -> dict[str, Any]:
-    if isinstance(state, dict):
-        return state
-    # tensors come back on the devices they were saved from (CPU where there is no GPU); the
-    # per-parameter caches then move to their parameter's device
-    where = None if torch.cuda.is_available() else "cpu"
-    try:
-        return torch.load(io.BytesIO(state), map_location=where, weights_only=True)  # runs no code
-    except Exception as e:  # a crafted or damaged entry: never unpickled beyond plain values
-        kind = "holds objects other than tensors and plain values" if "GLOBAL" in str(e) else "is damaged"
-        raise ValueError(f"state_dict['param_groups'][0]['nested'] {kind}; NestedOptimizer does not unpickle it "
-                         f"({type(e).__name__})") from None

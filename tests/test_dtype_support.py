@@ -1,4 +1,4 @@
-"""What each optimizer steps: the README's support table, checked cell by cell. A supported kind
+"""What each optimizer steps: the support table of ``docs/guarantees.md``, checked cell by cell. A supported kind
 steps to a lower loss with finite parameters; an unsupported one is refused when the optimizer is
 built (or, for sparse gradients, at the step), with an error naming the parameter and the dtype,
 before anything has moved."""
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 KINDS = ("float64", "bfloat16", "float16", "complex64", "zero-element", "0-d", "channels_last", "sparse grad")
 Y, N = "yes", "no"
-# the README's table: one row per configuration of tests/_helpers.OPTIMIZERS
+# the docs' table: one row per configuration of tests/_helpers.OPTIMIZERS
 SUPPORT = {
     "polyak":                {"float64": Y, "bfloat16": Y, "float16": Y, "complex64": Y, "zero-element": Y, "0-d": Y},
     "polyak-group-momentum": {"float64": Y, "bfloat16": Y, "float16": Y, "complex64": Y, "zero-element": Y, "0-d": Y},
@@ -36,7 +36,7 @@ SUPPORT = {
 }
 for row in SUPPORT.values():
     row.update({"channels_last": Y, "sparse grad": N})
-# the README's row for each configuration (configurations with the same row share one)
+# the docs' row for each configuration (configurations with the same row share one)
 LABELS = {
     "polyak": "Polyak (any scope, with or without momentum)", "polyak-group-momentum": "Polyak (any scope, with or without momentum)",
     "polyak-rms": "Polyak (a precondition)", "polyak-adam": "PolyakAdam",
@@ -108,10 +108,10 @@ def test_each_kind_is_stepped_correctly_or_refused_with_a_clear_error(name, kind
 
 
 def _readme_table() -> dict[str, dict[str, str]]:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "guarantees.md").read_text()
     block = text.split("<!-- support-table -->", 2)[1]
     rows = [line for line in block.strip().splitlines() if line.startswith("|")]
-    head = [c.strip() for c in rows[0].strip("|").split("|")]
+    head = [re.sub(r"`", "", c.strip()) for c in rows[0].strip("|").split("|")]  # `0-d` is code there
     out = {}
     for line in rows[2:]:
         cells = [c.strip() for c in line.strip("|").split("|")]
@@ -123,5 +123,5 @@ def test_the_readme_support_table_is_this_tests_table():
     expected: dict[str, dict[str, str]] = {}
     for name, row in SUPPORT.items():
         cells = {kind: row[kind] for kind in KINDS}
-        assert expected.setdefault(LABELS[name], cells) == cells, f"{name} differs from its README row"
+        assert expected.setdefault(LABELS[name], cells) == cells, f"{name} differs from its row in docs/guarantees.md"
     assert _readme_table() == expected

@@ -24,7 +24,8 @@ LAYERS = {
     "train": 3,
     "bench": 4, "meta": 4,
     "studies": 5,
-    "cli": 6,
+    "report": 6,
+    "cli": 7,
 }
 
 

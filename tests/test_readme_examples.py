@@ -1,14 +1,16 @@
-"""The README's examples run as written (issue 21).
+"""The examples of the README and of the documentation pages run as written (issue 21).
 
-Every ```python block of the README is a complete script: it is saved on its own and run by a
-fresh interpreter in an empty folder, with a timeout, so a block that leans on an earlier one, lacks
-an import, or hangs fails here. A block that cannot stand alone would have to say so in its fence
-(```python no-run: <reason>); none does, and at most ``MAX_EXEMPT`` may.
+The documented files are ``README.md`` and every ``docs/*.md`` page (``DOC_FILES``). Every
+```python block of them is a complete script: it is saved on its own and run by a fresh
+interpreter in an empty folder, with a timeout, so a block that leans on an earlier one, lacks an
+import, or hangs fails here. A block whose code is exactly that of an earlier one (the README's
+tour repeats two examples of the pages) runs once. A block that cannot stand alone would have to
+say so in its fence (```python no-run: <reason>); none does, and at most ``MAX_EXEMPT`` may.
 
-Every ``nestopt ...`` line of the README's shell blocks is parsed by the real command-line parser
+Every ``nestopt ...`` line of their shell blocks is parsed by the real command-line parser
 (nothing runs), and the names it gives (study, suite, tasks, optimizers, variants) are checked
 against the registries, so the documented commands cannot go stale. The two set-up commands at the
-top start with ``pip`` and are checked by ``tests/test_readme.py``.
+top of the README start with ``pip`` and are checked by ``tests/test_readme.py``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOC_FILES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 TIMEOUT_S = 120          # per block; each takes 3 to 15 s of CPU on 2 cores (the benchmark block the most)
 MAX_EXEMPT = 1
 NO_RUN = "no-run"
@@ -36,9 +39,14 @@ SHELL_INFO = {"", "bash", "sh", "shell", "console"}
 @dataclass
 class Block:
     info: str                  # the fence's info string ("python", "bash", "python no-run: why", ...)
-    line: int                  # README line of the opening fence
+    line: int                  # line of the opening fence
     heading: str               # the nearest heading above it
     lines: list[str] = field(default_factory=list)
+    file: str = "README.md"    # the file, relative to the repository root
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
 
     @property
     def lang(self) -> str:
@@ -49,7 +57,7 @@ class Block:
         return "\n".join(self.lines) + "\n"
 
 
-def fenced_blocks(text: str) -> list[Block]:
+def fenced_blocks(text: str, file: str = "README.md") -> list[Block]:
     """The fenced blocks of a Markdown text, in order (indented fences, as in a list item, too)."""
     blocks: list[Block] = []
     heading, block, indent = "", None, 0
@@ -58,7 +66,7 @@ def fenced_blocks(text: str) -> list[Block]:
         if block is None:
             if stripped.startswith("```"):
                 indent = len(line) - len(stripped)
-                block = Block(stripped[3:].strip(), n, heading)
+                block = Block(stripped[3:].strip(), n, heading, file=file)
             elif line.startswith("#"):
                 heading = line.lstrip("#").strip()
         elif stripped.rstrip() == "```":
@@ -66,7 +74,7 @@ def fenced_blocks(text: str) -> list[Block]:
             block = None
         else:
             block.lines.append(line[indent:] if not line[:indent].strip() else line)
-    assert block is None, f"README.md:{block.line}: a fence that is never closed"
+    assert block is None, f"{file}:{block.line}: a fence that is never closed"
     return blocks
 
 
@@ -74,14 +82,25 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "top"
 
 
+def _doc_blocks() -> list[Block]:
+    """The fenced blocks of every documented file, file by file."""
+    return [b for path in DOC_FILES for b in fenced_blocks(path.read_text(), str(path.relative_to(ROOT)))]
+
+
 def _python_blocks() -> list[Block]:
-    return [b for b in fenced_blocks(README.read_text()) if b.lang == "python"]
+    """The python blocks, each distinct code once (the first place it appears)."""
+    blocks, seen = [], set()
+    for b in _doc_blocks():
+        if b.lang == "python" and b.code not in seen:
+            seen.add(b.code)
+            blocks.append(b)
+    return blocks
 
 
 def _ids(blocks: list[Block]) -> list[str]:
     ids, seen = [], {}
     for b in blocks:
-        base = _slug(b.heading)
+        base = _slug(Path(b.file).stem + " " + b.heading)
         seen[base] = seen.get(base, 0) + 1
         ids.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
     return ids
@@ -109,20 +128,20 @@ def run_script(code: str, folder: Path, timeout: float = TIMEOUT_S) -> subproces
 
 
 def test_readme_has_python_examples_and_few_exemptions():
-    assert len(PYTHON_BLOCKS) >= 8, "the README's python blocks were not found"
+    assert len(PYTHON_BLOCKS) >= 8, "the documentation's python blocks were not found"
     exempt = [b for b in PYTHON_BLOCKS if NO_RUN in b.info]
-    assert len(exempt) <= MAX_EXEMPT, f"too many README blocks are exempt from running: {[b.line for b in exempt]}"
+    assert len(exempt) <= MAX_EXEMPT, f"too many blocks are exempt from running: {[b.where for b in exempt]}"
     for b in exempt:
         reason = b.info.split(NO_RUN, 1)[1].strip(" :")
-        assert reason, f"README.md:{b.line}: a '{NO_RUN}' block must say why (```python {NO_RUN}: <reason>)"
+        assert reason, f"{b.where}: a '{NO_RUN}' block must say why (```python {NO_RUN}: <reason>)"
 
 
 @pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=_ids(PYTHON_BLOCKS))
 def test_readme_python_block_runs_as_written(block: Block, tmp_path: Path):
     if NO_RUN in block.info:
-        pytest.skip(f"README.md:{block.line}: {block.info}")
+        pytest.skip(f"{block.where}: {block.info}")
     result = run_script(block.code, tmp_path)
-    where = f"README.md:{block.line} (under '{block.heading}')"
+    where = f"{block.where} (under '{block.heading}')"
     if result.returncode is None:
         pytest.fail(f"{where} did not finish in {TIMEOUT_S} s (a hang?); its stderr ends:\n{result.stderr[-4000:]}")
     if result.returncode != 0:
@@ -143,11 +162,11 @@ def test_a_broken_block_fails(tmp_path: Path):
 # -- the shell commands ------------------------------------------------------------------------
 
 
-def _commands() -> list[tuple[int, str]]:
-    """(README line, command) of every line of a shell block that starts with ``nestopt``,
+def _commands() -> list[tuple[str, str]]:
+    """(file:line, command) of every line of a shell block that starts with ``nestopt``,
     continuation lines (a trailing backslash) joined."""
     cmds = []
-    for b in fenced_blocks(README.read_text()):
+    for b in _doc_blocks():
         if b.lang not in SHELL_INFO:
             continue
         pending, start = "", 0
@@ -159,9 +178,9 @@ def _commands() -> list[tuple[int, str]]:
             if pending.endswith("\\"):
                 pending = pending[:-1] + " "
                 continue
-            cmds.append((start, pending))
+            cmds.append((f"{b.file}:{start}", pending))
             pending, start = "", 0
-        assert not pending, f"README.md:{start}: a command ends with a line continuation"
+        assert not pending, f"{b.file}:{start}: a command ends with a line continuation"
     return cmds
 
 
@@ -169,16 +188,16 @@ COMMANDS = _commands()
 
 
 def test_readme_has_commands():
-    assert len(COMMANDS) >= 10, "the README's nestopt commands were not found"
+    assert len(COMMANDS) >= 10, "the documentation's nestopt commands were not found"
 
 
-def _check_names(line: int, flag: str, value: str, valid: list[str]) -> None:
+def _check_names(line: str, flag: str, value: str, valid: list[str]) -> None:
     for name in (v.strip() for v in value.split(",")):
-        assert name in valid, f"README.md:{line}: {flag} names {name!r}, which does not exist; valid: {', '.join(valid)}"
+        assert name in valid, f"{line}: {flag} names {name!r}, which does not exist; valid: {', '.join(valid)}"
 
 
 @pytest.mark.parametrize(("line", "command"), COMMANDS, ids=[" ".join(shlex.split(c, comments=True)) for _, c in COMMANDS])
-def test_readme_command_is_accepted_by_the_parser(line: int, command: str):
+def test_readme_command_is_accepted_by_the_parser(line: str, command: str):
     from nestopt import cli
     from nestopt import tasks as task_registry
     from nestopt.bench import SUITES
@@ -191,13 +210,13 @@ def test_readme_command_is_accepted_by_the_parser(line: int, command: str):
     try:
         args = parser.parse_args(argv[1:])
     except (cli.UsageError, SystemExit) as e:
-        pytest.fail(f"README.md:{line}: {command!r} is refused by the parser: {e}")
-    # argparse takes an unambiguous prefix (--suit for --suite); the README spells options out
+        pytest.fail(f"{line}: {command!r} is refused by the parser: {e}")
+    # argparse takes an unambiguous prefix (--suit for --suite); the docs spell options out
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[argv[1]]
     flags = {s for a in sub._actions for s in a.option_strings}
     for token in argv[2:]:
         if token.startswith("--"):
-            assert token.split("=")[0] in flags, f"README.md:{line}: {argv[1]} has no option {token} (spelled out)"
+            assert token.split("=")[0] in flags, f"{line}: {argv[1]} has no option {token} (spelled out)"
     optimizers = opt_registry.names(available_only=False)
     if getattr(args, "suite", None) is not None:
         _check_names(line, "--suite", args.suite, list(SUITES))
@@ -210,11 +229,11 @@ def test_readme_command_is_accepted_by_the_parser(line: int, command: str):
         study = studies.get(args.name)
         given = [a for a in argv[2:] if a.startswith("--") and a.split("=")[0] not in ("--out", "--force")]
         for flag in given:
-            assert flag.split("=")[0] in study.flags, f"README.md:{line}: study {args.name} has no option {flag}"
+            assert flag.split("=")[0] in study.flags, f"{line}: study {args.name} has no option {flag}"
         for peer in getattr(args, "peer", None) or []:
             _check_names(line, "--peer", peer, optimizers)
         if getattr(args, "variant", None):
             from nestopt.studies.controller import VARIANTS
 
             for v in args.variant:
-                assert v in VARIANTS, f"README.md:{line}: --variant {v!r} does not exist; valid: {list(VARIANTS)}"
+                assert v in VARIANTS, f"{line}: --variant {v!r} does not exist; valid: {list(VARIANTS)}"

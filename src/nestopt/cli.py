@@ -8,6 +8,7 @@
     nestopt meta-train [--net hybrid|mlp|mlp-seed|linear|lstm|attention|controller] [--method tbptt|es|pes|surrogate] [--steps N]
                        [--unroll N] [--horizon N] [--pairs N] [--sigma S] [--workers N]
                        [--families F,..] [--seed N] [--resume | --force] --out DIR
+    nestopt report --run KEY .. | --docs [--verify] | --check [--cheap-only] [--given KEY=DIR] | --list
     nestopt tasks
     nestopt optimizers
     nestopt overhead [--params 10M] [--optimizers O,..] [--steps N] [--rounds N] [--device cpu|cuda]
@@ -32,6 +33,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from .report import command as report
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -123,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true", help=FORCE_HELP)
 
     _study_parser(sub)
+    report.add_parser(sub)
     sub.add_parser("tasks", help="list the registered tasks, task families and games")
     sub.add_parser("optimizers", help="list the registered optimizers")
 
@@ -521,7 +525,14 @@ def torch_threads() -> None:
     torch.set_num_threads(1)  # tiny tensors: one thread is fastest and keeps runs reproducible
 
 
-COMMANDS = {"bench": _cmd_bench, "study": _cmd_study, "tasks": _cmd_tasks, "optimizers": _cmd_optimizers, "overhead": _cmd_overhead,
+def _cmd_report(args: argparse.Namespace) -> int:
+    try:
+        return report.main(args)
+    except report.UsageError as e:
+        raise UsageError(str(e)) from None
+
+
+COMMANDS = {"report": _cmd_report, "bench": _cmd_bench, "study": _cmd_study, "tasks": _cmd_tasks, "optimizers": _cmd_optimizers, "overhead": _cmd_overhead,
             "meta-train": _cmd_meta_train}
 
 

@@ -28,15 +28,16 @@ def setup(doc: dict[str, Any], prov: dict[str, Any]) -> str:
     peers = _peers(list(runs))
     n_peer = sum(runs[p] for p in peers)
     cfg = doc["config"]
-    s = (f"The first command runs the quick suite: {len(doc['runs'])} runs ({len(cfg['tasks'])} tasks, "
-         f"{plural(cfg['seeds'], 'seed')}, {len(runs)} optimizers over their learning-rate grids) in "
-         f"{minutes(prov['wall_s'])} on {prov['environment']['cores']} cores")
+    where = (f"{minutes(prov['wall_s'])} on {prov['environment']['cores']} cores"
+             + (" with the numerics pinned (your own run's scores and time will differ)" if prov["environment"].get("pinned")
+                else ""))
     if peers:
-        s += (f", with the optional peers installed ({', '.join(f'`{p}`' for p in peers)}), as the second command "
-              f"installs them. Without them (the first command alone) it makes {len(doc['runs']) - n_peer} runs.")
-    else:
-        s += ", without the optional peers."
-    return s
+        return (f"The quick suite ({len(cfg['tasks'])} tasks, {plural(cfg['seeds'], 'seed')}, each optimizer over its "
+                f"learning-rate grid) makes {len(doc['runs']) - n_peer} runs after the first command alone, and "
+                f"{len(doc['runs'])} once the second has installed the optional peers "
+                f"({', '.join(f'`{p}`' for p in peers)}). The published run is the latter: {where}.")
+    return (f"The quick suite ({len(cfg['tasks'])} tasks, {plural(cfg['seeds'], 'seed')}, each optimizer over its "
+            f"learning-rate grid) makes {len(doc['runs'])} runs: {where}.")
 
 
 def _entries(doc: dict[str, Any]) -> list[tuple[str, float, float, int, int, int]]:

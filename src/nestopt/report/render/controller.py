@@ -47,6 +47,12 @@ def variants(doc: dict[str, Any], prov: dict[str, Any]) -> str:
             "rates as above, and the difference from AdamW's count with its 90% paired-bootstrap interval.")
     tail = ("No interval lies above 0: no configuration tried is shown more robust than AdamW."
             if not above else f"Shown more robust than AdamW (interval above 0): {', '.join(above)}.")
+    outside = [v for v, d in diffs.items() if not d["interval90"][0] <= d["observed"] <= d["interval90"][1]]
+    if outside:
+        tail += (f" For {', '.join(outside)} the observed difference lies outside its own interval: the bootstrap "
+                 "resamples seeds, and with few seeds its distribution is lopsided; read the interval, not the point.")
+    tail += (" Robust rates are judged on measured time to target, so a rerun of the same configuration (AdamW's "
+             "count here and in the study above) can move by a rate or two.")
     if below:
         tail += f" Shown less robust (interval below 0): {', '.join(below)}."
     return "\n\n".join([head, table(("configuration", "options", "robust rates", "minus AdamW's (90% interval)"), rows),

@@ -38,8 +38,7 @@ def gan(doc: dict[str, Any], prov: dict[str, Any]) -> str:
     widest = max(spread, key=spread.get)
     text = ("Mean modes covered over the seeds: " + ", ".join(f"{n} {v:.1f}" for n, v in mean.items()) +
             f". The most on average: {best}. Within one method the seeds differ by up to {spread[widest]} modes "
-            f"({widest}): GAN training amplifies floating-point rounding into different outcomes, so differences "
-            "between methods smaller than that are noise at this number of seeds.")
+            f"({widest}), so differences between methods smaller than that spread are noise at this number of seeds.")
     return figures(pick(_report(doc), "Gaussian-mixture GAN"), "games") + "\n\n" + text
 
 

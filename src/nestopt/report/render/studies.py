@@ -134,12 +134,13 @@ def learned_table(doc: dict[str, Any]) -> str:
                              f"90% interval {dec(lo)}-{dec(hi)}" +
                              (", wholly above 1)" if lo > 1.0 else ": not resolved, the interval reaches below 1)"))
             elif r["speedup"] > 0:
-                sentence += (f"; over the long horizon ({r['steps']} steps) it is slower than tuned AdamW "
+                pace = "as fast as" if r["speedup"] == 1.0 else "slower than"
+                sentence += (f"; over the long horizon ({r['steps']} steps) it is {pace} tuned AdamW "
                              f"({ratio(r['speedup'])}, {of(r['reached'], r['seeds'])} seeds reach the target)")
             else:
                 sentence += f"; over the long horizon ({r['steps']} steps) its median seed never reaches the target"
-        verdict = {"met": "the issue's bar (faster on at least half, no divergence) is met",
-                   "not met": "the issue's bar (faster on at least half, no divergence) is not met",
+        verdict = {"met": "the issue's bar on the held-out tasks (faster on at least half, no divergence) is met",
+                   "not met": "the issue's bar on the held-out tasks (faster on at least half, no divergence) is not met",
                    "reference": "a reference, not a candidate"}[v["verdict"]]
         lines.append(f"{sentence}: {verdict}.")
         lines.append("")

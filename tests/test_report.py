@@ -88,6 +88,9 @@ def test_drop_and_normalise():
     doc = {"runs": [{"loss": [1, 2], "x": 1}], "path": "/tmp/o/net.safetensors"}
     assert drop(doc, ("runs/*/loss",)) == {"runs": [{"x": 1}], "path": "/tmp/o/net.safetensors"}
     assert normalise(doc, "/tmp/o") == {"runs": [{"x": 1}], "path": "$OUT/net.safetensors"}
+    # a shipped network's file names the package, which a fresh clone holds elsewhere
+    assert normalise(str(codehash.PACKAGE / "nets" / "shipped" / "mlp.safetensors"), "/tmp/o") == \
+        "$PACKAGE/nets/shipped/mlp.safetensors"
 
 
 # -- the check and the store ---------------------------------------------------------------------

@@ -36,6 +36,7 @@ OPTIONAL = ("prodigyopt", "schedulefree", "optuna", "torchopt", "heavyball")
 PINNED_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
               "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
 OUT_TOKEN = "$OUT"
+PACKAGE_TOKEN = "$PACKAGE"  # where nestopt is installed: a fresh clone's checkout is elsewhere
 
 
 class ReportError(Exception):
@@ -104,9 +105,10 @@ def drop(doc: Any, patterns: tuple[str, ...]) -> Any:
 
 
 def normalise(doc: Any, out: str) -> Any:
-    """Every string that names the run's output folder names ``$OUT`` instead."""
+    """Every string that names the run's output folder names ``$OUT`` instead, and one that names
+    the installed package (a shipped network's file) ``$PACKAGE``."""
     if isinstance(doc, str):
-        return doc.replace(out, OUT_TOKEN)
+        return doc.replace(out, OUT_TOKEN).replace(str(codehash.PACKAGE), PACKAGE_TOKEN)
     if isinstance(doc, dict):
         return {k: normalise(v, out) for k, v in doc.items()}
     if isinstance(doc, list):

@@ -129,7 +129,8 @@ def latest(root: Path) -> str:
             continue
         doc, prov = load(root, key)
         when = f"{prov['started'][:10]}, {prov['wall_s'] / 60:.1f} min, code `{prov['code_hash'][:8]}`"
-        rows.append((link, HEADLINES[key](doc), f"`{rec.command('DIR')}`", when))
+        how = f"`{rec.command('DIR')}`" + (" without the pinned numerics" if rec.native else "")
+        rows.append((link, HEADLINES[key](doc), how, when))
     return table(("what", "latest result", "command", "measured"), rows) + "\n"
 
 

@@ -498,21 +498,31 @@ def _dtype_params(what: str, control: bool) -> list[nn.Parameter]:
     return [main] if control else [main, nn.Parameter(torch.zeros(0, 3))]  # zero-element
 
 
-def _run_dtype(name: str, params: list[nn.Parameter], ctor: dict[str, Any]) -> tuple[Any, float, float, int | None]:
-    """Construct and take 30 steps on sum |p - 0.5|^2: (optimizer, first loss, last loss, step that went non-finite)."""
+def _dtype_loss(params: list[nn.Parameter]) -> Callable[[], torch.Tensor]:
+    """The dtype cases' problem: sum |p - 0.5|^2 over ``params``, in float32."""
     target = [torch.full_like(p, 0.5) for p in params]
 
     def lossf() -> torch.Tensor:
         return sum(((p - t).abs() ** 2).sum().float() for p, t in zip(params, target)) + 0.0
 
-    opt = make(name, params, **ctor)
+    return lossf
 
+
+def _closure(opt: Any, lossf: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
     def closure() -> torch.Tensor:
         opt.zero_grad()
         loss = lossf()
         loss.backward()
         return loss
 
+    return closure
+
+
+def _run_dtype(name: str, params: list[nn.Parameter], ctor: dict[str, Any]) -> tuple[Any, float, float, int | None]:
+    """Construct and take 30 steps on sum |p - 0.5|^2: (optimizer, first loss, last loss, step that went non-finite)."""
+    lossf = _dtype_loss(params)
+    opt = make(name, params, **ctor)
+    closure = _closure(opt, lossf)
     with torch.no_grad():
         l0 = float(lossf())
     for k in range(30):
@@ -526,23 +536,13 @@ def _run_dtype(name: str, params: list[nn.Parameter], ctor: dict[str, Any]) -> t
 def dtype_case(name: str, what: str, ctor: dict[str, Any] | None = None) -> Callable[[], Out]:
     def run() -> Out:
         params = _dtype_params(what, control=False)
-        target = [torch.full_like(p, 0.5) for p in params]
-
-        def lossf() -> torch.Tensor:
-            return sum(((p - t).abs() ** 2).sum().float() for p, t in zip(params, target)) + 0.0
-
+        lossf = _dtype_loss(params)
         names = [what, what.replace("complex64", "complex"), "dtype", "shape", "0-d", "zero-element", "element"]
         try:
             opt = make(name, params, **(ctor or {}))
         except Exception as e:  # noqa: BLE001
             return refused(e, names)
-
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            loss = lossf()
-            loss.backward()
-            return loss
-
+        closure = _closure(opt, lossf)
         with torch.no_grad():
             l0 = float(lossf())
         for k in range(30):

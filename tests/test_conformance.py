@@ -38,7 +38,8 @@ def _step(spec, opt, closure):
 
 
 def _run(spec, model, loss_fn, steps, lr=None, groups=None):
-    opt = spec.make(groups if groups is not None else model.parameters(), lr=_lr(spec) if lr is None else lr)
+    lr = _lr(spec) if lr is None else lr
+    opt = spec.make(groups, lr=lr) if groups is not None else spec.make_for(model, lr=lr)
 
     def closure():
         opt.zero_grad(set_to_none=True)
@@ -70,21 +71,42 @@ def test_reduces_loss_on_analytic_problems(spec, problem):
     assert end < 0.5 * start, f"{spec.name}: loss {start:.4g} -> {end:.4g} on {problem}"
 
 
+def _flat(v, out: list) -> None:
+    if torch.is_tensor(v):
+        out.append(v.detach().clone())
+    elif isinstance(v, (list, tuple)):  # SOAP's and Kron's per-dimension factors
+        for x in v:
+            _flat(x, out)
+    elif isinstance(v, str):  # Kron's einsum expressions
+        out.append(torch.tensor(list(v.encode()), dtype=torch.uint8))
+    elif v is not None:
+        out.append(torch.tensor(float(v)))
+
+
 def _flat_state(opt) -> list[torch.Tensor]:
-    out = []
+    out: list[torch.Tensor] = []
     for st in opt.state.values():
         for k in sorted(st):
-            v = st[k]
-            out.append(v.detach().clone() if torch.is_tensor(v) else torch.tensor(float(v)))
+            _flat(st[k], out)
     return out
+
+
+def _same_draws(spec, k: int) -> None:
+    """An optimizer that draws from the global generators (limit "global-rng") gets the same draws
+    in both copies of a lockstep comparison: both generators seeded alike before each step."""
+    if "global-rng" in spec.limits:
+        import numpy as np
+
+        torch.manual_seed(k)
+        np.random.seed(k)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=ids)
 def test_state_dict_round_trip_in_lockstep(spec):
     x, y = _data()
     a, b = _mlp(), _mlp()
-    opt_a = spec.make(a.parameters(), lr=_lr(spec))
-    opt_b = spec.make(b.parameters(), lr=_lr(spec))
+    opt_a = spec.make_for(a, lr=_lr(spec))
+    opt_b = spec.make_for(b, lr=_lr(spec))
 
     def closure_for(model, opt):
         def closure():
@@ -94,17 +116,21 @@ def test_state_dict_round_trip_in_lockstep(spec):
             return loss
         return closure
 
-    for _ in range(4):
+    for k in range(4):
+        _same_draws(spec, k)
         _step(spec, opt_a, closure_for(a, opt_a))
+        _same_draws(spec, k)
         _step(spec, opt_b, closure_for(b, opt_b))
     buf = io.BytesIO()
     torch.save(opt_b.state_dict(), buf)
     del opt_b
-    opt_c = spec.make(b.parameters(), lr=_lr(spec))
+    opt_c = spec.make_for(b, lr=_lr(spec))
     buf.seek(0)
     opt_c.load_state_dict(torch.load(buf, weights_only=False))
-    for _ in range(4):
+    for k in range(4, 8):
+        _same_draws(spec, k)
         _step(spec, opt_a, closure_for(a, opt_a))
+        _same_draws(spec, k)
         _step(spec, opt_c, closure_for(b, opt_c))
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb), f"{spec.name}: parameters differ after a state_dict round trip"

@@ -173,7 +173,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     except KeyError as e:
         raise UsageError(str(e.args[0]))
     tasks = _names(args.tasks, "--tasks", "task", task_registry.names()) or list(s.tasks)
-    optimizers = _names(args.optimizers, "--optimizers", "optimizer", opt_registry.names()) or opt_registry.names()
+    optimizers = _names(args.optimizers, "--optimizers", "optimizer", opt_registry.names()) or s.optimizers()
     seeds = s.seeds if args.seeds is None else args.seeds
     for t in tasks:
         if t not in task_registry.names():

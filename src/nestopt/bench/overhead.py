@@ -158,7 +158,17 @@ def _state_elems(opt: torch.optim.Optimizer) -> int:
     """Elements of per-parameter state, plus what an optimizer keeps outside ``opt.state``
     (``cache_numel()``: the nested optimizer's hindsight caches and snapshots)."""
     extra = opt.cache_numel() if hasattr(opt, "cache_numel") else 0
-    return extra + sum(v.numel() for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.numel() > 1)
+    return extra + sum(_numel(v) for st in opt.state.values() for v in st.values())
+
+
+def _numel(v: Any) -> int:
+    """Elements of a state value: a tensor (scalars such as a step count left out), or the tensors
+    of a list (SOAP's and Kron's per-dimension factors)."""
+    if torch.is_tensor(v):
+        return v.numel() if v.numel() > 1 else 0
+    if isinstance(v, (list, tuple)):
+        return sum(_numel(x) for x in v)
+    return 0
 
 
 def _reset_peak() -> bool:

@@ -58,7 +58,18 @@ class OptimizerSpec:
         limits: documented limitations the conformance tests check as such; ``"group-lrs"``: it
             refuses param groups with different non-zero learning rates (it raises);
             ``"lr-zero-averages"``: at lr 0 its iterate ``state["z"]`` stops but the averaged
-            weights keep moving toward it (schedule-free's weighting uses the largest lr seen).
+            weights keep moving toward it (schedule-free's weighting uses the largest lr seen);
+            ``"global-rng"``: its step draws from torch's and NumPy's global generators, so two
+            copies in lockstep agree only when each draws from the same generator state (the
+            bench seeds both per run, so its runs stay deterministic).
+        family: how the bench's figures group it: ``"baseline"`` (torch's tuned baselines),
+            ``"peer"`` (other people's optimizers), ``"polyak"``, ``"learned"``, ``"nested"``
+            (learning-rate learners), ``"schedule"`` or ``"games"``.
+        param_groups: ``param_groups(model) -> groups`` when the optimizer needs to know which
+            tensor is which (Muon's split); the bench, the studies and :meth:`make_for` use it.
+        default_entry: a tuned optimizer also reported untuned at ``default_lr`` (``"<name>-default"``;
+            the default rate joins its grid if it is not on it).
+        full_only: run by the full suite only (the quick suite leaves it out: its step is costly).
     """
 
     name: str
@@ -78,6 +89,10 @@ class OptimizerSpec:
     schedule: Callable[[float, int], Any] | None = None
     clip_norm: float | None = None
     limits: tuple[str, ...] = ()
+    family: Literal["baseline", "peer", "polyak", "learned", "nested", "schedule", "games"] = "nested"
+    param_groups: Callable[[torch.nn.Module], Params] | None = None
+    default_entry: bool = False
+    full_only: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def available(self) -> bool:
@@ -86,11 +101,26 @@ class OptimizerSpec:
     def make(self, params: Params, lr: float | None = None) -> torch.optim.Optimizer:
         if not self.available():
             raise RuntimeError(f"optimizer {self.name!r} needs the package {self.requires!r}: "
-                               f"pip install 'nestopt[peers]'")
+                               f"pip install 'nestopt[peers]'")  # (the extra that holds every peer package)
         lr = self.default_lr if lr is None else lr
         if not torch.is_tensor(lr):
             check_number("lr", lr, lo=0.0)
         return self.build(params, lr=lr)
+
+    def make_for(self, model: torch.nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
+        """The optimizer over ``model``'s parameters, grouped by ``param_groups`` where the spec has it."""
+        params = self.param_groups(model) if self.param_groups is not None else model.parameters()
+        return self.make(params, lr=lr)
+
+    def grid(self, stride: int = 1) -> list[float]:
+        """The rates the bench runs: every ``stride``-th grid rate (tuned), plus ``default_lr`` where
+        the spec reports its default too; the default rate alone when untuned."""
+        if not self.tune:
+            return [self.default_lr]
+        lrs = list(self.lr_grid[::stride])
+        if self.default_entry and self.default_lr not in lrs:
+            lrs.append(self.default_lr)
+        return lrs
 
 
 _REGISTRY: dict[str, OptimizerSpec] = {}
@@ -148,17 +178,17 @@ def specs(*, available_only: bool = True) -> list[OptimizerSpec]:
 
 register(OptimizerSpec(
     "sgd", lambda p, lr: torch.optim.SGD(p, lr=lr), default_lr=0.1, lr_grid=LR_GRID_SGD, tune=True,
-    origin="torch", conformance_lr=1e-3, description="torch.optim.SGD"))
+    origin="torch", conformance_lr=1e-3, family="baseline", description="torch.optim.SGD"))
 register(OptimizerSpec(
     "sgd-momentum", lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9), default_lr=0.01,
-    lr_grid=tuple(x / 10 for x in LR_GRID_SGD), tune=True, origin="torch", conformance_lr=2e-4,
+    lr_grid=tuple(x / 10 for x in LR_GRID_SGD), tune=True, origin="torch", conformance_lr=2e-4, family="baseline",
     description="torch.optim.SGD(momentum=0.9)"))
 register(OptimizerSpec(
     "adam", lambda p, lr: torch.optim.Adam(p, lr=lr, fused=True), default_lr=1e-3, lr_grid=LR_GRID_ADAM,
-    tune=True, origin="torch", conformance_lr=0.05, description="torch.optim.Adam(fused=True)"))
+    tune=True, origin="torch", conformance_lr=0.05, family="baseline", description="torch.optim.Adam(fused=True)"))
 register(OptimizerSpec(
     "adamw", lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=0.01, fused=True), default_lr=1e-3,
-    lr_grid=LR_GRID_ADAM, tune=True, origin="torch", conformance_lr=0.05,
+    lr_grid=LR_GRID_ADAM, tune=True, origin="torch", conformance_lr=0.05, family="baseline", default_entry=True,
     description="torch.optim.AdamW(weight_decay=0.01, fused=True); tuned and at its default in the bench"))
 
 
@@ -178,11 +208,62 @@ def _schedulefree(params: Params, lr: float) -> torch.optim.Optimizer:
 
 register(OptimizerSpec(
     "prodigy", _prodigy, default_lr=1.0, requires="prodigyopt", origin="peer", group_independent=False,
-    limits=("group-lrs",),
+    limits=("group-lrs",), family="peer",
     description="Prodigy (parameter-free Adam, prodigyopt), lr=1 as its authors advise"))
 register(OptimizerSpec(
     "schedulefree-adamw", _schedulefree, default_lr=2.5e-3, requires="schedulefree", origin="peer",
-    train_eval_modes=True, conformance_lr=0.05, limits=("lr-zero-averages",), description="schedule-free AdamW (schedulefree), its default lr"))
+    train_eval_modes=True, conformance_lr=0.05, limits=("lr-zero-averages",), family="peer", description="schedule-free AdamW (schedulefree), its default lr"))
+
+
+# -- today's peers: Muon (torch), SOAP, PSGD-Kron and AdEMAMix (pytorch-optimizer) ---------------------
+# Peers of today's comparisons (Wen et al. 2025, "Fantastic pretraining optimizers"). They are tuned
+# on half-decade grids like the baselines and also reported at their authors' defaults
+# ("<name>-default"). The matrix methods cost a matrix computation per tensor per step (Newton-Schulz
+# iterations, eigenbases, triangular preconditioners): the quick suite runs Muon and leaves out the three from
+# pytorch-optimizer; the full suite runs them all.
+
+LR_GRID_PEER = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+
+
+def _muon(params: Params, lr: float) -> torch.optim.Optimizer:
+    from ..optim.muon import MuonAdamW
+
+    return MuonAdamW(params, lr=lr, weight_decay=0.01, fused=True)
+
+
+def _muon_groups(model: torch.nn.Module) -> Params:
+    from ..optim.muon import muon_param_groups
+
+    return muon_param_groups(model)
+
+
+def _pytorch_optimizer(cls: str, **kw: Any) -> Callable[..., torch.optim.Optimizer]:
+    def build(params: Params, lr: float) -> torch.optim.Optimizer:
+        import pytorch_optimizer
+
+        return getattr(pytorch_optimizer, cls)(params, lr=lr, **kw)
+
+    return build
+
+
+register(OptimizerSpec(
+    "muon", _muon, default_lr=1e-3, lr_grid=LR_GRID_ADAM, tune=True, default_entry=True, origin="torch",
+    family="peer", param_groups=_muon_groups, conformance_lr=0.05,
+    description="torch.optim.Muon on the hidden matrices, AdamW(fused) on embeddings, head, biases and norms "
+                "(nestopt.optim.MuonAdamW, adjust_lr_fn='match_rms_adamw': one lr for both, wd 0.01)"))
+_MATRIX = {"requires": "pytorch_optimizer", "origin": "peer", "family": "peer", "tune": True, "default_entry": True,
+           "lr_grid": LR_GRID_PEER, "full_only": True}
+register(OptimizerSpec(
+    "soap", _pytorch_optimizer("SOAP"), default_lr=3e-3, conformance_lr=0.05, **_MATRIX,
+    description="SOAP (Vyas et al. 2024: Adam in Shampoo's eigenbasis, pytorch-optimizer), its defaults: betas "
+                "(0.95, 0.95), wd 0.01, eigenbasis refreshed every 10 steps"))
+register(OptimizerSpec(
+    "kron", _pytorch_optimizer("Kron"), default_lr=1e-3, conformance_lr=0.05, limits=("global-rng",), **_MATRIX,
+    description="PSGD-Kron (Li 2015/2024: Kronecker-factored preconditioner fitted to Hessian-vector pairs, "
+                "pytorch-optimizer), its defaults: momentum 0.9, preconditioner update probability 1 annealed to 0.03"))
+register(OptimizerSpec(
+    "ademamix", _pytorch_optimizer("AdEMAMix"), default_lr=1e-3, conformance_lr=0.05, **_MATRIX,
+    description="AdEMAMix (Pagliardini et al. 2024: Adam plus a slow EMA, beta3 0.9999, alpha 5; pytorch-optimizer)"))
 
 
 # -- Polyak step sizes (nestopt.optim.polyak) ----------------------------------------------------
@@ -200,7 +281,7 @@ def _polyak_adam(params: Params, lr: float) -> torch.optim.Optimizer:
     return PolyakAdam(params, lr=lr)
 
 
-_POLYAK = {"needs_loss": True, "nonfinite": "skip", "default_lr": 1.0, "origin": "nestopt"}
+_POLYAK = {"needs_loss": True, "nonfinite": "skip", "default_lr": 1.0, "origin": "nestopt", "family": "polyak"}
 register(OptimizerSpec("polyak", _polyak(), group_independent=False, **_POLYAK,
                        description="Polyak step (f - f*)/||g||^2, one step size for all parameters (the note's rule)"))
 register(OptimizerSpec("polyak-tensor", _polyak(scope="tensor"), group_independent=False, **_POLYAK,
@@ -228,7 +309,7 @@ def _large_lr_schedule(lr: float, total_steps: int) -> Any:
 register(OptimizerSpec(
     "sgd-largelr", lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9, weight_decay=5e-4), default_lr=0.3,
     lr_grid=(0.01, 0.03, 0.1, 0.3, 0.5, 0.8, 1.0), tune=True, origin="nestopt", schedule=_large_lr_schedule,
-    clip_norm=1.0, conformance_lr=2e-4,
+    clip_norm=1.0, conformance_lr=2e-4, family="schedule",
     description="the large-LR recipe: SGD(momentum 0.9, wd 5e-4), warmup 0.01->lr over 5% of the budget, "
                 "cosine to 1e-5, clip 1.0 (no label smoothing: the task owns its loss)"))
 
@@ -283,11 +364,11 @@ def _complex_adam(params: Params, lr: float) -> torch.optim.Optimizer:
 
 register(OptimizerSpec(
     "complex-momentum", _complex_momentum, default_lr=0.1, lr_grid=LR_GRID_SGD, nonfinite="skip",
-    conformance_lr=1e-3, origin="nestopt",
+    conformance_lr=1e-3, origin="nestopt", family="games",
     description="ComplexMomentum(beta=0.9 e^{i pi/8}): mu <- beta mu - g, theta += lr Re(mu) (Lorraine et al. 2022)"))
 register(OptimizerSpec(
     "complex-adam", _complex_adam, default_lr=1e-3, lr_grid=LR_GRID_ADAM, nonfinite="skip", conformance_lr=0.05,
-    origin="nestopt", description="ComplexAdam(beta1=0.9 e^{i pi/8}, beta2=0.999): Adam with a complex first-moment coefficient"))
+    origin="nestopt", family="games", description="ComplexAdam(beta1=0.9 e^{i pi/8}, beta2=0.999): Adam with a complex first-moment coefficient"))
 
 
 # -- learned optimizers (nestopt.optim.learned): the shipped pretrained network ---------------------
@@ -308,6 +389,6 @@ def _shipped() -> bool:
 if _shipped():
     register(OptimizerSpec(
         "learned", _learned, default_lr=1.0, nonfinite="skip", origin="nestopt", requires="safetensors",
-        conformance_lr=1.0,
+        conformance_lr=1.0, family="learned",
         description="LearnedOptimizer with the shipped meta-trained network (linear in momenta, Adam ratios "
                     "and parameter, per-tensor normalised), untuned"))

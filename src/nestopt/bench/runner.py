@@ -10,6 +10,9 @@ Timing: ``ms_per_step`` is the mean wall time of the training step (batch forwar
 optimizer step) without evaluation; ``time_s`` in the curve accumulates the same quantity, so
 time-to-target counts training time only.
 
+Randomness: a run's model, batches and any draw its optimizer makes from the global generators
+(seeded per job) depend on the job alone, not on what ran before it in the worker.
+
 Divergence: a run stops and is marked ``diverged`` when a training or validation loss is not
 finite, the validation loss exceeds ``DIVERGE_FACTOR`` times its initial value, or the optimizer
 raises (the message is kept in ``error``); the benchmark goes on with the next job.
@@ -62,13 +65,26 @@ def _task(name: str) -> Any:
     return _TASK_CACHE[name]
 
 
+def _seed_global_generators(job: Job) -> None:
+    """torch's and NumPy's global generators, seeded from the job: an optimizer that draws from them
+    (PSGD-Kron's probes) gives the same run whatever ran before it in the worker."""
+    import zlib
+
+    import numpy as np
+
+    seed = zlib.crc32(f"{job.task}|{job.optimizer}|{job.lr!r}|{job.seed}".encode())
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
 def run_job(job: Job) -> dict[str, Any]:
     """Train one model; return its run record (curves, final losses, timing, divergence)."""
     t_start = time.perf_counter()
     task = _task(job.task)
     spec = opt_registry.get(job.optimizer)
     model = task.init(job.seed)
-    opt = spec.make(model.parameters(), lr=job.lr)
+    _seed_global_generators(job)
+    opt = spec.make_for(model, lr=job.lr)
     scheduler = None
     if spec.schedule is not None:
         from ..schedule import LargeLRScheduler

@@ -3,8 +3,9 @@
 Definitions (also in the report):
 
 - **entry**: what a table row reports. A tuned optimizer ``x`` gives ``x-tuned`` (its runs at the
-  grid rate chosen below); ``adamw`` also gives ``adamw-default`` (lr 1e-3); an untuned optimizer
-  gives one entry under its own name, at its default settings.
+  grid rate chosen below); a tuned optimizer reported at its default too (``default_entry`` in the
+  registry: AdamW and the peers) also gives ``x-default`` (``adamw-default``: lr 1e-3); an untuned
+  optimizer gives one entry under its own name, at its default settings.
 - **chosen rate**: for each task, the grid rate whose *worst seed* reaches the lowest final
   validation loss (a diverged run counts as infinitely bad).
 - **target**: per task, the final validation loss that AdamW reaches at its chosen rate on every
@@ -64,6 +65,14 @@ def _is_tuned(name: str) -> bool:
         return False
 
 
+def _reports_default(name: str) -> bool:
+    try:
+        spec = opt_registry.get(name)
+    except KeyError:
+        return False
+    return spec.tune and spec.default_entry
+
+
 def _json(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
@@ -85,8 +94,8 @@ def entries_of(records: list[dict[str, Any]], chosen: dict[tuple[str, str], dict
         c = chosen.get((task, name))
         if c is not None and r["lr"] == c["lr"]:
             out[f"{name}-tuned"].append(r)
-        if name == "adamw" and r["lr"] == opt_registry.get("adamw").default_lr:
-            out["adamw-default"].append(r)
+        if _reports_default(name) and r["lr"] == opt_registry.get(name).default_lr:
+            out[f"{name}-default"].append(r)
         if not _is_tuned(name):
             out[name].append(r)
     return dict(out)

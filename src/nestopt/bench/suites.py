@@ -1,8 +1,9 @@
 """Benchmark suites and the job plan.
 
 ``quick`` (a few minutes on 2 cores): seven tasks, 2 seeds, tuned baselines on every other rate of
-their grids (a decade apart: 5 rates for Adam and AdamW). ``full``: every registered task, 3 seeds,
-the whole grids (half a decade apart). Both run every available optimizer.
+their grids (a decade apart: 5 rates for Adam and AdamW), every available optimizer but the costly
+matrix peers (``full_only`` in the registry: SOAP, PSGD-Kron, AdEMAMix; Muon runs). ``full``: every
+registered task, 3 seeds, the whole grids (half a decade apart), every available optimizer.
 """
 
 from __future__ import annotations
@@ -22,12 +23,17 @@ class Suite:
     tasks: tuple[str, ...]
     seeds: int
     grid_stride: int = 1
+    full: bool = False
+
+    def optimizers(self) -> list[str]:
+        """The available optimizers this suite runs when none are named."""
+        return [s.name for s in opt_registry.specs() if self.full or not s.full_only]
 
 
 SUITES: dict[str, Suite] = {
     "quick": Suite("quick", ("quad-asym", "quad-cond1e2", "rosenbrock", "digits-logreg", "digits-mlp",
                              "diabetes-mlp", "trading-multihorizon"), seeds=2, grid_stride=2),
-    "full": Suite("full", tuple(task_registry.names()), seeds=3),
+    "full": Suite("full", tuple(task_registry.names()), seeds=3, full=True),
 }
 
 
@@ -40,7 +46,8 @@ def suite(name: str) -> Suite:
 def plan(tasks: Sequence[str], optimizers: Sequence[str], seeds: int, steps: int | None = None,
          grid_stride: int = 1) -> list[Job]:
     """All jobs for the given tasks and optimizers. ``adamw`` is always added (it sets the
-    targets); a tuned optimizer runs every ``grid_stride``-th rate of its grid; ``steps``
+    targets); a tuned optimizer runs every ``grid_stride``-th rate of its grid, and its default
+    rate where it is also reported at its default (:meth:`OptimizerSpec.grid`); ``steps``
     overrides every task's budget."""
     check_int("grid_stride", grid_stride, lo=1)
     check_int("seeds", seeds, lo=1)
@@ -58,9 +65,6 @@ def plan(tasks: Sequence[str], optimizers: Sequence[str], seeds: int, steps: int
     for t in tasks:
         budget = steps if steps is not None else task_registry.get(t).default_steps
         for o in names:
-            spec = opt_registry.get(o)
-            lrs = list(spec.lr_grid[::grid_stride]) if spec.tune else [spec.default_lr]
-            if o == "adamw" and spec.default_lr not in lrs:
-                lrs.append(spec.default_lr)
-            jobs += [Job(t, o, float(lr), s, budget) for lr in lrs for s in range(seeds)]
+            jobs += [Job(t, o, float(lr), s, budget) for lr in opt_registry.get(o).grid(grid_stride)
+                     for s in range(seeds)]
     return jobs

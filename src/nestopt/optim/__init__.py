@@ -6,9 +6,10 @@ learned and nested optimizers run live in :mod:`nestopt.nets`.
 from .complex import ComplexAdam, ComplexMomentum
 from .hypergradient import HypergradientAdam, HypergradientSGD
 from .learned import LearnedOptimizer
+from .muon import MuonAdamW, muon_param_groups
 from ..nets import Controller
 from .nested import NestedOptimizer
 from .polyak import Polyak, PolyakAdam
 
-__all__ = ["ComplexAdam", "ComplexMomentum", "Controller", "HypergradientAdam", "HypergradientSGD", "LearnedOptimizer", "NestedOptimizer", "Polyak",
-           "PolyakAdam"]
+__all__ = ["ComplexAdam", "ComplexMomentum", "Controller", "HypergradientAdam", "HypergradientSGD", "LearnedOptimizer", "MuonAdamW", "NestedOptimizer", "Polyak",
+           "PolyakAdam", "muon_param_groups"]

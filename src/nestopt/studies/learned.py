@@ -44,13 +44,18 @@ def _task(family: str, index: int) -> Any:
 PEER = "peer:"  # a net value "peer:NAME" runs the registry optimizer NAME, untuned, at its default rate
 
 
-def _make(opt: str, params: Any, lr: float) -> torch.optim.Optimizer:
+def _make(opt: str, model: Any, lr: float) -> torch.optim.Optimizer:
+    """The optimizer ``opt`` over ``model`` (an ``nn.Module``, or bare parameters): a peer gets the
+    param groups its registry spec asks for (Muon's split of the hidden matrices)."""
+    module = model if isinstance(model, torch.nn.Module) else None
+    params = model.parameters() if module is not None else model
     if opt == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     if opt.startswith(PEER):
         from ..bench import registry
 
-        return registry.get(opt[len(PEER):]).make(params)
+        spec = registry.get(opt[len(PEER):])
+        return spec.make_for(module) if module is not None else spec.make(params)
     from ..optim.learned import LearnedOptimizer
 
     return LearnedOptimizer(params, net=opt, lr=lr)
@@ -62,7 +67,7 @@ def run(family: str, index: int, opt: str, lr: float, seed: int, steps: int | No
     task = _task(family, index)
     steps = steps or task.default_steps
     model = task.init(seed)
-    o = _make(opt, model.parameters(), lr)
+    o = _make(opt, model, lr)
     curve: dict[str, list[float]] = {"step": [], "val_loss": []}
 
     def on_eval(step: int, metrics: dict[str, float], res: LoopResult) -> None:

@@ -25,7 +25,9 @@ LAYERS = {
     "bench": 4, "meta": 4,
     "studies": 5,
     "report": 6,
-    "cli": 7,
+    "_cli_args": 7,
+    "commands": 8,
+    "cli": 9,
 }
 
 

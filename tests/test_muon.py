@@ -162,7 +162,7 @@ def test_copies_and_pickles_keep_the_split():
 def test_the_bench_reports_peers_tuned_and_at_their_defaults():
     jobs = plan(["quad-asym"], ["muon"], seeds=1, steps=5)
     muon_lrs = sorted(j.lr for j in jobs if j.optimizer == "muon")
-    assert muon_lrs == sorted(registry.LR_GRID_ADAM)  # 1e-3, its default, is on the grid
+    assert muon_lrs == sorted(registry.LR_GRID_PEER)  # 1e-3, its default, is on the grid
     runs = [{"task": "quad-asym", "optimizer": j.optimizer, "lr": j.lr} for j in jobs]
     chosen = {("quad-asym", "muon"): {"lr": 1e-2}, ("quad-asym", "adamw"): {"lr": 1e-2}}
     entries = entries_of(runs, chosen)
@@ -174,13 +174,16 @@ def test_the_bench_reports_peers_tuned_and_at_their_defaults():
     assert spec.grid() == [0.1, 1.0, 0.5] and spec.grid(2) == [0.1, 0.5]
 
 
-def test_the_quick_suite_runs_muon_and_the_full_suite_every_peer():
+def test_the_quick_suite_runs_muon_and_the_full_suite_every_peer_but_the_named_only():
     quick, full = SUITES["quick"].optimizers(), SUITES["full"].optimizers()
     assert "muon" in quick and "muon" in full
-    costly = [s.name for s in registry.specs() if s.full_only]
+    costly = [s.name for s in registry.specs() if s.full_only and not s.named_only]
+    named = [s.name for s in registry.specs() if s.named_only]
     assert not set(costly) & set(quick) and set(costly) <= set(full)
+    assert not set(named) & (set(quick) | set(full))
     if registry.get("soap").available():
-        assert {"soap", "kron", "ademamix"} <= set(costly)
+        assert {"soap", "ademamix"} <= set(costly) and named == ["kron"]
+        assert "kron" in registry.names()  # still there: `--optimizers kron` runs it
 
 
 def test_the_bench_gives_muon_its_split():
@@ -201,3 +204,25 @@ def test_a_run_with_a_randomised_optimizer_does_not_depend_on_what_ran_before():
     np.random.random(1000)
     b = run_job(job)
     assert a["curve"]["val_loss"] == b["curve"]["val_loss"]
+
+
+def test_overhead_measures_the_peers_and_leaves_the_named_only_out_unless_named(monkeypatch):
+    from nestopt.bench import overhead
+
+    seen: list[list[str]] = []
+
+    def fake_rounds(builders, losses, base, cuda, loss_value, times, state, peaks, *rest):
+        seen.append(list(builders))
+        for n in builders:
+            times[n].append(1.0)
+            state[n], peaks[n] = 0.0, None
+
+    monkeypatch.setattr(overhead, "_rounds", fake_rounds)
+    rows = overhead.measure(n_params=1000, steps=1, rounds=1, warmup=0)
+    assert "muon" in seen[0] and {r.name for r in rows} >= {"muon", "adamw"}
+    named = [s.name for s in registry.specs() if s.named_only]
+    assert not set(named) & set(seen[0])
+    if registry.get("soap").available():
+        assert {"soap", "ademamix"} <= set(seen[0])
+        overhead.measure(["kron"], n_params=1000, steps=1, rounds=1, warmup=0)
+        assert "kron" in seen[1]

@@ -132,6 +132,65 @@ def test_check_fails_on_a_changed_verdict_and_names_it(tmp_path):
     assert lines[0].startswith("FAIL large-lr") and "verdicts/0/verdict: 'does not hold' -> 'holds'" in lines[1]
 
 
+@pytest.mark.parametrize("cpu, fresh, stable, passes", [
+    ("Another CPU", True, True, True),  # the machine's doing: a warning
+    ("Another CPU", True, False, False),  # two reruns here disagree: not deterministic
+    ("Another CPU", False, True, False),  # the code changed: it must reproduce
+    ("same", True, True, False),  # the same processor: it must reproduce
+    ("", True, True, False),  # an unknown processor
+])
+def test_a_difference_on_another_processor_warns_only_when_the_code_is_the_stored_code(
+        tmp_path, monkeypatch, cpu, fresh, stable, passes):
+    import nestopt.report.check as check_mod
+    from nestopt.report.store import PINNED_ENV, current_hashes, environment
+
+    root = _root_with(tmp_path, "large-lr")
+    path = root / "docs" / "results" / "large-lr" / "provenance.json"
+    prov = json.loads(path.read_text())
+    here = environment()
+    prov["environment"].update(cpu=here["cpu"] if cpu == "same" else cpu, torch=here["torch"],
+                               optional=here["optional"], pinned=PINNED_ENV)
+    now = current_hashes(get("large-lr"))
+    prov["files"] = now if fresh else {**now, "nestopt/schedule/grid.py": "0" * 16}
+    prov["code_hash"] = codehash.code_hash(prov["files"])
+    path.write_text(json.dumps(prov))
+    stored, _ = load(root, "large-lr")
+    reruns = []
+
+    def rerun(rec, out, quiet=False):  # the rerun: one number off the stored result
+        doc = json.loads(json.dumps(stored))
+        doc["verdicts"][0]["verdict"] = "holds" if stable or not reruns else "maybe"
+        reruns.append(doc)
+        return doc, {**prov, "wall_s": prov["wall_s"]}
+
+    monkeypatch.setattr(check_mod, "run", rerun)
+    lines: list[str] = []
+    assert check(root, cheap_only=True, log=lines.append, keys=["large-lr"]) is passes
+    verdict = [line for line in lines if line.startswith(("WARN", "FAIL", "ok"))][0]
+    assert verdict.startswith("WARN large-lr" if passes else "FAIL large-lr"), lines
+    assert len(reruns) == (2 if cpu == "Another CPU" and fresh else 1)
+    if passes:
+        assert "stored on Another CPU, rerun on " in verdict and "verdicts/0/verdict: 'does not hold' -> 'holds'" in lines[-1]
+    elif not stable:
+        assert "not deterministic" in verdict
+
+
+def test_a_given_run_is_compared_as_it_is_whatever_the_processor(tmp_path):
+    root = _root_with(tmp_path, "large-lr")
+    path = root / "docs" / "results" / "large-lr" / "provenance.json"
+    prov = json.loads(path.read_text())
+    prov["environment"]["cpu"] = "Another CPU"
+    path.write_text(json.dumps(prov))
+
+    def flip(doc):
+        doc["verdicts"][0]["verdict"] = "holds"
+
+    lines: list[str] = []
+    assert not check(root, cheap_only=True, given={"large-lr": _given(tmp_path, root, "large-lr", flip)},
+                     log=lines.append, keys=["large-lr"])
+    assert lines[0].startswith("FAIL large-lr")
+
+
 def test_an_expensive_result_whose_code_changed_is_listed_with_the_files(tmp_path):
     root = tmp_path / "repo"
     (root / "docs" / "results" / "games").mkdir(parents=True)

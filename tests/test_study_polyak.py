@@ -10,15 +10,22 @@ from nestopt.studies.polyak_experiments import VARIANTS, experiments, measure, r
 
 
 def test_study_smoke_writes_report_figures_and_verdicts(tmp_path):
-    doc = run_study(tmp_path, variants=["global", "diag-exact"])
+    doc = run_study(tmp_path, variants=["global", "diag-exact"], gates_steps=8, gates_seeds=(0,))
     report = (tmp_path / "report.md").read_text()
     for key in ("exp1", "exp2", "exp3", "exp4", "exp5"):
         assert doc["verdicts"][key], key
         assert f"## Experiment {key[-1]}" in report
     assert all(it["verdict"] in ("confirmed", "refuted", "partly") for v in doc["verdicts"].values() for it in v)
-    assert {"trajectories.png", "loss_curves.png", "parameter_errors.png", "grad_ratio.png"} <= {
+    assert {"trajectories.png", "loss_curves.png", "parameter_errors.png", "grad_ratio.png", "logic_gates.png"} <= {
         p.name for p in tmp_path.glob("*.png")}
-    json.loads((tmp_path / "results.json").read_text())
+    saved = json.loads((tmp_path / "results.json").read_text())
+    # the logic-gates part: its own section, verdicts and runs (not among the note experiments' verdicts)
+    assert "## Logic gates" in report and "logic_gates" not in doc["verdicts"]
+    gates = saved["logic_gates"]
+    assert [it["key"] for it in gates["verdicts"]] == ["A", "B", "B2", "C", "D", "overall"]
+    assert all(it["verdict"] in ("confirmed", "refuted", "partly") for it in gates["verdicts"])
+    assert {r["optimizer"] for r in gates["runs"]} == {"global", "tensor", "adamw"}
+    assert all(len(r["loss"]) == 9 for r in gates["runs"])
 
 
 def _runs(exp_key, variant_keys, dtype=torch.float64):

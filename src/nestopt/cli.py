@@ -1,7 +1,8 @@
 """The ``nestopt`` command line.
 
     nestopt bench --suite quick|full [--tasks T,..] [--optimizers O,..] [--seeds N] [--steps N]
-                  [--workers N] --out DIR [--force]
+                  [--workers N] [--highlight NAME,..] [--label N] --out DIR [--force]
+    nestopt figures DIR [--highlight NAME,..] [--label N] [--out DIR2]
     nestopt study polyak|large-lr|controller|controller-variants|learned|hpo|games --out DIR [--force]
                   [--net LABEL=PATH ...] [--peer NAME ...]   (learned)
                   [--variant NAME ... --seeds N]   (controller-variants)
@@ -34,97 +35,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ._cli_args import (EXIT_INTERRUPTED, FORCE_HELP, UsageError, _count, _int, _interrupted, _names,
+                        _out, _Parser, _positive)
+from .commands import bench as bench_command
 from .report import command as report
 
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
-
-
-class UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # no abbreviations: a typo such as --suit must not quietly mean --suite
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str) -> None:  # argparse's own errors: one line, exit 2
-        raise UsageError(f"{message} (see {self.prog} --help)")
-
-
-def _names(value: str | None, flag: str, what: str, valid: Sequence[str] = ()) -> list[str] | None:
-    """The comma-separated names of ``flag`` (each once, in order); ``None`` when not given. A value
-    that names nothing (``''``, ``','``) is an error: an empty list is never "all"."""
-    if value is None:
-        return None
-    names = list(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
-    if not names:
-        choices = f": {', '.join(valid)}" if valid else ""
-        raise UsageError(f"{flag} {value!r} is invalid: it names no {what}; expected a comma-separated list of "
-                         f"{what} names{choices}")
-    return names
-
-
-def _count(text: str) -> int:
-    t = text.strip().lower().replace("_", "")
-    mult = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}.get(t[-1:], 1)
-    try:
-        n = float(t[:-1] if mult > 1 else t) * mult
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid count {text!r}: expected a number such as 10M, 500k or 1e6")
-    if not math.isfinite(n):
-        raise argparse.ArgumentTypeError(f"invalid count {text!r}: expected a finite number such as 10M, 500k or 1e6")
-    if n != int(n):
-        raise argparse.ArgumentTypeError(f"invalid count {text!r}: expected a whole number of parameters")
-    return int(n)
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer {text!r}")
-
-
-def _positive(flag: str, value: int | None) -> None:
-    if value is not None and value < 1:
-        raise UsageError(f"{flag} {value} is invalid: must be a positive integer")
-
-
-def _out(path: str, *, force: bool, resume: bool = False, hint: str = "--force to replace what it holds") -> Path:
-    from ._io import OutputError, prepare_out
-
-    try:
-        return prepare_out(path, force=force, resume=resume, flag_hint=hint)
-    except OutputError as e:
-        raise UsageError(str(e)) from None
-
-
-def _interrupted(message: str) -> int:
-    print(f"nestopt: interrupted: {message}", file=sys.stderr, flush=True)
-    return EXIT_INTERRUPTED
-
-
-MAX_SEEDS = 10_000
-FORCE_HELP = "write into a non-empty --out: the new result replaces the old one's files when it completes"
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="nestopt", description="Nested and learned optimization for PyTorch.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    b = sub.add_parser("bench", help="time-to-target benchmark against tuned baselines")
-    b.add_argument("--suite", default="quick", help="quick (minutes) or full (all tasks, 3 seeds)")
-    b.add_argument("--tasks", help="comma-separated task names (default: the suite's)")
-    b.add_argument("--optimizers", help="comma-separated optimizer names (default: all available)")
-    b.add_argument("--seeds", type=_int, help="seeds per configuration (default: the suite's)")
-    b.add_argument("--steps", type=_int, help="step budget for every task (default: each task's own)")
-    b.add_argument("--workers", type=_int, help="worker processes (default: one per core)")
-    b.add_argument("--out", required=True, help="output folder for results.json, report.md and figures")
-    b.add_argument("--force", action="store_true", help=FORCE_HELP)
-
+    bench_command.add_parser(sub)
     _study_parser(sub)
     report.add_parser(sub)
     sub.add_parser("tasks", help="list the registered tasks, task families and games")
@@ -153,93 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     o = sub.add_parser("overhead", help="optimizer step time and memory vs torch AdamW(fused) and SGD(foreach)")
     o.add_argument("--params", type=_count, default=10_000_000, help="parameter count, e.g. 10M (default)")
-    o.add_argument("--optimizers", help="comma-separated optimizer names (default: all available)")
+    o.add_argument("--optimizers", help="comma-separated optimizer names (default: every installed optimizer but "
+                   "the ones run only when named, such as kron)")
     o.add_argument("--steps", type=_int, default=10, help="timed steps per round (default 10)")
     o.add_argument("--rounds", type=_int, default=3, help="interleaved rounds (default 3)")
     o.add_argument("--device", default="cpu", help="cpu or cuda")
     o.add_argument("--json", dest="json_out", help="also write the rows to this JSON file (its folder must exist)")
     o.add_argument("--force", action="store_true", help="replace the --json file if it exists")
     return p
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from . import tasks as task_registry
-    from .bench import run_bench, suite
-    from .bench import registry as opt_registry
-    from .bench.runner import WorkerError
-
-    try:
-        s = suite(args.suite)
-    except KeyError as e:
-        raise UsageError(str(e.args[0]))
-    tasks = _names(args.tasks, "--tasks", "task", task_registry.names()) or list(s.tasks)
-    optimizers = _names(args.optimizers, "--optimizers", "optimizer", opt_registry.names()) or s.optimizers()
-    seeds = s.seeds if args.seeds is None else args.seeds
-    for t in tasks:
-        if t not in task_registry.names():
-            raise UsageError(f"unknown task {t!r}; valid names: {', '.join(task_registry.names())}")
-    for o in optimizers:
-        if o not in opt_registry.names():
-            known = opt_registry.names(available_only=False)
-            hint = " (installed? pip install 'nestopt[peers]')" if o in known else ""
-            raise UsageError(f"unknown optimizer {o!r}{hint}; valid names: {', '.join(opt_registry.names())}")
-    _positive("--seeds", seeds)
-    if seeds > MAX_SEEDS:  # the plan holds every job: a huge count would fill the memory first
-        raise UsageError(f"--seeds {seeds} is invalid: at most {MAX_SEEDS}")
-    _positive("--steps", args.steps)
-    _positive("--workers", args.workers)
-    out = _out(args.out, force=args.force)
-
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    console = Console(stderr=True)
-    t0 = time.perf_counter()
-    state = {"diverged": 0, "done": 0, "total": 0}
-    live = console.is_terminal
-    progress = Progress(TextColumn("[bold]bench[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=console, transient=False, disable=not live)
-    suite_label = args.suite if not (args.tasks or args.optimizers or args.seeds or args.steps) \
-        else f"custom ({args.suite} defaults)"
-    had_result = (out / "results.json").is_file()
-    with progress:
-        bar = progress.add_task(suite_label, total=None)
-
-        def on_start(n: int) -> None:
-            state["total"] = n
-            progress.update(bar, total=n)
-            if not live:
-                print(f"bench: {n} runs on {args.workers or 'all'} worker(s)", file=sys.stderr, flush=True)
-
-        def on_done(rec: dict) -> None:
-            state["diverged"] += rec["diverged"]
-            state["done"] += 1
-            progress.update(bar, advance=1, description=f"{rec['task']} / {rec['optimizer']} (diverged runs: {state['diverged']})")
-            if not live and state["done"] % max(1, state["total"] // 10) == 0:
-                # no live bar in a log file: a plain line every tenth of the way instead
-                print(f"bench: {state['done']}/{state['total']} runs, {time.perf_counter() - t0:.0f} s, "
-                      f"diverged runs so far: {state['diverged']}", file=sys.stderr, flush=True)
-
-        try:
-            doc = run_bench(tasks=tasks, optimizers=optimizers, seeds=seeds, out=out, steps=args.steps,
-                            workers=args.workers, grid_stride=s.grid_stride, suite_name=suite_label,
-                            on_start=on_start, on_done=on_done)
-        except WorkerError as e:
-            print(f"nestopt: error: {e}", file=sys.stderr)
-            return 1
-    wall = time.perf_counter() - t0
-    if not doc["complete"]:
-        kept = f"; the complete result in {out} is as it was" if had_result else ""
-        if not doc["runs"]:
-            return _interrupted(f"no run had finished, nothing was written{kept}")
-        return _interrupted(f"the {len(doc['runs'])} of {state['total']} runs that finished are in "
-                            f"{out / 'partial'}{kept}")
-    scores = doc["summary"]["scores"]["time"]
-    best = sorted(scores.items(), key=lambda kv: -kv[1])
-    console.print(f"{len(doc['runs'])} runs in {wall:.1f} s; wrote {out / 'results.json'}, {out / 'report.md'} and figures")
-    for name, sc in best:
-        console.print(f"  {name:24s} score {sc:.3f}")
-    return 0
 
 
 def _cmd_tasks(args: argparse.Namespace) -> int:
@@ -296,8 +138,8 @@ def _cmd_overhead(args: argparse.Namespace) -> int:
         raise UsageError(f"--params {args.params:.4g} is invalid: at most {bound:.4g} on {args.device}{why}")
     _positive("--steps", args.steps)
     _positive("--rounds", args.rounds)
-    names = _names(args.optimizers, "--optimizers", "optimizer", registry.names()) or registry.names()
-    for n in names:
+    names = _names(args.optimizers, "--optimizers", "optimizer", registry.names())  # None: measure's default
+    for n in names or ():
         if n not in registry.names():
             raise UsageError(f"unknown optimizer {n!r}; valid names: {', '.join(registry.names())}")
     target = None
@@ -532,7 +374,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
 
 
-COMMANDS = {"report": _cmd_report, "bench": _cmd_bench, "study": _cmd_study, "tasks": _cmd_tasks, "optimizers": _cmd_optimizers, "overhead": _cmd_overhead,
+COMMANDS = {"report": _cmd_report, "bench": bench_command.cmd_bench, "figures": bench_command.cmd_figures, "study": _cmd_study, "tasks": _cmd_tasks, "optimizers": _cmd_optimizers, "overhead": _cmd_overhead,
             "meta-train": _cmd_meta_train}
 
 

@@ -25,24 +25,28 @@ import torch
 
 from .. import __version__
 from .._io import Staged
-from .report import write_figures, write_json, write_report
+from . import figstyle
+from .report import entry_styles, write_figures, write_json, write_report
 from .runner import Job, _check_not_a_worker_importing_main, default_workers, run_job, run_jobs
 from .schema import SCHEMA_VERSION, validate
-from .scoring import summarize
+from .scoring import planned_entries, summarize
 from .suites import SUITES, plan, suite
 
 
 def run_bench(*, tasks: Sequence[str], optimizers: Sequence[str], seeds: int, out: str | Path,
               steps: int | None = None, workers: int | None = None, suite_name: str = "custom", grid_stride: int = 1,
               command: str | None = None, on_start: Callable[[int], None] | None = None,
-              on_done: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Plan, run, score and write a benchmark. Returns the results document (``complete`` is
+              on_done: Callable[[dict[str, Any]], None] | None = None,
+              highlight: str | Sequence[str] | None = None, top_k: int = 5) -> dict[str, Any]:
+    """Plan, run, score and write a benchmark; ``highlight`` and ``top_k`` are the figures'
+    (:func:`~nestopt.bench.report.write_figures`). Returns the results document (``complete`` is
     False if it was interrupted: what finished is still scored and written, to ``out/partial/``).
     Call it under ``if __name__ == "__main__":`` in a script when ``workers`` > 1 (a worker that
     runs the call again stops with a line that says so)."""
     _check_not_a_worker_importing_main()
     out = Path(out)
     jobs = plan(tasks, optimizers, seeds, steps, grid_stride)
+    figstyle.resolve_highlight(highlight, planned_entries(optimizers))  # a bad name fails before any run
     workers = default_workers() if workers is None else workers
     if on_start:
         on_start(len(jobs))
@@ -65,7 +69,9 @@ def run_bench(*, tasks: Sequence[str], optimizers: Sequence[str], seeds: int, ou
     stage = Staged(out, replaces=RESULT_FILES)
     try:
         write_json(doc, stage.dir / "results.json")
-        figures = write_figures(doc, stage.dir) if records else []
+        shown = figstyle.resolve_highlight(highlight, planned_entries(optimizers)) & set(entry_styles(doc))
+        # (an interrupted run may lack a highlighted entry: the figures then highlight what it has)
+        figures = write_figures(doc, stage.dir, sorted(shown) if highlight else None, top_k=top_k) if records else []
         write_report(doc, stage.dir, figures)
     except BaseException:  # interrupted (again) while writing: keep what was written, beside the result
         stage.to_partial({"runs": len(records), "of": len(jobs)})

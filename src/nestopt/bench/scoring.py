@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from . import registry as opt_registry
@@ -83,6 +83,20 @@ def targets(chosen: dict[tuple[str, str], dict[str, Any]]) -> dict[str, dict[str
     for (task, opt), c in chosen.items():
         if opt == "adamw" and math.isfinite(c["worst_final"]):
             out[task] = {"val_loss": c["worst_final"], "adamw_lr": c["lr"]}
+    return out
+
+
+def planned_entries(optimizers: Sequence[str]) -> list[str]:
+    """The entries a bench of ``optimizers`` reports (``adamw`` always runs): ``NAME-tuned`` for a
+    tuned optimizer, plus ``NAME-default`` where it is also reported at its default, else ``NAME``."""
+    out: list[str] = []
+    for name in dict.fromkeys(["adamw", *optimizers]):
+        if _is_tuned(name):
+            out.append(f"{name}-tuned")
+            if _reports_default(name):
+                out.append(f"{name}-default")
+        else:
+            out.append(name)
     return out
 
 

@@ -2,8 +2,9 @@
 
 ``quick`` (a few minutes on 2 cores): seven tasks, 2 seeds, tuned baselines on every other rate of
 their grids (a decade apart: 5 rates for Adam and AdamW), every available optimizer but the costly
-matrix peers (``full_only`` in the registry: SOAP, PSGD-Kron, AdEMAMix; Muon runs). ``full``: every
-registered task, 3 seeds, the whole grids (half a decade apart), every available optimizer.
+matrix peers (``full_only`` in the registry: SOAP, AdEMAMix; Muon runs). ``full``: every registered
+task, 3 seeds, the whole grids (half a decade apart), every available optimizer but the ones that run
+only when named (``named_only``: PSGD-Kron).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class Suite:
 
     def optimizers(self) -> list[str]:
         """The available optimizers this suite runs when none are named."""
-        return [s.name for s in opt_registry.specs() if self.full or not s.full_only]
+        return [s.name for s in opt_registry.specs() if not s.named_only and (self.full or not s.full_only)]
 
 
 SUITES: dict[str, Suite] = {

@@ -68,7 +68,7 @@ class Published:
     def hashed(self) -> tuple[str, ...]:
         """The files hashed beside the closure: the record's own, and the command line, which parses
         the options and decides some defaults (the bench's optimizers: those installed)."""
-        return self.files if self.script else ("nestopt/cli.py", *self.files)
+        return self.files if self.script else (*CLI_FILES, *self.files)
 
     def command(self, out: str = "OUT") -> str:
         argv = [a.replace("{out}", out) for a in self.argv]
@@ -89,15 +89,20 @@ def _add(rec: Published) -> None:
 
 _add(Published("polyak", ("study", "polyak", "--out", "{out}"), CHEAP, ("nestopt.studies.polyak",),
                "the Polyak note's five experiments", files=_STUDY_FILES, drop=("runs/*/loss", "runs/*/params", "runs/*/eta",
-                                                                            "runs/*/grad_ratio", "runs/*/trajectory")))
+                                                                            "runs/*/grad_ratio", "runs/*/trajectory",
+                                                                            "logic_gates/runs/*/loss",
+                                                                            "logic_gates/control/runs/*/loss")))
 _add(Published("large-lr", ("study", "large-lr", "--out", "{out}"), CHEAP, ("nestopt.studies.large_lr",),
                "the large-learning-rate claims on a spurious-cue task", files=_STUDY_FILES,
                ignore=("diagnostics_overhead",)))
-_add(Published("learned", ("study", "learned", "--out", "{out}"), CHEAP,
+# The command line: the parser and the argument checks every command goes through.
+CLI_FILES = ("nestopt/cli.py", "nestopt/_cli_args.py", "nestopt/commands/__init__.py", "nestopt/commands/bench.py")
+_LEARNED_PEERS = ("--peer", "muon", "--peer", "prodigy", "--peer", "schedulefree-adamw")
+_add(Published("learned", ("study", "learned", *_LEARNED_PEERS, "--out", "{out}"), CHEAP,
                ("nestopt.studies.learned", "nestopt.meta", "nestopt.nets"),
                "the shipped update networks on held-out tasks and a 10x horizon", files=_STUDY_FILES,
                ignore=("nets/*",)))
-_add(Published("learned-native", ("study", "learned", "--out", "{out}"), EXPENSIVE,
+_add(Published("learned-native", ("study", "learned", *_LEARNED_PEERS, "--out", "{out}"), EXPENSIVE,
                ("nestopt.studies.learned", "nestopt.meta", "nestopt.nets"),
                "the same study on the machine's own numerics (not pinned): how much rounding moves it",
                files=_STUDY_FILES, ignore=("nets/*",), native=True))

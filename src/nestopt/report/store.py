@@ -33,6 +33,11 @@ OPTIONAL = ("prodigyopt", "schedulefree", "optuna", "torchopt", "heavyball")
 # same bits: torch's own kernels, MKL and oneDNN each dispatch on the CPU's vector width, and a
 # different reduction order is enough to move a long chaotic run (the learned study's 2000-step
 # task reads 2.50x on one and 1.25x on another). Two threads, whatever the machine's core count.
+# Measured across vendors: with these pins the learned study, the large-learning-rate study, the
+# quick bench and the audit reproduced bitwise on an Intel Xeon and an AMD EPYC; the Polyak study's
+# chaotic float64 runs did not (one final loss 1.6e3 on one, 9.4e15 on the other), whatever MKL_CBWR
+# said on the AMD machine (MKL_CBWR=COMPATIBLE moved the learned study's 2000-step row there instead).
+# The check's other-processor rule (report/check.py) covers what the pins do not.
 PINNED_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
               "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
 OUT_TOKEN = "$OUT"

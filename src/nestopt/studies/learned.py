@@ -2,8 +2,9 @@
 
 Protocol: the networks were meta-trained on the ``quadratic`` and ``teacher-mlp`` families
 (``nestopt meta-train``); here they run, untuned (``lr=1``), on tasks from families never seen in
-meta-training (``digits-mlp``, ``trading``) and on one task at a horizon 10x the meta-training
-runs' (2000 steps against 200). Baseline: AdamW tuned per task over five rates (3e-4 to 3e-2), its
+meta-training (``digits-mlp``, ``trading``, and the workloads of a different kind: ``digits-cnn``
+convolutions, ``gru-seq`` recurrences, ``logic-gates`` multiplicative attention) and on one task at a
+horizon 10x the meta-training runs' (2000 steps against 200). Baseline: AdamW tuned per task over five rates (3e-4 to 3e-2), its
 target the worst seed's final validation loss at its best rate, as in the bench. Per task and
 network: steps to that target on each of 5 seeds, the speedup over tuned AdamW (its steps / the
 network's) with a bootstrap 90% interval over seeds, and the divergence count. Peers
@@ -31,7 +32,8 @@ from ._common import finite
 
 ADAMW_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 HELD_OUT = (("digits-mlp", 101), ("digits-mlp", 102), ("digits-mlp", 103), ("digits-mlp", 104),
-            ("trading", 201), ("trading", 202))
+            ("trading", 201), ("trading", 202), ("digits-cnn", 301), ("digits-cnn", 302), ("gru-seq", 401),
+            ("gru-seq", 402), ("logic-gates", 501), ("logic-gates", 502))
 LONG = ("digits-mlp", 105, 2000)
 SEEDS = 5
 EVAL_POINTS = 30

@@ -1,6 +1,8 @@
 """``nestopt study polyak --out DIR``: runs the Polyak note's experiments 1-5 for every variant in
-float64 and float32, fills each "Results" section with a verdict per "Expected" claim, and
-writes ``report.md``, ``results.json`` and figures.
+float64 and float32, fills each "Results" section with a verdict per "Expected" claim, tests the
+note's explanation of its zig-zag on the logic-gates task (:mod:`.polyak_gates`: the section
+"Logic gates", ``results.json["logic_gates"]`` and ``logic_gates.png``), and writes
+``report.md``, ``results.json`` and figures.
 
 Every verdict below is computed from the measured numbers by the rule stated next to it; the
 note's expectations are quoted, never assumed.
@@ -19,6 +21,7 @@ import torch
 
 from .._io import atomic_savefig, atomic_write_text, save_part
 from ..bench.runner import quiet_create_graph_warning
+from . import polyak_gates
 from ._common import finite
 from .polyak_experiments import VARIANTS, Run, experiments, run_all
 
@@ -281,8 +284,11 @@ def _record(r: Run) -> dict[str, Any]:
             "loss": [x if math.isfinite(x) else None for x in r.loss]}
 
 
-def run_study(out: str | Path, variants: list[str] | None = None) -> dict[str, Any]:
-    """Run everything (or only ``variants``, which must include ``"global"``), write the outputs."""
+def run_study(out: str | Path, variants: list[str] | None = None, gates: bool = True,
+              gates_steps: int | None = None, gates_seeds: tuple[int, ...] = polyak_gates.SEEDS) -> dict[str, Any]:
+    """Run everything (or only ``variants``, which must include ``"global"``), write the outputs.
+    ``gates=False`` leaves out the logic-gates part; ``gates_steps`` (default: the task's 400) and
+    ``gates_seeds`` size it."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -291,6 +297,11 @@ def run_study(out: str | Path, variants: list[str] | None = None) -> dict[str, A
     v = verdicts(runs)
     exps = {e.key: e for e in experiments(torch.float64)}
     figures = _figures(runs, out, exps)
+    gates_result = None
+    if gates:
+        gates_result = polyak_gates.run_gates(seeds=gates_seeds, steps=gates_steps)
+        save_part("logic-gates", polyak_gates.document(gates_result))
+        figures.append(polyak_gates.figure(gates_result, out))
     wall = time.perf_counter() - t0
     lines = ["# Polyak step sizes: the note's experiments, run", "",
              "Command: `nestopt study polyak --out DIR` "
@@ -306,10 +317,14 @@ def run_study(out: str | Path, variants: list[str] | None = None) -> dict[str, A
         lines += [f"- {it['claim']}: **{it['verdict']}**. {it['evidence']}." for it in v[key]]
         lines += [""] + _table(runs, key)
     lines += ["", "## Which fix works where (float64)", ""] + where_fixes_work(runs)
+    if gates_result is not None:
+        lines += [""] + polyak_gates.report_lines(gates_result)
     lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     doc = {"wall_s": wall, "verdicts": v,
            "runs": [_record(r) for r in runs]}
+    if gates_result is not None:
+        doc["logic_gates"] = polyak_gates.document(gates_result)
     atomic_write_text(out / "results.json", json.dumps(finite(doc), indent=1, allow_nan=False))
     return doc
 

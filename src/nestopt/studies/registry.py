@@ -103,7 +103,9 @@ def _polyak(out: Path) -> Result:
 
 
 def _polyak_summary(doc: Result) -> list[str]:
-    return [f"{key}  {it['verdict']:10s} {it['claim']}" for key, items in doc["verdicts"].items() for it in items]
+    lines = [f"{key}  {it['verdict']:10s} {it['claim']}" for key, items in doc["verdicts"].items() for it in items]
+    gates = doc.get("logic_gates", {}).get("verdicts", [])
+    return lines + [f"gates {it['key']:7s} {it['verdict']:10s} {it['claim']}" for it in gates]
 
 
 def _large_lr(out: Path) -> Result:

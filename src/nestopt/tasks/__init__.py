@@ -7,6 +7,16 @@
     >>> family = T.family("quadratic"); variant = family.sample(3)
 
 ``get(name)`` builds a fresh task object each call (data behind it is cached per process).
+
+Tasks, in registration order: the analytic problems (``quad-scalar``, ``quad-sym``, ``quad-asym``,
+``quad-cond1e2``, ``quad-cond1e4``, ``rosenbrock``; :mod:`.analytic`); on scikit-learn's digits,
+``digits-logreg``, ``digits-mlp``, ``digits-cnn`` (:mod:`.supervised`); ``gru-seq``, a GRU on a
+generated temporal-order sequence task (:mod:`.sequence`); ``wide-mlp``, a ~1M-parameter MLP on
+digits (:mod:`.supervised`); ``diabetes-mlp`` (regression, :mod:`.supervised`);
+``charlm-transformer`` (:mod:`.charlm`); ``trading-multihorizon`` (:mod:`.trading`);
+``logic-gates`` (:mod:`.logic_gates`). Families: ``quadratic``, ``teacher-mlp``, ``digits-mlp``,
+``trading``, ``digits-cnn``, ``gru-seq`` (:mod:`.families`) and ``logic-gates`` (:mod:`.logic_gates`).
+A task may carry ``target``, an absolute quality bar that tuned AdamW reaches (see :class:`Task`).
 """
 
 from __future__ import annotations
@@ -17,9 +27,12 @@ from .._checks import check_callable, unknown_name
 from .analytic import AnalyticTask, AxisQuadratic, Point, RotatedQuadratic, Rosenbrock, ScalarQuadratic
 from .base import Task, TaskFamily, generator
 from .charlm import CharLMTask
-from .families import DigitsMLPFamily, QuadraticFamily, TeacherMLPFamily, TradingFamily
+from .families import (DigitsCNNFamily, DigitsMLPFamily, GRUSeqFamily, QuadraticFamily, TeacherMLPFamily,
+                       TradingFamily)
 from .games import BilinearGame, DiracGAN, Game, MixtureGAN, game_names, get_game, mixture_centers, mode_stats
-from .supervised import ArrayTask, diabetes_mlp, digits_cnn, digits_logreg, digits_mlp
+from .logic_gates import LogicGatesFamily, logic_gates
+from .sequence import GRUClassifier, gru_sequence
+from .supervised import ArrayTask, DigitsCNN, diabetes_mlp, digits_cnn, digits_logreg, digits_mlp, wide_mlp
 from .trading import HORIZON_BARS, HORIZON_NAMES, MarketConfig, TradingTask, auc
 
 _TASKS: dict[str, Callable[[], Task]] = {
@@ -32,9 +45,12 @@ _TASKS: dict[str, Callable[[], Task]] = {
     "digits-logreg": digits_logreg,
     "digits-mlp": digits_mlp,
     "digits-cnn": digits_cnn,
+    "gru-seq": gru_sequence,
+    "wide-mlp": wide_mlp,
     "diabetes-mlp": diabetes_mlp,
     "charlm-transformer": CharLMTask,
     "trading-multihorizon": TradingTask,
+    "logic-gates": logic_gates,
 }
 
 _FAMILIES: dict[str, Callable[[], TaskFamily]] = {
@@ -42,6 +58,9 @@ _FAMILIES: dict[str, Callable[[], TaskFamily]] = {
     "teacher-mlp": TeacherMLPFamily,
     "digits-mlp": DigitsMLPFamily,
     "trading": TradingFamily,
+    "digits-cnn": DigitsCNNFamily,
+    "gru-seq": GRUSeqFamily,
+    "logic-gates": LogicGatesFamily,
 }
 
 
@@ -85,9 +104,10 @@ def family(name: str) -> TaskFamily:
 
 
 __all__ = [
-    "AnalyticTask", "ArrayTask", "AxisQuadratic", "BilinearGame", "CharLMTask", "DiracGAN", "Game", "HORIZON_BARS",
-    "HORIZON_NAMES", "MarketConfig", "Point", "RotatedQuadratic", "Rosenbrock", "ScalarQuadratic", "Task",
-    "TaskFamily", "TradingTask", "auc", "diabetes_mlp", "digits_cnn", "digits_logreg", "digits_mlp", "family",
-    "family_names", "game_names", "generator", "get", "get_game", "MixtureGAN", "mixture_centers", "mode_stats",
-    "names", "register",
+    "AnalyticTask", "ArrayTask", "AxisQuadratic", "BilinearGame", "CharLMTask", "DigitsCNN", "DigitsCNNFamily",
+    "DiracGAN", "GRUClassifier", "GRUSeqFamily", "Game", "HORIZON_BARS", "HORIZON_NAMES", "LogicGatesFamily",
+    "MarketConfig", "Point", "RotatedQuadratic", "Rosenbrock", "ScalarQuadratic", "Task", "TaskFamily",
+    "TradingTask", "auc", "diabetes_mlp", "digits_cnn", "digits_logreg", "digits_mlp", "family", "family_names",
+    "game_names", "generator", "get", "get_game", "gru_sequence", "logic_gates", "MixtureGAN", "mixture_centers",
+    "mode_stats", "names", "register", "wide_mlp",
 ]

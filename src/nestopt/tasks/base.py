@@ -9,7 +9,12 @@ A :class:`Task` is one optimization problem:
 - ``loss(model, batch)`` is the differentiable training loss on a batch;
 - ``evaluate(model)`` returns validation metrics, at least ``val_loss`` (and ``val_accuracy``
   where it applies);
-- ``default_steps`` and ``batch_size`` are the budget and batch size the benchmark uses.
+- ``default_steps`` and ``batch_size`` are the budget and batch size the benchmark uses;
+- ``goal`` (optional) is an absolute quality bar, e.g. ``{"val_accuracy": 0.95}``: metrics that
+  tuned AdamW reaches within ``default_steps`` on the seeds the tests run (0, 1, 2). A key ending
+  in ``loss`` is an upper bound, any other key (accuracy, AUC) a lower bound; :meth:`Task.meets_goal`
+  checks it. (The benchmark's own *target*, the loss tuned AdamW reaches on every seed of a run, is
+  another thing: it is measured per run, see :mod:`nestopt.bench.scoring`.)
 
 A :class:`TaskFamily` samples task variants from a seed (for meta-training)::
 
@@ -55,6 +60,7 @@ class Task(abc.ABC):
     batch_size: int = 1
     has_accuracy: bool = False
     description: str = ""
+    goal: dict[str, float] | None = None
 
     @abc.abstractmethod
     def init(self, seed: int) -> nn.Module:
@@ -76,7 +82,22 @@ class Task(abc.ABC):
         """A JSON-able summary for listings and reports."""
         return {"name": self.name, "kind": self.kind, "default_steps": self.default_steps,
                 "batch_size": self.batch_size, "has_accuracy": self.has_accuracy,
-                "description": self.description}
+                "description": self.description,
+                "goal": None if self.goal is None else dict(self.goal)}
+
+    def meets_goal(self, metrics: dict[str, float]) -> bool:
+        """Whether ``metrics`` (from :meth:`evaluate`) reach :attr:`goal`: each key ending in
+        ``loss`` at or below its bound, each other key at or above it (``ValueError`` without a
+        goal; a missing or NaN metric fails)."""
+        if self.goal is None:
+            raise ValueError(f"task {self.name!r} has no goal")
+        for key, bound in self.goal.items():
+            v = metrics.get(key)
+            if v is None or v != v:
+                return False
+            if (v > bound) if key.endswith("loss") else (v < bound):
+                return False
+        return True
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

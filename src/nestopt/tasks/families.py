@@ -6,7 +6,13 @@
 - ``teacher-mlp``: regression on generated data, a random tanh teacher network and a student
   MLP of random width;
 - ``digits-mlp``: digits MLPs of random width (16 to 128), depth (1 or 2), activation and batch size;
+- ``digits-cnn``: the digits CNN with random channel widths (conv1 4, 8 or 16; conv2 8, 16 or 32)
+  and batch size (32, 64 or 128);
+- ``gru-seq``: the GRU temporal-order task with random hidden size (16, 32 or 64), sequence length
+  (12 to 32) and batch size (32, 64 or 128);
 - ``trading``: multi-horizon trading tasks on markets with random signal strengths and volatility.
+
+(The ``logic-gates`` family lives with its task, in :mod:`nestopt.tasks.logic_gates`.)
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from torch import nn
 from .._checks import check_seed
 from .analytic import RotatedQuadratic
 from .base import Task, TaskFamily
-from .supervised import ArrayTask, digits_mlp
+from .sequence import gru_sequence
+from .supervised import ArrayTask, digits_cnn, digits_mlp
 from .trading import MarketConfig, TradingTask
 
 
@@ -75,6 +82,31 @@ class DigitsMLPFamily(TaskFamily):
         batch = int(rng.choice([32, 64, 128]))
         return digits_mlp(width, depth, act, name=f"digits-mlp[w={width},d={depth},{act.__name__},b={batch}]",
                           steps=300, batch_size=batch)
+
+
+class DigitsCNNFamily(TaskFamily):
+    name = "digits-cnn"
+    description = "digits CNNs with random channel widths and batch size"
+
+    def sample(self, seed: int) -> Task:
+        rng = np.random.default_rng(check_seed("seed", seed))
+        c1 = int(rng.choice([4, 8, 16]))
+        c2 = int(rng.choice([8, 16, 32]))
+        batch = int(rng.choice([32, 64, 128]))
+        return digits_cnn(c1, c2, name=f"digits-cnn[c1={c1},c2={c2},b={batch}]", steps=300, batch_size=batch)
+
+
+class GRUSeqFamily(TaskFamily):
+    name = "gru-seq"
+    description = "GRU temporal-order tasks with random hidden size, sequence length and batch size"
+
+    def sample(self, seed: int) -> Task:
+        rng = np.random.default_rng(check_seed("seed", seed))
+        hidden = int(rng.choice([16, 32, 64]))
+        length = int(rng.integers(12, 33))
+        batch = int(rng.choice([32, 64, 128]))
+        return gru_sequence(hidden, length, name=f"gru-seq[h={hidden},len={length},b={batch}]", steps=200,
+                            batch_size=batch)
 
 
 class TradingFamily(TaskFamily):

@@ -52,9 +52,16 @@ def _entries(doc: dict[str, Any]) -> list[tuple[str, float, float, int, int, int
     return out
 
 
+def _family(entry: str) -> str:
+    from ...bench.figstyle import registry_family
+
+    return registry_family(entry)
+
+
 def _score_table(doc: dict[str, Any]) -> str:
-    rows = [(f"`{e}`", dec(t, 3), dec(st, 3), f"{r}/{n}", d) for e, t, st, r, n, d in _entries(doc)]
-    return table(("entry", "score (time)", "score (steps)", "tasks reached", "diverged runs (at the chosen rate)"), rows)
+    rows = [(f"`{e}`", _family(e), dec(t, 3), dec(st, 3), f"{r}/{n}", d) for e, t, st, r, n, d in _entries(doc)]
+    return table(("entry", "family", "score (time)", "score (steps)", "tasks reached",
+                  "diverged runs (at the chosen rate)"), rows)
 
 
 def _reading(doc: dict[str, Any]) -> str:
@@ -87,6 +94,47 @@ def scores(doc: dict[str, Any], prov: dict[str, Any]) -> str:
 
 def full(doc: dict[str, Any], prov: dict[str, Any]) -> str:
     return scores(doc, prov) + "\n\n![performance profile](results/bench-full/profile.png)"
+
+
+def _ours(entry: str) -> bool:
+    from ...bench import registry
+    from ...bench.figstyle import optimizer_of
+
+    try:
+        return registry.get(optimizer_of(entry)).origin == "nestopt"
+    except KeyError:
+        return False
+
+
+def peers(doc: dict[str, Any], prov: dict[str, Any]) -> str:
+    """Where the peers rank against our methods: overall, and per task as AdamW's time to its
+    target over each entry's (above 1: faster than tuned AdamW)."""
+    ents = _entries(doc)
+    rank = {e[0]: i + 1 for i, e in enumerate(ents)}
+    score = {e[0]: e[1] for e in ents}
+    peer_entries = [e[0] for e in ents if _family(e[0]) == "peer"]
+    ours = [e[0] for e in ents if _ours(e[0])]
+    if not peer_entries or not ours:
+        return "This result has no peer or none of our methods to rank.\n"
+    best = ours[0]
+    lines = [f"Of {len(ents)} entries, our best by time is `{best}` (rank {rank[best]}, score {dec(score[best], 3)}). "
+             "The peers: " + ", ".join(f"`{p}` rank {rank[p]} ({dec(score[p], 3)})" for p in peer_entries) + "."]
+    table_ = doc["summary"]["table"]
+    tasks = doc["config"]["tasks"]
+    cols = ["adamw-tuned", *peer_entries, best]
+    rows = []
+    for t in tasks:
+        ref = table_.get("adamw-tuned", {}).get(t, {}).get("time_to_target_median")
+        cells = []
+        for e in cols[1:]:
+            v = table_.get(e, {}).get(t, {}).get("time_to_target_median")
+            ran = t in table_.get(e, {})
+            cells.append("-" if not ran else "not reached" if v is None else
+                         ("-" if not ref or not v else f"{num(ref / v, 2)}x"))
+        rows.append((f"`{t}`", "-" if ref is None else f"{num(ref, 2)} s", *cells))
+    head = ("Per task: tuned AdamW's median time to its own target, and each entry's speed against it (AdamW's time "
+            "over the entry's; above 1 is faster; *not reached*: the median seed misses the target).")
+    return "\n\n".join([lines[0], head, table(("task", "tuned AdamW", *(f"`{c}`" for c in cols[1:])), rows)])
 
 
 def _ms(rows: dict[str, dict[str, Any]], name: str) -> float:
@@ -159,5 +207,7 @@ RENDERERS = {
     "bench-quick.setup": ("bench-quick", setup),
     "bench-quick.scores": ("bench-quick", scores),
     "bench-full.table": ("bench-full", full),
+    "bench-full.peers": ("bench-full", peers),
+    "bench-full.scores": ("bench-full", scores),
     "overhead.table": ("overhead", overhead),
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections import Counter
 from typing import Any
 
@@ -26,6 +27,48 @@ def polyak_verdicts(doc: dict[str, Any]) -> str:
             f"column: {counts['confirmed']} confirmed, {counts['partly']} partly, {counts['refuted']} refuted "
             f"(of {n}).")
     return head + "\n\n" + table(("experiment", "the note expects", "verdict", "evidence"), rows)
+
+
+def _median(xs: list[Any]) -> float | None:
+    vals = [float(x) for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return statistics.median(vals) if vals else None
+
+
+_GATES_OPTS = {"global": "Polyak, one global step (the note's rule)", "tensor": "Polyak per tensor (its fix 1)",
+               "adamw": "AdamW"}
+
+
+def polyak_gates(doc: dict[str, Any]) -> str:
+    g = doc.get("logic_gates")
+    if g is None:
+        return "*Not measured in this version:* the stored Polyak result has no logic-gates part.\n"
+    s = g["summary"]
+    rows = []
+    for opt, label in _GATES_OPTS.items():
+        m = s[opt]
+        name = label + (f" (lr {g['adamw_lr']:g})" if opt == "adamw" else "")
+        met = sum(bool(x) for x in m["meets_target"])
+        rows.append((name, dec(_median(m["spread_init"]), 1), dec(_median(m["spread_median"]), 1),
+                     ", ".join(str(x) for x in m["zigzags"]), ", ".join(str(x) for x in m["spikes"]),
+                     num(_median(m["final_loss"]), 2), of(met, len(m["meets_target"]))))
+    task = g["task"]
+    head = (f"Task `{task['name']}`: {task['description']}; {g['steps']} full-batch steps from seeds "
+            f"{', '.join(str(x) for x in g['seeds'])}. The spread is log10(largest / smallest per-layer gradient norm), "
+            "in orders of magnitude (median over seeds); zig-zags are steps whose loss rose (the experiments' "
+            "definition), spikes the rises above 10%, both per seed.")
+    verdict_rows = [(f"{it['key']}: {it['claim']}", f"**{it['verdict']}**" if it["verdict"] == "refuted" else it["verdict"],
+                     it["evidence"]) for it in g["verdicts"]]
+    text = head + "\n\n" + table(("optimizer", "spread at init", "median spread", "zig-zags", "spikes",
+                                    "final loss (median)", "target met"), rows)
+    text += "\n\n" + table(("the note's explanation, claim by claim", "verdict", "evidence"), verdict_rows)
+    ctrl = g.get("control")
+    if ctrl is not None:
+        cs = ctrl["summary"]["global"]
+        text += (f"\n\nControl, outside the verdicts: at depth {ctrl['depth']} the layers' gradients spread "
+                 f"{dec(_median(cs['spread_median']), 1)} orders (depth {g['depth']}: "
+                 f"{dec(_median(s['global']['spread_median']), 1)}) and the global rule still rises on "
+                 f"{', '.join(str(x) for x in cs['zigzags'])} steps per seed.")
+    return text
 
 
 def _variant_labels() -> dict[str, str]:
@@ -106,6 +149,22 @@ def _sp(r: dict[str, Any]) -> str:
     return f"{dec(r['speedup'])} ({dec(lo)}-{dec(hi)})" if r["speedup"] else "0 (never reached)"
 
 
+def learned_families(doc: dict[str, Any]) -> str:
+    """Per held-out family, on how many of its tasks each network (and peer) beat tuned AdamW."""
+    nets = list(doc["nets"])
+    by = {(r["task"], r["net"]): r for r in doc["rows"]}
+    tasks = list(dict.fromkeys(r["task"] for r in doc["rows"]))
+    family = {t: t.split("#")[0] for t in tasks}  # (a held-out task is FAMILY#INDEX)
+    rows = []
+    for f in dict.fromkeys(family.values()):
+        mine = [t for t in tasks if family[t] == f]
+        rows.append([f"`{f}`"] + [of(sum(bool(by[(t, n)]["faster"]) for t in mine), len(mine)) for n in nets])
+    total = ["all"] + [of(sum(bool(by[(t, n)]["faster"]) for t in tasks), len(tasks)) for n in nets]
+    return ("Held-out tasks on which each one is faster than tuned AdamW (median steps to AdamW's own target), by "
+            "family; none of these families was seen in meta-training, and the peers run untuned at their defaults:"
+            "\n\n" + table(["family"] + nets, [*rows, total]))
+
+
 def learned_table(doc: dict[str, Any]) -> str:
     nets = list(doc["nets"])
     tasks = list(dict.fromkeys(r["task"] for r in doc["rows"] + doc["long"]))
@@ -118,6 +177,7 @@ def learned_table(doc: dict[str, Any]) -> str:
         rows.append([name, f"{first['adamw_lr']:g}"] +
                     [f"{_sp(by[(t, n)])}, {by[(t, n)]['reached']}/{by[(t, n)]['seeds']}" for n in nets])
     lines = [table(["task", "tuned AdamW lr"] + [f"{n}: speedup (90% interval), seeds reached" for n in nets], rows), ""]
+    lines += [learned_families(doc), ""]
     for n in nets:
         v = doc["verdicts"][n]
         longs = [r for r in doc["long"] if r["net"] == n]
@@ -178,6 +238,8 @@ RENDERERS = {
     "learned.native": (("learned", "learned-native"), learned_native),
     "polyak.verdicts": ("polyak", lambda d, p: polyak_verdicts(d)),
     "polyak.fixes": ("polyak", lambda d, p: polyak_fixes(d)),
+    "polyak.gates": ("polyak", lambda d, p: polyak_gates(d)),
     "large-lr.claims": ("large-lr", lambda d, p: large_lr_claims(d)),
     "learned.table": ("learned", lambda d, p: learned_table(d)),
+    "learned.families": ("learned", lambda d, p: learned_families(d)),
 }

@@ -233,7 +233,9 @@ def summarize(runs: Sequence[GatesRun]) -> dict[str, dict[str, list[Any]]]:
 
 # -- the verdicts -------------------------------------------------------------------------------------
 
-def _median(xs: Sequence[Any]) -> float | None:
+def seed_median(xs: Sequence[Any]) -> float | None:
+    """The median of the per-seed values that were measured (``None`` and NaN left out); ``None``
+    when none was."""
     vals = [float(x) for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
     return float(np.median(vals)) if vals else None
 
@@ -257,8 +259,8 @@ def verdicts(summary: dict[str, dict[str, list[Any]]], has_target: bool = True) 
     (each row's ``rule`` says it again)."""
     g, t, a = summary["global"], summary["tensor"], summary["adamw"]
     out: list[dict[str, str]] = []
-    zz = {k: _median(v["zigzags"]) for k, v in (("global", g), ("tensor", t), ("adamw", a))}
-    sk = {k: _median(v["spikes"]) for k, v in (("global", g), ("tensor", t), ("adamw", a))}
+    zz = {k: seed_median(v["zigzags"]) for k, v in (("global", g), ("tensor", t), ("adamw", a))}
+    sk = {k: seed_median(v["spikes"]) for k, v in (("global", g), ("tensor", t), ("adamw", a))}
     assert zz["global"] is not None and zz["tensor"] is not None and zz["adamw"] is not None
 
     # A
@@ -280,7 +282,7 @@ def verdicts(summary: dict[str, dict[str, list[Any]]], has_target: bool = True) 
                         "partly if only the count fails; refuted if AdamW misses the target or the global rule "
                         "meets it on most seeds; not measured on a task without a goal"})
     # B
-    sm, si = _median(g["spread_median"]), _median(g["spread_init"])
+    sm, si = seed_median(g["spread_median"]), seed_median(g["spread_init"])
     big_med = sm is not None and sm >= SPREAD_ORDERS
     big_init = si is not None and si >= SPREAD_ORDERS
     out.append({"key": "B", "claim": "gradient magnitudes differ across layers by orders of magnitude",
@@ -311,7 +313,7 @@ def verdicts(summary: dict[str, dict[str, list[Any]]], has_target: bool = True) 
                 "rule": f"confirmed if per-tensor Polyak's median count is <= {REMOVED:g} of the global rule's (itself "
                         ">= 1) by zig-zags and by spikes; partly if by one; refuted if by neither"})
     # D
-    corr, frac = _median(g["coupling_corr"]), _median(g["coupling_frac_after_fall"])
+    corr, frac = seed_median(g["coupling_corr"]), seed_median(g["coupling_frac_after_fall"])
     d_corr = corr is not None and corr >= CORR_MIN
     d_frac = frac is not None and frac >= FRAC_MIN
     out.append({"key": "D", "claim": "the loss rises follow a shift of ||g||^2 away from the dominant layer "
@@ -391,11 +393,11 @@ def report_lines(result: dict[str, Any]) -> list[str]:
         lines += ["", f"**Control (not part of the verdicts): depth {ctrl['depth']}** ({ctrl['task']['description']}). "
                   f"If the zig-zag came from the layers' gradients differing by orders of magnitude, it should shrink "
                   f"where they differ less. Global rule at depth {ctrl['depth']} (against depth {result['depth']}): "
-                  f"median spread {_f(_median(cs['global']['spread_median']), 2)} orders "
-                  f"({_f(_median(s['global']['spread_median']), 2)}), median zig-zags "
-                  f"{_f(_median(cs['global']['zigzags']))} ({_f(_median(s['global']['zigzags']))}), median spikes "
-                  f"{_f(_median(cs['global']['spikes']))} ({_f(_median(s['global']['spikes']))}); per-tensor Polyak "
-                  f"zig-zags {_f(_median(cs['tensor']['zigzags']))} ({_f(_median(s['tensor']['zigzags']))}).", ""]
+                  f"median spread {_f(seed_median(cs['global']['spread_median']), 2)} orders "
+                  f"({_f(seed_median(s['global']['spread_median']), 2)}), median zig-zags "
+                  f"{_f(seed_median(cs['global']['zigzags']))} ({_f(seed_median(s['global']['zigzags']))}), median spikes "
+                  f"{_f(seed_median(cs['global']['spikes']))} ({_f(seed_median(s['global']['spikes']))}); per-tensor Polyak "
+                  f"zig-zags {_f(seed_median(cs['tensor']['zigzags']))} ({_f(seed_median(s['tensor']['zigzags']))}).", ""]
         lines += _run_table(ctrl["runs"])
     return lines
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import statistics
 from collections import Counter
 from typing import Any
 
@@ -29,16 +28,13 @@ def polyak_verdicts(doc: dict[str, Any]) -> str:
     return head + "\n\n" + table(("experiment", "the note expects", "verdict", "evidence"), rows)
 
 
-def _median(xs: list[Any]) -> float | None:
-    vals = [float(x) for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    return statistics.median(vals) if vals else None
-
-
 _GATES_OPTS = {"global": "Polyak, one global step (the note's rule)", "tensor": "Polyak per tensor (its fix 1)",
                "adamw": "AdamW"}
 
 
 def polyak_gates(doc: dict[str, Any]) -> str:
+    from ...studies.polyak_gates import seed_median as _median
+
     g = doc.get("logic_gates")
     if g is None:
         return "*Not measured in this version:* the stored Polyak result has no logic-gates part.\n"

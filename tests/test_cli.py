@@ -60,7 +60,7 @@ def test_bench_micro_suite_smoke(tmp_path):
     (["study", "controller-variants", "--variant", "nope", "--out", "{tmp}"], ["--variant 'nope'", "'window 16'"]),
     (["study", "controller-variants", "--seeds", "0", "--out", "{tmp}"], ["--seeds 0"]),
     (["study", "polyak", "--seeds", "5", "--out", "{tmp}"], ["--seeds 5 does not apply to the polyak study",
-                                                            "only controller-variants takes --seeds"]),
+                                                            "only controller-variants and refit take --seeds"]),
 ])
 def test_bad_input_exits_2_with_a_clear_message(tmp_path, args, expect):
     blocker = tmp_path / "a-file"

@@ -301,8 +301,8 @@ def test_an_interrupted_overhead_writes_its_rows_to_partial(tmp_path, capsys, mo
 # -- one-line errors ------------------------------------------------------------------------------
 
 BAD = [
-    (["meta-train", "--families", "", "--out", "{new}"], ["--families ''", "quadratic"]),
-    (["meta-train", "--families", ",", "--out", "{new}"], ["--families ','", "quadratic"]),
+    (["meta-train", "--families", "", "--out", "{new}"], ["--family ''", "quadratic"]),
+    (["meta-train", "--families", ",", "--out", "{new}"], ["--family ','", "quadratic"]),
     (["overhead", "--params", "inf"], ["--params", "'inf'", "finite"]),
     (["overhead", "--params", "nan"], ["--params", "'nan'"]),
     (["overhead", "--params", "1e30"], ["--params 1e+30", "at most"]),

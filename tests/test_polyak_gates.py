@@ -276,19 +276,23 @@ def test_a_run_records_the_gradient_its_step_used():
 
 
 def test_a_stuck_polyak_run_stops_and_keeps_its_loss():
-    """Seed 0 of the default task: the global rule throws the loss to ~1e22, where ||g||^2 overflows
+    """On the default task the global rule throws some seeds' loss to ~1e22, where ||g||^2 overflows
     float32 and every later step is skipped. The run stops at the first skip; the rest of its curve is
-    that loss, which a full run records too."""
+    that loss, which a full run records too. (Which seeds get stuck depends on the processor's
+    rounding in this chaotic run: seed 0 on an AMD EPYC, seeds 1 and 5 on an Intel Xeon; the first
+    stuck one of seeds 0-7 is checked.)"""
     task = logic_gates()
-    r = pg.run_one(task, "global", 0, 90)
-    assert r.stuck_at is not None and r.stuck_at < 89 and r.counters["nonfinite"] == 1
+    runs = ((seed, pg.run_one(task, "global", seed, 90)) for seed in range(8))
+    seed, r = next(((s, x) for s, x in runs if x.stuck_at is not None), (None, None))
+    assert r is not None, "no seed of 0-7 got stuck"
+    assert r.stuck_at < 89 and r.counters["nonfinite"] == 1
     assert len(r.loss) == 91 and len(r.norms) == r.stuck_at + 1
     assert set(r.loss[r.stuck_at:]) == {r.loss[r.stuck_at]}
     # what the loop gives without the stop: the same curve
-    model = task.init(0)
+    model = task.init(seed)
     opt = pg.Polyak(model.parameters())
     full = []
-    pg.train_loop(opt, 90, lambda b: task.loss(model, b), batch=task.sampler(0), closure=True,
+    pg.train_loop(opt, 90, lambda b: task.loss(model, b), batch=task.sampler(seed), closure=True,
                   on_step=lambda s, loss, res: full.append(loss), divergence=None)
     assert full + [task.evaluate(model)["val_loss"]] == r.loss
     assert opt.param_groups[0]["counters"]["nonfinite"] == 90 - r.stuck_at

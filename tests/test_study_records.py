@@ -9,7 +9,7 @@ import pytest
 from nestopt import cli
 from nestopt.studies import registry
 
-STUDIES = ["polyak", "large-lr", "controller", "controller-variants", "learned", "hpo", "games"]
+STUDIES = ["polyak", "large-lr", "controller", "controller-variants", "learned", "hpo", "games", "refit"]
 
 
 def _study_parser() -> argparse.ArgumentParser:
@@ -32,7 +32,7 @@ def test_every_study_has_a_record():
 def test_the_cli_takes_its_study_names_and_options_from_the_records(tmp_path, capsys):
     st = _study_parser()
     name = next(a for a in st._actions if a.dest == "name")
-    assert name.help == "polyak, large-lr, controller, controller-variants, learned, hpo or games"
+    assert name.help == "polyak, large-lr, controller, controller-variants, learned, hpo, games or refit"
     flags = {f for a in st._actions for f in a.option_strings} - {"-h", "--help", "--out", "--force"}
     assert flags == {o.flag for s in registry.records() for o in s.options}
     for s in registry.records():
@@ -70,6 +70,8 @@ RESULTS = {
                               "implicit": {"test_acc": 0.91, "wall_s": 1.0}}]}},
     "games": {"rates": {"rows": [{"method": "gda", "rho": 0.9, "measured": 0.91, "rel_err": 0.011}]},
               "gan": {"methods": {"adam": {"final_modes": 8, "final_high_quality": [0.91234]}}}},
+    "refit": {"rows": [{"strategy": "warm", "speedup": 1.25, "speedup_ci90": [0.5, 2.0], "val_loss": 0.68412,
+                        "pnl_total": 12.4}], "claim": [{"strategy": "learned-meta", "verdict": "false"}]},
 }
 EXPECT = {
     "polyak": ["exp1  holds      c1"],
@@ -81,6 +83,8 @@ EXPECT = {
     "hpo": ["seed 0: TPE test acc 0.9000 in 2.0 s; per-weight implicit 0.9100 in 1.0 s"],
     "games": [f"{'gda':46s} analytic rho 0.90000 measured 0.91000 (1.10%)",
               f"GAN {'adam':32s} modes 8 high-quality [0.912]"],
+    "refit": [f"{'warm':24s} speedup 1.25 (0.50-2.00)  val loss 0.6841  PnL 12 bp",
+              "claim 50-200% faster: learned-meta false"],
 }
 
 

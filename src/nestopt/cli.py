@@ -3,12 +3,13 @@
     nestopt bench --suite quick|full [--tasks T,..] [--optimizers O,..] [--seeds N] [--steps N]
                   [--workers N] [--highlight NAME,..] [--label N] --out DIR [--force]
     nestopt figures DIR [--highlight NAME,..] [--label N] [--out DIR2]
-    nestopt study polyak|large-lr|controller|controller-variants|learned|hpo|games --out DIR [--force]
+    nestopt study polyak|large-lr|controller|controller-variants|learned|hpo|games|refit --out DIR [--force]
                   [--net LABEL=PATH ...] [--peer NAME ...]   (learned)
                   [--variant NAME ... --seeds N]   (controller-variants)
+                  [--quick] [--family F] [--cache DIR] [--seeds N] [--train-days LO:HI] [--eval-days LO:HI]   (refit)
     nestopt meta-train [--net hybrid|mlp|mlp-seed|linear|lstm|attention|controller] [--method tbptt|es|pes|surrogate] [--steps N]
                        [--unroll N] [--horizon N] [--pairs N] [--sigma S] [--workers N]
-                       [--families F,..] [--seed N] [--resume | --force] --out DIR
+                       [--family F,..] [--days LO:HI] [--seed N] [--resume | --force] --out DIR
     nestopt report --run KEY .. | --docs [--verify] | --check [--cheap-only] [--given KEY=DIR] | --list
     nestopt tasks
     nestopt optimizers
@@ -28,16 +29,15 @@ background) writes what it finished to ``OUT/partial/`` instead, leaves a comple
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from ._cli_args import (EXIT_INTERRUPTED, FORCE_HELP, UsageError, _count, _int, _interrupted, _names,
                         _out, _Parser, _positive)
 from .commands import bench as bench_command
+from .commands import meta_train as meta_train_command
 from .report import command as report
 
 EXIT_USAGE = 2
@@ -51,26 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("tasks", help="list the registered tasks, task families and games")
     sub.add_parser("optimizers", help="list the registered optimizers")
 
-    m = sub.add_parser("meta-train", help="meta-train an update network for LearnedOptimizer")
-    m.add_argument("--net", default="hybrid",
-                   help="hybrid (default), mlp, mlp-seed, linear, lstm, attention, or controller (the nested optimizer's, "
-                        "with --method es or pes; its runs draw AdamW rates from 1e-4 to 1)")
-    m.add_argument("--method", default="tbptt",
-                   help="tbptt (default), es (antithetic evolution strategies), pes (persistent ES: unbiased over "
-                        "the whole inner run) or surrogate (the note's baseline)")
-    m.add_argument("--pairs", type=_int, default=8, help="antithetic pairs per ES/PES estimate (default 8)")
-    m.add_argument("--sigma", type=float, default=0.01, help="ES/PES perturbation scale (default 0.01)")
-    m.add_argument("--workers", type=_int, default=1,
-                   help="processes for the ES/PES unrolls (default 1; the result does not depend on it)")
-    m.add_argument("--out", required=True, help="output folder: net.safetensors, checkpoint.pt, history.json")
-    m.add_argument("--steps", type=_int, default=3000, help="outer steps (default 3000)")
-    m.add_argument("--unroll", type=_int, default=20, help="inner steps per truncation (default 20)")
-    m.add_argument("--horizon", type=_int, default=200, help="inner steps per task (default 200)")
-    m.add_argument("--families", default="quadratic,teacher-mlp", help="task families to meta-train on")
-    m.add_argument("--seed", type=_int, default=0)
-    m.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    m.add_argument("--force", action="store_true",
-                   help="start over in a non-empty --out (its checkpoint.pt is replaced by this run's)")
+    meta_train_command.add_parser(sub)
 
     o = sub.add_parser("overhead", help="optimizer step time and memory vs torch AdamW(fused) and SGD(foreach)")
     o.add_argument("--params", type=_count, default=10_000_000, help="parameter count, e.g. 10M (default)")
@@ -180,10 +161,13 @@ def _study_parser(sub: Any) -> None:
     for s in studies.records():  # an option two studies share is one argument, with both names in its help
         for o in s.options:
             first = options.setdefault(o.flag, o)
-            if (first.type, first.repeat, first.metavar) != (o.type, o.repeat, o.metavar):
+            if (first.type, first.repeat, first.metavar, first.switch) != (o.type, o.repeat, o.metavar, o.switch):
                 raise ValueError(f"studies {owners[o.flag]} and {s.name!r} declare {o.flag} differently")
             owners.setdefault(o.flag, []).append(s.name)
     for flag, o in options.items():
+        if o.switch:
+            st.add_argument(flag, action="store_true", default=None, help=f"{', '.join(owners[flag])}: {o.help}")
+            continue
         kind = {"action": "append", "default": []} if o.repeat else {"default": None}
         if o.metavar:
             kind["metavar"] = o.metavar
@@ -249,124 +233,6 @@ def _cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_meta_train(args: argparse.Namespace) -> int:
-    import json
-
-    from . import tasks as task_registry
-    from ._io import Staged, atomic_path, atomic_write_text
-    from .meta import DirectUpdateMLP, MetaConfig, meta_train
-    from .meta.train import CheckpointError
-    from .nets import KINDS, save_net
-
-    nets = {**KINDS, "mlp-seed": lambda: DirectUpdateMLP("seed"), "controller": _meta_controller}
-    if args.net not in nets:
-        raise UsageError(f"--net {args.net!r} is invalid: expected one of {', '.join(nets)}")
-    if args.method not in ("tbptt", "surrogate", "es", "pes"):
-        raise UsageError(f"--method {args.method!r} is invalid: expected tbptt, surrogate, es or pes")
-    if args.net == "controller" and args.method not in ("es", "pes"):
-        raise UsageError(f"--method {args.method} is invalid with --net controller: a nested optimizer's runs are "
-                         "not differentiable; use es or pes")
-    families = tuple(_names(args.families, "--families", "task family", task_registry.family_names()) or ())
-    for f in families:
-        if f not in task_registry.family_names():
-            raise UsageError(f"unknown task family {f!r}; valid names: {', '.join(task_registry.family_names())}")
-    for flag, value in (("--pairs", args.pairs), ("--workers", args.workers), ("--steps", args.steps),
-                        ("--unroll", args.unroll), ("--horizon", args.horizon)):
-        _positive(flag, value)
-    if not 0 <= args.seed < 2**63:
-        raise UsageError(f"--seed {args.seed} is invalid: must be an integer from 0 to 2**63 - 1")
-    if not (math.isfinite(args.sigma) and args.sigma > 0):
-        raise UsageError(f"--sigma {args.sigma} is invalid: must be a positive number")
-    ckpt = Path(args.out) / "checkpoint.pt"
-    resume = args.resume and ckpt.is_file()
-    if args.resume and not resume and Path(args.out).is_dir() and any(Path(args.out).iterdir()) and not args.force:
-        raise UsageError(f"--resume is invalid: --out {args.out!r} holds no checkpoint.pt to continue; "
-                         "add --force to start over in it")
-    hint = ("--resume to continue from its checkpoint.pt, or --force to start over" if ckpt.is_file()
-            else "--force to replace what it holds")
-    out = _out(args.out, force=args.force, resume=resume, hint=hint)
-    if args.resume and not resume:
-        print(f"meta-train: no checkpoint in {out} to resume: starting at step 0", file=sys.stderr, flush=True)
-    cfg = MetaConfig(families=families, unroll=args.unroll, horizon=max(args.horizon, args.unroll),
-                     outer_steps=args.steps, seed=args.seed, method=args.method, es_pairs=args.pairs,
-                     es_sigma=args.sigma, workers=args.workers)
-    torch_threads()
-    net = nets[args.net]()
-    t0 = time.perf_counter()
-    every = max(1, args.steps // 20)
-    rows: list[dict] = []  # the history so far (a resumed run's included)
-
-    def progress(row: dict) -> None:
-        rows.append(row)
-        if row["step"] % every == 0 or row["step"] == args.steps:
-            print(f"meta-train {row['step']}/{args.steps}  meta-loss {row['meta_loss']:+.4f}  "
-                  f"({row['task']})  {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-
-    def resumed(step: int, history: list[dict]) -> None:
-        rows[:] = history
-        print(f"meta-train: resuming from step {step} of {args.steps} ({ckpt})", file=sys.stderr, flush=True)
-
-    def write(stage: Staged, history: list[dict]) -> None:
-        with atomic_path(stage.dir / "net.safetensors") as tmp:
-            save_net(net, tmp, meta=meta_record(args.net, cfg, history, time.perf_counter() - t0))
-        atomic_write_text(stage.dir / "history.json", json.dumps(history))
-
-    try:
-        history = meta_train(net, cfg, checkpoint=ckpt, resume=resume, progress=progress, on_resume=resumed)
-    except CheckpointError as e:
-        raise UsageError(f"--resume is invalid: {e}") from None
-    except KeyboardInterrupt:
-        step = rows[-1]["step"] if rows else 0
-        if not rows:
-            return _interrupted("no outer step had finished, nothing was written")
-        stage = Staged(out)
-        try:
-            write(stage, rows)
-        finally:
-            where = stage.to_partial({"step": step, "of": args.steps})
-        return _interrupted(f"at step {step} of {args.steps}: continue with --resume (from {ckpt}); "
-                            f"the network so far is in {where}")
-    wall = time.perf_counter() - t0
-    stage = Staged(out, replaces=("net.safetensors", "history.json"))
-    try:
-        write(stage, history)
-    except BaseException:
-        stage.discard()
-        raise
-    stage.commit()
-    print(f"meta-train: {len(history)} outer steps in {wall:.0f} s; wrote {out / 'net.safetensors'}")
-    return 0
-
-
-def _meta_controller():
-    from .nets import Controller
-    from .optim.nested import DEFAULT_FEATURES, FEATURES
-
-    return Controller(sum(FEATURES[f] for f in DEFAULT_FEATURES), hidden=8, features=DEFAULT_FEATURES)
-
-
-def meta_record(net: str, cfg: object, history: list[dict], seconds: float) -> dict:
-    """What a weights file says of its making: the command, the settings, the time, and the
-    meta-loss curve (at most about 300 points) for the study's figure."""
-    stride = max(1, len(history) // 300)
-    settings = dict(vars(cfg))
-    settings["families"] = list(settings["families"])
-    method = "" if settings.get("method", "tbptt") == "tbptt" else f" --method {settings['method']}"
-    if settings.get("method") in ("es", "pes"):
-        method += f" --pairs {settings['es_pairs']} --sigma {settings['es_sigma']:g}"
-    for flag, key, default in (("--steps", "outer_steps", 3000), ("--unroll", "unroll", 20), ("--horizon", "horizon", 200)):
-        if settings.get(key, default) != default:
-            method += f" {flag} {settings[key]}"
-    return {"command": f"nestopt meta-train --net {net}{method} --out DIR", "config": settings, "seconds": round(seconds, 1),
-            "history": [[h["step"], round(h["meta_loss"], 5)] for h in history[stride - 1::stride]]}
-
-
-def torch_threads() -> None:
-    import torch
-
-    torch.set_num_threads(1)  # tiny tensors: one thread is fastest and keeps runs reproducible
-
-
 def _cmd_report(args: argparse.Namespace) -> int:
     try:
         return report.main(args)
@@ -375,7 +241,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"report": _cmd_report, "bench": bench_command.cmd_bench, "figures": bench_command.cmd_figures, "study": _cmd_study, "tasks": _cmd_tasks, "optimizers": _cmd_optimizers, "overhead": _cmd_overhead,
-            "meta-train": _cmd_meta_train}
+            "meta-train": meta_train_command.cmd_meta_train}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

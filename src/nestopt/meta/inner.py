@@ -138,6 +138,10 @@ class _ControllerInner:
 
     draw = _Inner.draw
 
+    def step_inputs(self) -> dict[str, Any]:
+        """Keywords for the nested step at inner step ``self.t`` (for features that read them; none here)."""
+        return {}
+
     def snapshot(self) -> tuple[Any, ...]:
         return ({k: v.clone() for k, v in self.model.state_dict().items()},
                 copy.deepcopy(self.opt.state_dict(controller=False)), self.t, self.loss0)
@@ -169,7 +173,7 @@ class _ControllerInner:
         # the nested step reads the loss: step(loss=...) after the closure's backward; a non-finite loss
         # does not stop the run (its meta-loss reports it), and errors propagate
         train_loop(self.opt, steps, lambda b: self.task.loss(self.model, b), batch=batch_at,
-                   step_fn=lambda c: (loss := c(), self.opt.step(loss=loss))[0], on_step=record,
+                   step_fn=lambda c: (loss := c(), self.opt.step(loss=loss, **self.step_inputs()))[0], on_step=record,
                    divergence=None, catch=())
         with torch.no_grad():
             last = float(loss_at(steps))

@@ -120,6 +120,9 @@ _add(Published("hpo", ("study", "hpo", "--out", "{out}"), EXPENSIVE, ("nestopt.s
                needs=("optuna", "torchopt")))
 _add(Published("games", ("study", "games", "--out", "{out}"), EXPENSIVE, ("nestopt.studies.games",),
                "complex momentum, the GAN, Lyapunov exponents, Ridge Rider", files=_STUDY_FILES))
+_add(Published("refit", ("study", "refit", "--out", "{out}"), EXPENSIVE, ("nestopt.studies.refit",),
+               "daily refits of one walk-forward market: learned and nested optimizers against tuned AdamW",
+               files=_STUDY_FILES, drop=("records/*/curve", "tuning/*"), ignore=("learned/path", "controllers/*/path")))
 _add(Published("overhead", ("overhead", "--json", "{out}/overhead.json"), EXPENSIVE, ("nestopt.bench.overhead",),
                "step cost on a synthetic 10M-parameter model", result="overhead.json", keep=("overhead.json",),
                ignore=("*",)))

@@ -33,6 +33,7 @@ class Option:
     default: Any = None
     repeat: bool = False
     metavar: str | None = None
+    switch: bool = False  # ``--flag`` alone, no value (``True`` when given)
 
     @property
     def dest(self) -> str:
@@ -221,6 +222,60 @@ def _games_summary(doc: Result) -> list[str]:
          for name, m in doc["gan"]["methods"].items()]
 
 
+def _days(flag: str, text: str) -> tuple[int, int]:
+    lo, colon, hi = text.partition(":")
+    if not (colon and lo.isdigit() and hi.isdigit() and int(hi) > int(lo)):
+        raise ValueError(f"{flag} {text!r} is invalid: expected LO:HI with 0 <= LO < HI, e.g. 0:60")
+    return int(lo), int(hi)
+
+
+def _refit_prepare(out: Path, quick: bool, family: str | None, cache: str | None, seeds: int | None,
+                   train_days: str | None, eval_days: str | None) -> dict[str, Any]:
+    from .. import tasks as task_registry
+    from .refit import Plan
+
+    kw: dict[str, Any] = {}
+    if family is not None:
+        try:
+            task_registry.family(family)
+        except KeyError as e:
+            raise ValueError(f"--family {family!r} is invalid: {e.args[0] if e.args else e}") from None
+        if "@" in family:
+            raise ValueError(f"--family {family!r} is invalid: give the days with --train-days and --eval-days")
+        kw["family"] = family
+    if seeds is not None:
+        if seeds < 1:
+            raise ValueError(f"--seeds {seeds} is invalid: must be a positive integer")
+        kw["seeds"] = seeds
+    for flag, text, key in (("--train-days", train_days, "train_days"), ("--eval-days", eval_days, "eval_days")):
+        if text is not None:
+            kw[key] = _days(flag, text)
+    plan = Plan.quick(**kw) if quick else Plan(**kw)
+    if plan.train_days[1] > plan.eval_days[0]:
+        raise ValueError(f"--eval-days {plan.eval_days[0]}:{plan.eval_days[1]} is invalid: evaluation days must come "
+                         f"after the meta-training days ({plan.train_days[0]}:{plan.train_days[1]})")
+    if plan.train_days[1] - plan.train_days[0] < 2:
+        raise ValueError(f"--train-days {plan.train_days[0]}:{plan.train_days[1]} is invalid: needs at least 2 days")
+    days = getattr(task_registry.family(plan.family), "days", None)
+    if isinstance(days, range):
+        for flag, (lo, hi) in (("--train-days", plan.train_days), ("--eval-days", plan.eval_days)):
+            if lo < days.start or hi > days.stop:
+                raise ValueError(f"{flag} {lo}:{hi} is invalid: family {plan.family!r} has days {days.start}:{days.stop}")
+    return {"plan": plan, "cache": cache}
+
+
+def _refit(out: Path, plan: Any, cache: str | None) -> Result:
+    from .refit import run_study
+
+    return run_study(out, plan=plan, cache=cache)
+
+
+def _refit_summary(doc: Result) -> list[str]:
+    rows = [f"{r['strategy']:24s} speedup {r['speedup']:.2f} ({r['speedup_ci90'][0]:.2f}-{r['speedup_ci90'][1]:.2f})  "
+            f"val loss {r['val_loss']:.4f}  PnL {r['pnl_total']:.0f} bp" for r in doc["rows"]]
+    return rows + [f"claim 50-200% faster: {c['strategy']} {c['verdict']}" for c in doc["claim"]]
+
+
 register(Study("polyak", "the Polyak note's experiments 1-5: a verdict per expected claim", _polyak, _polyak_summary))
 register(Study("large-lr", "do large learning rates buy robustness to a spurious cue and compressibility?",
                _large_lr, _large_lr_summary))
@@ -243,3 +298,15 @@ register(Study("hpo", "hypergradients: exactness, cost, per-weight decay vs TPE,
                _hpo, _hpo_summary))
 register(Study("games", "complex momentum on the bilinear game and a GAN, Lyapunov exponents, Ridge Rider",
                _games, _games_summary))
+register(Study("refit", "daily refits of one walk-forward market: learned and nested optimizers against tuned AdamW",
+               _refit, _refit_summary,
+               options=(Option("--quick", "a smoke test of every part (2 days, 1 seed, 30 steps)", switch=True),
+                        Option("--family", "the task family, a registered name or module:Class (default "
+                               "trading-daily)", metavar="NAME"),
+                        Option("--cache", "keep the meta-trained networks in this folder and reuse them",
+                               metavar="DIR"),
+                        Option("--seeds", "seeds per task and rate (default 3)", type=int),
+                        Option("--train-days", "the past days for meta-training and tuning (default 0:60)",
+                               metavar="LO:HI"),
+                        Option("--eval-days", "the evaluation days (default 60:90)", metavar="LO:HI")),
+               prepare=_refit_prepare))

@@ -11,11 +11,12 @@ from ..published import RECORDS
 from ..store import load, stored
 from .bench import REFS, _entries, limits
 from .fmt import dec, of, ratio, table
+from .refit import headline as _refit
 
 PAGES = {"bench-quick": "benchmark.md", "bench-full": "benchmark.md", "polyak": "polyak.md", "large-lr": "large-lr.md",
          "learned": "learned.md", "learned-native": "learned.md", "controller": "nested.md", "controller-variants": "nested.md", "hpo": "hypergradients.md",
          "games": "games.md", "overhead": "step-cost.md", "audit": "development.md",
-         "mutation": "development.md"}
+         "mutation": "development.md", "refit": "refit.md"}
 
 
 def _bench(doc: dict[str, Any]) -> str:
@@ -115,7 +116,7 @@ def _mutation(doc: dict[str, Any]) -> str:
 HEADLINES: dict[str, Callable[[Any], str]] = {
     "bench-quick": _bench, "bench-full": _bench, "polyak": _polyak, "large-lr": _large_lr, "learned": _learned, "learned-native": _native,
     "controller": _controller, "controller-variants": _variants, "hpo": _hpo, "games": _games, "overhead": _overhead,
-    "audit": _audit, "mutation": _mutation,
+    "audit": _audit, "mutation": _mutation, "refit": _refit,
 }
 
 

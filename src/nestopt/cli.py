@@ -13,10 +13,14 @@
     nestopt report --run KEY .. | --docs [--verify] | --check [--cheap-only] [--given KEY=DIR] | --list
     nestopt tasks
     nestopt optimizers
-    nestopt overhead [--params 10M] [--optimizers O,..] [--steps N] [--rounds N] [--device cpu|cuda]
+    nestopt overhead [--params 10M] [--optimizers O,..] [--steps N] [--rounds N] [--device cpu|cuda] [--processes N]
                      [--json FILE [--force]]
 
 Bad input prints one line naming the argument, the value and what is allowed, and exits with code 2.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) ``meta-train`` and ``bench`` spread their work over the ranks
+(a gloo process group, started and ended here; rank 0 writes the files and prints the errors); the
+other commands run in one process.
 
 Outputs never lose work: a command refuses an ``--out`` folder that holds anything unless given
 ``--force`` (``meta-train``: ``--resume`` continues its checkpoint), and writes each file to a
@@ -31,9 +35,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
+from . import _ranks
 from ._cli_args import (EXIT_INTERRUPTED, FORCE_HELP, UsageError, _count, _int, _interrupted, _names,
                         _out, _Parser, _positive)
 from .commands import bench as bench_command
@@ -41,6 +47,8 @@ from .commands import meta_train as meta_train_command
 from .report import command as report
 
 EXIT_USAGE = 2
+RANKED_COMMANDS = ("meta-train", "bench")  # the commands that spread their work over torchrun's ranks
+LEAVE_GRACE_S = 1.0
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="nestopt", description="Nested and learned optimization for PyTorch.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -54,12 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     meta_train_command.add_parser(sub)
 
     o = sub.add_parser("overhead", help="optimizer step time and memory vs torch AdamW(fused) and SGD(foreach)")
-    o.add_argument("--params", type=_count, default=10_000_000, help="parameter count, e.g. 10M (default)")
+    o.add_argument("--params", type=_count, default=None,
+                   help="parameter count, e.g. 10M (the default; 1M with --processes)")
     o.add_argument("--optimizers", help="comma-separated optimizer names (default: every installed optimizer but "
                    "the ones run only when named, such as kron)")
     o.add_argument("--steps", type=_int, default=10, help="timed steps per round (default 10)")
     o.add_argument("--rounds", type=_int, default=3, help="interleaved rounds (default 3)")
     o.add_argument("--device", default="cpu", help="cpu or cuda")
+    o.add_argument("--processes", type=_int, default=None,
+                   help="instead: the added cost of the collectives that keep the ranks identical, over this many local "
+                        "gloo processes (at least 2; default model 1M parameters)")
     o.add_argument("--json", dest="json_out", help="also write the rows to this JSON file (its folder must exist)")
     o.add_argument("--force", action="store_true", help="replace the --json file if it exists")
     return p
@@ -102,6 +114,8 @@ def _cmd_overhead(args: argparse.Namespace) -> int:
     from .bench import registry
     from .bench.overhead import BYTES_PER_PARAM, Interrupted, format_table, max_params, measure, memory_bytes
 
+    if args.params is None:
+        args.params = 10_000_000 if args.processes is None else 1_000_000
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         raise UsageError(f"--device {args.device!r} is invalid: expected cpu, cuda or cuda:N")
     if args.device.startswith("cuda"):
@@ -129,6 +143,8 @@ def _cmd_overhead(args: argparse.Namespace) -> int:
             target = check_file_target(args.json_out, force=args.force, option="--json")
         except OutputError as e:
             raise UsageError(str(e)) from None
+    if args.processes is not None:
+        return _overhead_processes(args, target)
     try:
         rows = measure(names, n_params=args.params, steps=args.steps, rounds=args.rounds, device=args.device)
     except Interrupted as e:
@@ -144,6 +160,23 @@ def _cmd_overhead(args: argparse.Namespace) -> int:
     print(format_table(rows, args.params, args.device))
     if target is not None:
         atomic_write_json(target, [r.as_dict() for r in rows])
+    return 0
+
+
+def _overhead_processes(args: argparse.Namespace, target: Any) -> int:
+    """``nestopt overhead --processes N``: the collectives' cost (:mod:`nestopt.bench.collectives`)."""
+    from ._io import atomic_write_json
+    from .bench import collectives
+
+    if not 2 <= args.processes <= 64:
+        raise UsageError(f"--processes {args.processes} is invalid: expected 2 to 64 local processes (the collectives "
+                         "are between processes)")
+    if args.device != "cpu" or args.optimizers is not None:
+        raise UsageError("--processes measures the CPU (gloo) and its own optimizers: drop --device and --optimizers")
+    doc = collectives.measure(args.processes, args.params, steps=args.steps, rounds=args.rounds)
+    print(collectives.format_table(doc))
+    if target is not None:
+        atomic_write_json(target, doc)
     return 0
 
 
@@ -244,6 +277,62 @@ COMMANDS = {"report": _cmd_report, "bench": bench_command.cmd_bench, "figures": 
             "meta-train": meta_train_command.cmd_meta_train}
 
 
+@contextmanager
+def _process_group(command: str) -> Iterator[None]:
+    """The process group of a torchrun launch for ``command``, started here and ended after it
+    (after a barrier when it returned); nothing in one process. A usage error for a command that
+    does not spread over ranks, or a launch environment that lacks a variable."""
+    from ._io import OutputError
+
+    try:
+        launched = _ranks.launched()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not launched:
+        yield
+        return
+    if command not in RANKED_COMMANDS:
+        raise UsageError(f"{command} does not run under torchrun (WORLD_SIZE={_ranks.env_world_size()}): only "
+                         f"{' and '.join(RANKED_COMMANDS)} spread over ranks; run it in one process")
+    try:
+        started = _ranks.init_from_env()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    except RuntimeError as e:  # the rendezvous failed (an unreachable MASTER_ADDR, a port in use, a timeout)
+        import os
+
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UsageError(f"the torchrun process group did not start (MASTER_ADDR={os.environ.get('MASTER_ADDR')}, "
+                         f"MASTER_PORT={os.environ.get('MASTER_PORT')}): {first}") from None
+    from ._io import signals_seen
+
+    finished, seen = False, signals_seen()
+    try:
+        yield
+        # (an interrupted run leaves at once: a rank the signal caught inside an exchange never
+        # reaches the barrier, and the group's end unblocks it)
+        finished = signals_seen() == seen
+    except (UsageError, OutputError) as e:
+        # Every rank meets the same usage error: rank 0 says it, and the ranks leave together, so
+        # torchrun (which stops the others when one exits) does not stop rank 0 before it has said it.
+        if started:
+            if _ranks.is_main():
+                print(f"nestopt: error: {e}", file=sys.stderr, flush=True)
+            e.told = True  # type: ignore[attr-defined]
+            _ranks.leave_together()
+        raise
+    finally:
+        if started:
+            _ranks.shutdown(wait=finished)
+
+
+def _launched() -> bool:
+    try:
+        return _ranks.launched()
+    except ValueError:
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import signal
 
@@ -254,12 +343,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         # SIGINT and SIGTERM stop every command cleanly, also in a background job (which a shell
         # starts with SIGINT ignored); the handlers before are restored after.
-        with interruptible():
+        with interruptible(), _process_group(args.command):
             rc = COMMANDS[args.command](args)
         # the shell's convention: 128 + the signal's number (130 for SIGINT, 143 for SIGTERM)
         return 128 + signal.SIGTERM if rc == EXIT_INTERRUPTED and last_signal() == signal.SIGTERM else rc
     except (UsageError, OutputError) as e:
-        print(f"nestopt: error: {e}", file=sys.stderr)
+        if getattr(e, "told", False):  # said by rank 0 of a torchrun launch
+            return EXIT_USAGE
+        if _ranks.env_rank() == 0:  # under torchrun every rank meets the same error: rank 0 says it
+            print(f"nestopt: error: {e}", file=sys.stderr)
+        elif _launched():
+            time.sleep(LEAVE_GRACE_S)  # (no group yet: give rank 0 the time to say it before torchrun stops it)
         return EXIT_USAGE
     except KeyboardInterrupt as e:
         print(f"nestopt: interrupted{' (SIGTERM)' if isinstance(e, Terminated) else ''}", file=sys.stderr)

@@ -6,6 +6,11 @@ and on ``KeyboardInterrupt`` returns the records finished so far with ``interrup
 
 The loop is :func:`nestopt.train.train_loop`; this module records its curve from its callbacks.
 
+Under ``torchrun`` (a process group of more than one rank initialised: :mod:`nestopt._ranks`)
+``run_jobs`` splits the jobs over the ranks by their cost (each rank over its own workers) and
+gathers every record on every rank: the records are those one process makes (a run depends on its
+job alone), so the caller writes them from rank 0 (``nestopt bench`` does).
+
 Timing: ``ms_per_step`` is the mean wall time of the training step (batch forward, backward and
 optimizer step) without evaluation; ``time_s`` in the curve accumulates the same quantity, so
 time-to-target counts training time only.
@@ -32,6 +37,7 @@ from typing import Any
 
 import torch
 
+from .. import _ranks
 from .. import tasks as task_registry
 from .._io import signals_seen
 from ..train import DIVERGE_FACTOR, Divergence, LoopResult, train_loop
@@ -212,15 +218,82 @@ def _check_not_a_worker_importing_main() -> None:
 
 
 def run_jobs(jobs: Sequence[Job], *, workers: int | None = None,
-             on_done: ProgressFn | None = None) -> tuple[list[dict[str, Any]], bool]:
+             on_done: ProgressFn | None = None, ranks: bool | None = None) -> tuple[list[dict[str, Any]], bool]:
     """Run ``jobs``; return ``(records, interrupted)``. ``workers=1`` runs in this process.
 
     On ``KeyboardInterrupt`` (Ctrl-C, or SIGTERM inside :func:`nestopt._io.interruptible`) the
     worker processes are stopped (terminated, then killed) before this returns the records
     finished so far with ``interrupted=True``. A worker that dies (killed, out of memory, or a
     script without a main guard: see :data:`MAIN_GUARD_HINT`) is a ``RuntimeError`` that says so,
-    never a hang."""
+    never a hang.
+
+    ``ranks`` (default: whether a process group of more than one rank is initialised) splits the
+    jobs over the group's ranks (:func:`rank_shares`), each running its share over its own
+    ``workers``, and returns every rank's records on every rank (``on_done`` is told of this rank's
+    as they finish, then of the others'); interrupted when any rank was. Every rank must pass the
+    same jobs (a rank whose jobs differ is a ``RuntimeError`` that says so)."""
     _check_not_a_worker_importing_main()
+    if ranks is not None and not isinstance(ranks, bool):
+        raise TypeError(f"ranks={ranks!r} is invalid: expected True, False or None (split over the ranks when a "
+                        "process group is initialised)")
+    if _ranks.is_distributed() if ranks is None else ranks and _ranks.is_distributed():
+        return _run_ranked(jobs, workers=workers, on_done=on_done)
+    return _run_here(jobs, workers=workers, on_done=on_done)
+
+
+def rank_shares(jobs: Sequence[Job], world: int) -> list[list[Job]]:
+    """``jobs`` split into ``world`` shares of about equal cost (longest first, each to the share
+    with the least so far; ties to the lowest rank): the same split on every rank."""
+    shares: list[list[Job]] = [[] for _ in range(world)]
+    load = [0.0] * world
+    for job in sorted(jobs, key=lambda j: -j.steps * _cost_hint(j.task, j.optimizer)):
+        r = min(range(world), key=lambda i: (load[i], i))
+        shares[r].append(job)
+        load[r] += job.steps * _cost_hint(job.task, job.optimizer)
+    return shares
+
+
+def _per_rank() -> Any:
+    """Optimizers with ``process_group="auto"`` kept from syncing over the ranks for a block (each
+    rank runs its own jobs): :func:`nestopt.optim.distributed.per_rank`."""
+    from ..optim.distributed import per_rank
+
+    return per_rank()
+
+
+def _jobs_checksum(jobs: Sequence[Job]) -> int:
+    import zlib
+
+    return zlib.crc32(repr([(j.task, j.optimizer, j.lr, j.seed, j.steps) for j in jobs]).encode())
+
+
+def _run_ranked(jobs: Sequence[Job], *, workers: int | None, on_done: ProgressFn | None) -> tuple[list[dict[str, Any]], bool]:
+    world, me = _ranks.world_size(), _ranks.rank()
+    mine = rank_shares(jobs, world)[me]
+    records: list[dict[str, Any]] = []
+    interrupted = False
+    if workers is None:  # the cores this rank's machine has, shared by its ranks
+        workers = max(1, default_workers() // _ranks.local_world_size())
+    if mine:
+        with _per_rank():  # other jobs run on the other ranks: nothing to sync with them
+            records, interrupted = _run_here(mine, workers=min(workers, len(mine)), on_done=on_done)
+    check = _jobs_checksum(jobs)
+    gathered = _ranks.all_gather((check, records, interrupted))
+    differ = [r for r, (c, _, _) in enumerate(gathered) if c != check]
+    if differ:
+        raise RuntimeError(f"rank(s) {differ} were given other jobs than rank {me}: every rank of a torchrun bench "
+                           "must plan the same runs (the same tasks, optimizers, seeds and steps)")
+    out: list[dict[str, Any]] = []
+    for r, (_, recs, _) in enumerate(gathered):
+        out += recs
+        if r != me and on_done:
+            for rec in recs:
+                on_done(rec)
+    return out, any(stopped for _, _, stopped in gathered)
+
+
+def _run_here(jobs: Sequence[Job], *, workers: int | None = None,
+              on_done: ProgressFn | None = None) -> tuple[list[dict[str, Any]], bool]:
     workers = default_workers() if workers is None else workers
     records: list[dict[str, Any]] = []
     signals_before = signals_seen()

@@ -7,6 +7,10 @@
 ``--highlight`` draws the named entries (``muon-tuned``) or optimizers (``muon``: its tuned and
 default entries) in their colours and every other entry in light grey; ``--label N`` labels the
 best ``N`` entries at their lines' ends in the performance profile (default 5).
+
+``torchrun --nproc_per_node N -m nestopt bench ...`` splits the runs over the ranks (each over its
+own ``--workers``, by default its share of the machine's cores); rank 0 checks ``--out``, shows the
+progress and writes the one ``results.json``, report and figures, the other ranks write nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import sys
 import time
 from typing import Any
 
-from .._cli_args import FORCE_HELP, MAX_SEEDS, UsageError, _int, _interrupted, _names, _out, _positive
+from .. import _ranks
+from .._cli_args import EXIT_INTERRUPTED, FORCE_HELP, MAX_SEEDS, UsageError, _int, _interrupted, _names, _out, _positive
 
 LABEL_DEFAULT = 5
 
@@ -60,6 +65,8 @@ def _check_highlight(names: list[str], optimizers: list[str]) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .. import tasks as task_registry
     from ..bench import registry as opt_registry
     from ..bench import run_bench, suite
@@ -89,7 +96,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     highlight = _names(args.highlight, "--highlight", "entry")
     if highlight:
         _check_highlight(highlight, optimizers)
-    out = _out(args.out, force=args.force)
+    ranked, main = _ranks.is_distributed(), _ranks.is_main()
+    # rank 0 checks --out (the others may not see its file system) and tells the others what it found
+    found: tuple[str, str] = ("ok", "")
+    if main:
+        try:
+            found = ("ok", str(_out(args.out, force=args.force)))
+        except UsageError as e:
+            found = ("error", str(e))
+    found = _ranks.broadcast(found)
+    if found[0] == "error":
+        raise UsageError(found[1])
+    workers = args.workers
+    if ranked and workers is None:  # the machine's cores, shared by the ranks on it
+        from ..bench.runner import default_workers
+
+        workers = max(1, default_workers() // _ranks.local_world_size())
+    if not main:
+        return _bench_rank(tasks, optimizers, seeds, args.steps, s.grid_stride, workers)
+    out = Path(found[1])
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -110,7 +135,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             state["total"] = n
             progress.update(bar, total=n)
             if not live:
-                print(f"bench: {n} runs on {args.workers or 'all'} worker(s)", file=sys.stderr, flush=True)
+                spread = f"{_ranks.world_size()} ranks of " if ranked else ""
+                print(f"bench: {n} runs on {spread}{workers or 'all'} worker(s)", file=sys.stderr, flush=True)
 
         def on_done(rec: dict) -> None:
             state["diverged"] += rec["diverged"]
@@ -123,7 +149,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         try:
             doc = run_bench(tasks=tasks, optimizers=optimizers, seeds=seeds, out=out, steps=args.steps,
-                            workers=args.workers, grid_stride=s.grid_stride, suite_name=suite_label,
+                            workers=workers, grid_stride=s.grid_stride, suite_name=suite_label,
                             on_start=on_start, on_done=on_done, highlight=highlight, top_k=args.label)
         except WorkerError as e:
             print(f"nestopt: error: {e}", file=sys.stderr)
@@ -141,6 +167,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for name, sc in best:
         console.print(f"  {name:24s} score {sc:.3f}")
     return 0
+
+
+def _bench_rank(tasks: list[str], optimizers: list[str], seeds: int, steps: int | None, grid_stride: int,
+                workers: int | None) -> int:
+    """A rank other than 0 under torchrun: run its share of the runs rank 0's ``run_bench`` plans
+    (the same plan), hand the records over, and write nothing."""
+    from ..bench import plan
+    from ..bench.runner import WorkerError, run_jobs
+
+    jobs = plan(tasks, optimizers, seeds, steps, grid_stride)
+    try:
+        _, interrupted = run_jobs(jobs, workers=min(workers, len(jobs)) if workers else workers)
+    except WorkerError as e:
+        print(f"nestopt: error (rank {_ranks.rank()}): {e}", file=sys.stderr)
+        return 1
+    return EXIT_INTERRUPTED if interrupted else 0
 
 
 def cmd_figures(args: argparse.Namespace) -> int:

@@ -7,6 +7,10 @@ optimizer's controller on task families, registered ones or a user's by import p
 
 ``--family mypkg.tasks:MyFamily`` imports a user's :class:`~nestopt.tasks.TaskFamily`;
 ``--days 0:60`` keeps to its seeds (days) 0 to 59, e.g. the past days of ``trading-daily``.
+
+``torchrun --nproc_per_node N -m nestopt meta-train --method es|pes ...`` spreads the particles over
+the ranks (see :mod:`nestopt.meta.train`); rank 0 checks ``--out``, reads and writes the checkpoint,
+prints the progress and writes the files, and the result is the one a single process writes.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .._cli_args import UsageError, _int, _interrupted, _names, _out, _positive
+from .. import _ranks
+from .._cli_args import EXIT_INTERRUPTED, UsageError, _int, _interrupted, _names, _out, _positive
 
 
 def add_parser(sub: Any) -> None:
@@ -73,16 +78,23 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
         raise UsageError(f"--seed {args.seed} is invalid: must be an integer from 0 to 2**63 - 1")
     if not (math.isfinite(args.sigma) and args.sigma > 0):
         raise UsageError(f"--sigma {args.sigma} is invalid: must be a positive number")
+    ranked, main = _ranks.is_distributed(), _ranks.is_main()
+    if ranked and args.method not in ("es", "pes"):
+        raise UsageError(f"--method {args.method} is invalid under torchrun ({_ranks.world_size()} ranks): only es and "
+                         "pes spread their unrolls over the ranks; run it in one process, or use --method es or pes")
     ckpt = Path(args.out) / "checkpoint.pt"
-    resume = args.resume and ckpt.is_file()
-    if args.resume and not resume and Path(args.out).is_dir() and any(Path(args.out).iterdir()) and not args.force:
-        raise UsageError(f"--resume is invalid: --out {args.out!r} holds no checkpoint.pt to continue; "
-                         "add --force to start over in it")
-    hint = ("--resume to continue from its checkpoint.pt, or --force to start over" if ckpt.is_file()
-            else "--force to replace what it holds")
-    out = _out(args.out, force=args.force, resume=resume, hint=hint)
-    if args.resume and not resume:
-        print(f"meta-train: no checkpoint in {out} to resume: starting at step 0", file=sys.stderr, flush=True)
+    # rank 0 checks --out (the others may not see its file system) and tells the others what it found
+    found: tuple[str, Any] = ("ok", (False, ""))
+    if main:
+        try:
+            found = ("ok", _prepare_out(args, ckpt))
+        except UsageError as e:
+            found = ("error", str(e))
+    found = _ranks.broadcast(found)
+    if found[0] == "error":
+        raise UsageError(found[1])
+    resume, where = found[1]
+    out = Path(where)  # (rank 0's: the other ranks write nothing)
     cfg = MetaConfig(families=families, unroll=args.unroll, horizon=max(args.horizon, args.unroll),
                      outer_steps=args.steps, seed=args.seed, method=args.method, es_pairs=args.pairs,
                      es_sigma=args.sigma, workers=args.workers)
@@ -94,13 +106,14 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
 
     def progress(row: dict) -> None:
         rows.append(row)
-        if row["step"] % every == 0 or row["step"] == args.steps:
+        if main and (row["step"] % every == 0 or row["step"] == args.steps):
             print(f"meta-train {row['step']}/{args.steps}  meta-loss {row['meta_loss']:+.4f}  "
                   f"({row['task']})  {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
 
     def resumed(step: int, history: list[dict]) -> None:
         rows[:] = history
-        print(f"meta-train: resuming from step {step} of {args.steps} ({ckpt})", file=sys.stderr, flush=True)
+        if main:
+            print(f"meta-train: resuming from step {step} of {args.steps} ({ckpt})", file=sys.stderr, flush=True)
 
     def write(stage: Staged, history: list[dict]) -> None:
         with atomic_path(stage.dir / "net.safetensors") as tmp:
@@ -113,6 +126,8 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
         raise UsageError(f"--resume is invalid: {e}") from None
     except KeyboardInterrupt:
         step = rows[-1]["step"] if rows else 0
+        if not main:
+            return EXIT_INTERRUPTED  # rank 0 says what was written
         if not rows:
             return _interrupted("no outer step had finished, nothing was written")
         stage = Staged(out)
@@ -123,6 +138,8 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
         return _interrupted(f"at step {step} of {args.steps}: continue with --resume (from {ckpt}); "
                             f"the network so far is in {where}")
     wall = time.perf_counter() - t0
+    if not main:
+        return 0  # rank 0 writes the files
     stage = Staged(out, replaces=("net.safetensors", "history.json"))
     try:
         write(stage, history)
@@ -132,6 +149,20 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     stage.commit()
     print(f"meta-train: {len(history)} outer steps in {wall:.0f} s; wrote {out / 'net.safetensors'}")
     return 0
+
+
+def _prepare_out(args: argparse.Namespace, ckpt: Path) -> tuple[bool, str]:
+    """Check (and make) ``--out``: ``(resume, the folder)``; a usage error says what is wrong."""
+    resume = args.resume and ckpt.is_file()
+    if args.resume and not resume and Path(args.out).is_dir() and any(Path(args.out).iterdir()) and not args.force:
+        raise UsageError(f"--resume is invalid: --out {args.out!r} holds no checkpoint.pt to continue; "
+                         "add --force to start over in it")
+    hint = ("--resume to continue from its checkpoint.pt, or --force to start over" if ckpt.is_file()
+            else "--force to replace what it holds")
+    out = _out(args.out, force=args.force, resume=resume, hint=hint)
+    if args.resume and not resume:
+        print(f"meta-train: no checkpoint in {out} to resume: starting at step 0", file=sys.stderr, flush=True)
+    return resume, str(out)
 
 
 def meta_controller():

@@ -20,6 +20,10 @@ truncated backpropagation only see each truncation's own effect).
 
 ``workers > 1`` spreads the ES/PES unrolls (the particles) over that many processes; every unroll
 is a deterministic function of its inputs, so the result does not depend on the worker count.
+Under ``torchrun`` (a process group of more than one rank initialised: :mod:`nestopt._ranks`) the
+unrolls are spread over the ranks too (each over its own ``workers``) and their results gathered on
+every rank, so every rank trains the same network, bit for bit what one process would; only rank 0
+reads and writes the checkpoint (a resume hands its state to the other ranks).
 
 The loop writes a checkpoint (network, outer optimizer, counters, RNG, the settings) every
 ``checkpoint_every`` outer steps, and when it is interrupted (``KeyboardInterrupt``, at the last
@@ -30,6 +34,7 @@ a :class:`CheckpointError` that says what differs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -41,12 +46,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import _ranks
 from .. import tasks as task_registry
 from .._checks import check_choice, check_int, check_number
 from .._io import LoadError, atomic_path, deferred_interrupts, safe_load
 from .estimators import ES, ESTIMATORS, Estimate, GradientEstimator, PersistentES, Surrogate, Task, TruncatedBackprop
 from .inner import CONTROLLER_LRS, _ControllerInner, _Inner, _Loss, make_inner
-from .unrolls import Unrolls, es_gradient
+from .unrolls import Unrolls, _per_rank, es_gradient
 
 __all__ = ["CONTROLLER_LRS", "CheckpointError", "ES", "ESTIMATORS", "METHODS", "Estimate", "GradientEstimator", "MetaConfig",
            "PersistentES", "Surrogate", "TruncatedBackprop", "Unrolls", "_ControllerInner", "_Inner", "_Loss",
@@ -134,12 +140,23 @@ def meta_train(net: nn.Module, cfg: MetaConfig, *, checkpoint: str | Path | None
     start = 0
     gen = torch.Generator().manual_seed(cfg.seed)
     ckpt = Path(checkpoint) if checkpoint is not None else None
-    if resume and ckpt is not None and ckpt.is_file():
+    ranked = _ranks.is_distributed()
+    if ranked:  # rank 0 reads the checkpoint, every rank resumes from what it read
+        resumed = _resume_ranked(ckpt if resume else None, net, outer, gen, cfg, estimator)
+        if resumed is not None:
+            history, start = resumed
+            if on_resume is not None:
+                on_resume(start, history)
+    elif resume and ckpt is not None and ckpt.is_file():
         history, start = _resume(ckpt, net, outer, gen, cfg, estimator)  # a resumed run starts a fresh task
         if on_resume is not None:
             on_resume(start, history)
+    if not _ranks.is_main():
+        ckpt = None  # only rank 0 writes
     try:
-        with Unrolls(cfg.workers if estimator.parallel else 1) as unrolls:
+        # (under torchrun each rank runs its own share of the inner runs: their optimizers never sync)
+        with Unrolls(cfg.workers if estimator.parallel else 1, ranks=ranked) as unrolls, \
+                (_per_rank() if ranked else contextlib.nullcontext()):
             _loop(net, cfg, estimator, outer, history, start, gen, ckpt, progress, unrolls)
     except KeyboardInterrupt:
         # The state is whole at a step boundary (each step's update, row and checkpoint run with
@@ -220,6 +237,30 @@ def _resume(ckpt: Path, net: nn.Module, outer: torch.optim.Optimizer, gen: torch
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {name!r} does not fit this run ({_first_line(e)})") from None
     return list(saved["history"]), step
+
+
+def _resume_ranked(ckpt: Path | None, net: nn.Module, outer: torch.optim.Optimizer, gen: torch.Generator,
+                   cfg: MetaConfig, estimator: GradientEstimator) -> tuple[list[dict[str, Any]], int] | None:
+    """:func:`_resume` under torchrun: rank 0 reads ``ckpt`` (when it is a file) and hands the state,
+    or the :class:`CheckpointError`'s message, to every rank, which all load it (or raise it)."""
+    reply: tuple[str, Any] | None = None
+    if _ranks.is_main() and ckpt is not None and ckpt.is_file():
+        try:
+            history, step = _resume(ckpt, net, outer, gen, cfg, estimator)
+            reply = ("state", (net.state_dict(), outer.state_dict(), gen.get_state(), history, step))
+        except CheckpointError as e:
+            reply = ("error", str(e))
+    reply = _ranks.broadcast(reply)
+    if reply is None:
+        return None
+    if reply[0] == "error":
+        raise CheckpointError(reply[1])
+    weights, outer_state, gen_state, history, step = reply[1]
+    if not _ranks.is_main():
+        net.load_state_dict(weights)
+        outer.load_state_dict(outer_state)
+        gen.set_state(gen_state)
+    return list(history), step
 
 
 def _config_json(cfg: MetaConfig, estimator: GradientEstimator) -> str:

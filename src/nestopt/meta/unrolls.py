@@ -1,17 +1,24 @@
 """Running batches of unrolls (weights, starting snapshot) of one inner run, in this process or in
 worker processes, and the antithetic ES estimate built on them (:func:`es_gradient`). Every unroll is a
-deterministic function of its inputs, so results do not depend on the worker count."""
+deterministic function of its inputs, so results do not depend on the worker count.
+
+Under ``torchrun`` (a process group of more than one rank initialised, see :mod:`nestopt._ranks`)
+every rank runs its share of each batch (unroll ``i`` on rank ``i % world``, over its own workers)
+and the results are gathered in the batch's order on every rank, so every rank goes on with the
+same results as one process would, bit for bit."""
 
 from __future__ import annotations
 
 import io
 import math
 import multiprocessing as mp
+import zlib
 from typing import Any
 
 import torch
 from torch import nn
 
+from .. import _ranks
 from .._checks import check_int, check_number
 from .inner import _ControllerInner, _Inner, make_inner
 
@@ -52,16 +59,42 @@ def _unroll_job(payload: bytes) -> bytes:
 
 class Unrolls:
     """Runs a batch of unrolls (weights, starting snapshot) of one task, in this process or spread
-    over ``workers`` spawned processes (each one thread). Use as a context manager, or ``close()``."""
+    over ``workers`` spawned processes (each one thread). Use as a context manager, or ``close()``.
 
-    def __init__(self, workers: int = 1) -> None:
+    ``ranks`` (default: whether a process group of more than one rank is initialised) spreads each
+    batch over the group's ranks too: every rank must then run the same batches, in the same order
+    (a rank whose batch differs is a ``RuntimeError`` that says so)."""
+
+    def __init__(self, workers: int = 1, *, ranks: bool | None = None) -> None:
         check_int("workers", workers, lo=1)
+        if ranks is not None and not isinstance(ranks, bool):
+            raise TypeError(f"ranks={ranks!r} is invalid: expected True, False or None (spread over the ranks "
+                            "when a process group is initialised)")
+        self.ranks = _ranks.is_distributed() if ranks is None else ranks and _ranks.is_distributed()
         self.pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init) if workers > 1 else None
 
     def run(self, net: nn.Module, inner: _Inner | _ControllerInner, specs: list[tuple[torch.Tensor, tuple[Any, ...]]], steps: int,
             batches: list[Any], keep_end: bool = True) -> list[tuple[float, list[float], tuple[Any, ...] | None]]:
         """``(meta_loss, losses, end snapshot or None)`` of each ``(flat weights, snapshot)`` in
         ``specs``. Leaves the network's weights as they were; ``inner`` ends in an unspecified snapshot."""
+        if not self.ranks:
+            return self._run(net, inner, specs, steps, batches, keep_end)
+        world, me = _ranks.world_size(), _ranks.rank()
+        check = _fingerprint(net, inner, specs, steps, keep_end)  # before the unrolls move the task's clock
+        with _per_rank():  # other unrolls run on the other ranks: nothing to sync with them
+            mine = self._run(net, inner, specs[me::world], steps, batches, keep_end)
+        gathered = _ranks.all_gather((check, mine))
+        differ = [r for r, (c, _) in enumerate(gathered) if c != check]
+        if differ:
+            raise RuntimeError(f"rank(s) {differ} ran another batch of unrolls than rank {me} (other weights, task, "
+                               "step count or number of unrolls): every rank of a torchrun meta-training must run "
+                               "the same settings and seed")
+        return [gathered[i % world][1][i // world] for i in range(len(specs))]
+
+    def _run(self, net: nn.Module, inner: _Inner | _ControllerInner, specs: list[tuple[torch.Tensor, tuple[Any, ...]]],
+             steps: int, batches: list[Any], keep_end: bool) -> list[tuple[float, list[float], tuple[Any, ...] | None]]:
+        if not specs:
+            return []
         params = list(net.parameters())
         base = torch.nn.utils.parameters_to_vector(params).detach().clone()
         try:
@@ -84,6 +117,25 @@ class Unrolls:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _per_rank() -> Any:
+    """Optimizers with ``process_group="auto"`` kept from syncing over the ranks for a block (each
+    rank runs its own unrolls): :func:`nestopt.optim.distributed.per_rank`."""
+    from ..optim.distributed import per_rank
+
+    return per_rank()
+
+
+def _fingerprint(net: nn.Module, inner: _Inner | _ControllerInner, specs: list[tuple[torch.Tensor, tuple[Any, ...]]],
+                 steps: int, keep_end: bool) -> tuple[Any, ...]:
+    """What every rank's batch must agree on: the task, its clock, the step count, the number of
+    unrolls and a checksum of the network's weights and of the unrolls' weights."""
+    crc = zlib.crc32(torch.nn.utils.parameters_to_vector(list(net.parameters())).detach().cpu().numpy().tobytes())
+    for f, _ in specs:
+        crc = zlib.crc32(f.detach().cpu().contiguous().numpy().tobytes(), crc)
+    return (getattr(inner, "family", None), getattr(inner, "seed", None), getattr(inner, "t", None), steps,
+            len(specs), keep_end, crc)
 
 
 def es_gradient(inner: _Inner | _ControllerInner, net: nn.Module, steps: int, sigma: float, pairs: int, gen: torch.Generator,

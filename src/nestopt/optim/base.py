@@ -25,6 +25,7 @@ from torch.optim import Optimizer
 
 from .counters import Counted
 from .groups import Check, check_group, check_loadable, shape_fits, spec_values, unchanged
+from .distributed import AUTO, check_process_group, group_from_token, group_token
 from .transaction import transactional
 
 KINDS = ("float16", "bfloat16", "complex")
@@ -145,7 +146,31 @@ class NestoptOptimizer(Counted, Optimizer):
         check_loadable(self, state_dict, self.group_spec, self._known, self.state_shape_ok)
         super().load_state_dict(state_dict)
 
+    # -- processes ---------------------------------------------------------------------------------
+    @property
+    def process_group(self) -> Any:
+        """``"auto"``, ``None`` or a ``ProcessGroup``: what this optimizer syncs over (see
+        :mod:`nestopt.optim.distributed`). Set it with the constructor's ``process_group=``."""
+        return self.__dict__.get("_process_group", AUTO)
+
+    @process_group.setter
+    def process_group(self, value: Any) -> None:
+        self.__dict__["_process_group"] = check_process_group(value)
+        self.__dict__.pop("_sync", None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        # a ProcessGroup cannot be copied or pickled: it travels as a token of this process
+        state["_process_group"] = group_token(self.__dict__.get("_process_group", AUTO))
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        # (load_state_dict comes through here too, without the entry: the group in use stays)
+        token = state.pop("_process_group", self.__dict__.get("_process_group", AUTO))
         super().__setstate__(state)
+        self.__dict__["_process_group"] = group_from_token(token, type(self).__name__)
+        self.__dict__.pop("_sync", None)
+        self.__dict__.pop("_sync_for", None)
         self.__dict__["_seen"] = None
         self.__dict__["_txn"] = None

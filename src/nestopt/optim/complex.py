@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 from .._checks import check_number
+from .distributed import refuse_sharded
 from .base import NestoptOptimizer, refuse_sparse
 from .counters import bump
 from .groups import LR_MAX, choice, decay_within_rate, number, pair
@@ -195,7 +196,8 @@ class _SkippingOptimizer(NestoptOptimizer, metaclass=abc.ABCMeta):
 
     counter_scope = "group"
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], process_group: Any = "auto") -> None:
+        self.process_group = process_group
         super().__init__(params, defaults)
         self._scratch: dict[Any, torch.Tensor] = {}  # the CPU kernels' block buffers (not state)
 
@@ -217,6 +219,7 @@ class _SkippingOptimizer(NestoptOptimizer, metaclass=abc.ABCMeta):
                 continue
             grads = [p.grad for p in params]
             refuse_sparse(self, grads)
+            refuse_sharded(self, params, "(its momentum state has shape (2, *param.shape), real and imaginary planes)")
             if not _all_finite(grads):
                 bump([group], "nonfinite")
                 continue
@@ -272,7 +275,7 @@ class ComplexMomentum(_SkippingOptimizer):
                                   "real pairs with torch.view_as_real)"}
 
     def __init__(self, params: Iterable[Any], lr: float = 0.1, beta: float = 0.9, phase: float = math.pi / 8,
-                 *, weight_decay: float = 0.0, foreach: bool | None = None) -> None:
+                 *, weight_decay: float = 0.0, foreach: bool | None = None, process_group: Any = "auto") -> None:
         check_number("lr", lr, lo=0.0, hi=LR_MAX)
         check_number("beta", beta, lo=0.0, hi=1.0, hi_open=True)
         check_number("phase", phase, lo=-math.pi, hi=math.pi)
@@ -280,7 +283,7 @@ class ComplexMomentum(_SkippingOptimizer):
         if foreach is not None and not isinstance(foreach, bool):
             raise ValueError(f"foreach={foreach!r} is invalid: expected None, True or False")
         super().__init__(params, {"lr": lr, "beta": beta, "phase": phase, "weight_decay": weight_decay,
-                                  "foreach": foreach})
+                                  "foreach": foreach}, process_group)
 
     def complex_buffer(self, p: torch.Tensor) -> torch.Tensor:
         """``mu`` of the paper (``-m``) for parameter ``p`` as a complex tensor."""
@@ -369,7 +372,8 @@ class ComplexAdam(_SkippingOptimizer):
                                   "parameters (store a complex parameter as real pairs with torch.view_as_real)"}
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 phase: float = math.pi / 8, eps: float = 1e-8, *, weight_decay: float = 0.0) -> None:
+                 phase: float = math.pi / 8, eps: float = 1e-8, *, weight_decay: float = 0.0,
+                 process_group: Any = "auto") -> None:
         check_number("lr", lr, lo=0.0, hi=LR_MAX)
         if not isinstance(betas, tuple | list) or len(betas) != 2:
             raise ValueError(f"betas={betas!r} is invalid: expected a pair (beta1, beta2)")
@@ -379,7 +383,7 @@ class ComplexAdam(_SkippingOptimizer):
         check_number("eps", eps, lo=0.0)
         check_number("weight_decay", weight_decay, lo=0.0)
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "phase": phase, "eps": eps,
-                                  "weight_decay": weight_decay})
+                                  "weight_decay": weight_decay}, process_group)
 
     def _update(self) -> None:
         for group, params, grads in self._groups():

@@ -37,6 +37,7 @@ from .._checks import check_choice, check_number
 from .base import NestoptOptimizer, refuse_sparse
 from .counters import bump
 from .groups import LR_MAX, choice, decay_within_rate, number, pair, scale_bounds
+from .distributed import is_dtensor, local, locals_, sq_each, sum_partials
 from .tensors import fused_ok, host_sq_norms
 from .transaction import commit, current, evaluate
 
@@ -51,7 +52,7 @@ class _Hypergradient(NestoptOptimizer):
     unsupported_why = {"complex": "its hypergradient g . u takes no complex conjugate",
                        "float16": "its dot products and norms overflow float16 (65504) and eps underflows"}
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, rule: str, beta: float,
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, rule: str, beta: float, process_group: Any,
                  scale_min: float, scale_max: float) -> None:
         check_choice("rule", rule, RULES)
         check_number("beta", beta, lo=0.0)
@@ -61,6 +62,7 @@ class _Hypergradient(NestoptOptimizer):
             raise ValueError(f"scale_min={scale_min!r} and scale_max={scale_max!r} are invalid: expected "
                              "scale_min <= scale_max")
         defaults = {**defaults, "rule": rule, "beta": beta, "scale_min": scale_min, "scale_max": scale_max}
+        self.process_group = process_group
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -99,9 +101,10 @@ class HypergradientSGD(_Hypergradient):
     group_spec = {"lr": number(0.0, LR_MAX), **_Hypergradient.group_spec}
 
     def __init__(self, params: Iterable[Any], lr: float = 0.01, *, rule: str = "multiplicative",
-                 beta: float = 0.02, scale_min: float = 1e-3, scale_max: float = 1e3) -> None:
+                 beta: float = 0.02, scale_min: float = 1e-3, scale_max: float = 1e3, process_group: Any = "auto") -> None:
         check_number("lr", lr, lo=0.0, hi=LR_MAX)
-        super().__init__(params, {"lr": lr}, rule=rule, beta=beta, scale_min=scale_min, scale_max=scale_max)
+        super().__init__(params, {"lr": lr}, rule=rule, beta=beta, scale_min=scale_min, scale_max=scale_max,
+                         process_group=process_group)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -122,11 +125,16 @@ class HypergradientSGD(_Hypergradient):
         _fresh_state(self, new)
         # One host sync for every group: g.u_prev and ||g||^2 (||u_prev||^2 = last step's ||g||^2).
         stats = []
+        sharded = any(is_dtensor(g) for _, _, gs, _ in work for g in gs)
         for _, _, gs, us in work:
+            if sharded:  # this rank's shards: the partial sums are added over the ranks below
+                gs, us = locals_(gs), locals_(us)
             dot = torch.stack([torch.dot(g.reshape(-1), u.reshape(-1)) for g, u in zip(gs, us)]).sum()
             gn = torch.stack(torch._foreach_norm(gs)).square().sum()
             stats.append(torch.stack([dot, gn]).to(torch.float64))
-        host = torch.stack(stats).tolist()
+        host = torch.stack(stats)
+        host = (sum_partials(self, host.reshape(-1), [g for _, _, gs, _ in work for g in gs]).reshape(host.shape)
+                if sharded else host).tolist()
         if not all(math.isfinite(v) for row in host for v in row):
             bump(self.param_groups, "nonfinite")
             return loss
@@ -134,6 +142,8 @@ class HypergradientSGD(_Hypergradient):
         for (group, ps, gs, us), (dot, gsq) in zip(work, host):
             group["hd_scale"] = self._new_scale(group, dot, gsq, group.get("hd_prev_gsq", 0.0))
             group["hd_prev_gsq"] = gsq
+            if sharded:  # elementwise: on this rank's shards (DTensor has no _foreach_copy_)
+                ps, gs, us = locals_(ps), locals_(gs), locals_(us)
             torch._foreach_copy_(us, gs)
             a = group["lr"] * group["hd_scale"]
             if a:
@@ -156,7 +166,7 @@ class HypergradientAdam(_Hypergradient):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, *, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, rule: str = "multiplicative", beta: float = 0.02,
-                 scale_min: float = 1e-3, scale_max: float = 1e3) -> None:
+                 scale_min: float = 1e-3, scale_max: float = 1e3, process_group: Any = "auto") -> None:
         check_number("lr", lr, lo=0.0, hi=LR_MAX)
         if not (isinstance(betas, tuple | list) and len(betas) == 2):
             raise ValueError(f"betas={betas!r} is invalid: expected a pair (beta1, beta2)")
@@ -165,7 +175,7 @@ class HypergradientAdam(_Hypergradient):
         check_number("eps", eps, lo=0.0, lo_open=True)
         check_number("weight_decay", weight_decay, lo=0.0)
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay},
-                         rule=rule, beta=beta, scale_min=scale_min, scale_max=scale_max)
+                         rule=rule, beta=beta, scale_min=scale_min, scale_max=scale_max, process_group=process_group)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -191,7 +201,14 @@ class HypergradientAdam(_Hypergradient):
         _fresh_state(self, new)
         pairs = [self._hd_stats(group, ps) for group, ps in work]
         # ||g||^2 of every tensor and each group's (g . u, ||u||^2), with one host sync for all groups
-        gsq_each, vals = host_sq_norms([p.grad for _, ps in work for p in ps], *(x for pair in pairs for x in pair))
+        grads = [p.grad for _, ps in work for p in ps]
+        if any(map(is_dtensor, grads)):  # every value a partial sum over this rank's shards: added over the ranks
+            flat = [torch.as_tensor(x, dtype=torch.float64) for pair in pairs for x in pair]
+            vec = sum_partials(self, torch.cat([sq_each(locals_(grads)), torch.stack(flat).to(grads[0].device)]),
+                               grads).tolist()
+            gsq_each, vals = vec[:len(grads)], vec[len(grads):]
+        else:
+            gsq_each, vals = host_sq_norms(grads, *(x for pair in pairs for x in pair))
         host, off = [], 0
         for i, (_, ps) in enumerate(work):
             host.append((vals[2 * i], sum(gsq_each[off:off + len(ps)]), vals[2 * i + 1]))
@@ -224,12 +241,12 @@ class HypergradientAdam(_Hypergradient):
             if t > 0:
                 bc1, bc2 = 1 - b1**t, 1 - b2**t
                 # u = (m / bc1) / (sqrt(v / bc2) + eps) = c * m / (sqrt(v) + eps sqrt(bc2)), c = sqrt(bc2) / bc1
-                prev.append((p.grad.reshape(-1), st["exp_avg"], st["exp_avg_sq"], math.sqrt(bc2) / bc1,
+                prev.append((local(p.grad).reshape(-1), local(st["exp_avg"]), local(st["exp_avg_sq"]), math.sqrt(bc2) / bc1,
                              eps * math.sqrt(bc2)))
         if not prev:
             return 0.0, 0.0
         cs = torch.tensor([c for *_, c, _ in prev], dtype=torch.float64)
-        if ps[0].device.type == "cpu":
+        if ps[0].device.type == "cpu" and not is_dtensor(ps[0]):
             # one reused buffer (the largest tensor's size): no allocation and no page faults per step
             dots, usqs = [], []
             for g, m, v, _, e in prev:

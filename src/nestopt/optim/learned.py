@@ -50,7 +50,8 @@ from ..nets.weights import SHIPPED_NETS, load_net
 from .base import NestoptOptimizer, refuse_sparse
 from .counters import bump
 from .groups import LR_MAX, decay_within_rate, number
-from .tensors import fused_ok, host_sq_norms
+from .distributed import is_dtensor, locals_, refuse_sharded, sq_norms, sum_partials
+from .tensors import fused_ok
 from .transaction import commit, evaluate
 
 def _resolve(net: UpdateNet | str | Path) -> UpdateNet:
@@ -104,7 +105,8 @@ class LearnedOptimizer(NestoptOptimizer):
     _PICKLED = ("net", "chunk", "compile")  # configuration kept by deepcopy and pickle (not the caches)
 
     def __init__(self, params: Iterable[Any], net: UpdateNet | str | Path = "default", lr: float = 1.0,
-                 weight_decay: float = 0.0, *, chunk: int | None = None, compile: bool | None = None) -> None:
+                 weight_decay: float = 0.0, *, chunk: int | None = None, compile: bool | None = None,
+                 process_group: Any = "auto") -> None:
         check_number("lr", lr, lo=0.0, hi=LR_MAX)
         check_number("weight_decay", weight_decay, lo=0.0)
         if compile not in (None, True, False):
@@ -115,6 +117,7 @@ class LearnedOptimizer(NestoptOptimizer):
         self.compile = compile
         self._kernel: Callable[..., None] | None = None  # this instance's torch.compile'd pass
         self._compile_failed = False  # set once compiling failed here (compile=None): eager from then on
+        self.process_group = process_group
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
 
     def __getstate__(self) -> dict[str, Any]:
@@ -166,9 +169,11 @@ class LearnedOptimizer(NestoptOptimizer):
         gs = [p.grad for p in ps]
         ms = [self.state[p]["exp_avg"] for p in ps]
         # One read of gradients, momenta and parameters for every tensor, one host sync.
+        # (under FSDP2 each rank's shards give partial sums, added over the ranks in one collective)
         rows = [torch.stack([torch.dot(g.reshape(-1), m.reshape(-1)), torch.dot(g.reshape(-1), g.reshape(-1)),
-                             torch.dot(p.reshape(-1), p.reshape(-1))]).double() for g, m, p in zip(gs, ms, ps)]
-        host = torch.stack(rows).tolist()
+                             torch.dot(p.reshape(-1), p.reshape(-1))]).double()
+                for g, m, p in zip(locals_(gs), locals_(ms), locals_(ps))]
+        host = sum_partials(self, torch.stack(rows).reshape(-1), ps).reshape(len(rows), 3).tolist()
         if not all(math.isfinite(v) for row in host for v in row):
             return False
         base = math.exp(float(net.base))
@@ -194,7 +199,7 @@ class LearnedOptimizer(NestoptOptimizer):
         net = self.net
         assert isinstance(net, LinearUpdate)
         ps = [p for _, p in work]
-        sq, _ = host_sq_norms([p.grad for p in ps] + ps)  # ||g||^2, ||p||^2: one read each, one sync
+        sq, _ = sq_norms(self, [p.grad for p in ps] + ps)  # ||g||^2, ||p||^2: one read each, one sync
         n = len(ps)
         if not all(map(math.isfinite, sq[:n])):
             return False
@@ -228,7 +233,8 @@ class LearnedOptimizer(NestoptOptimizer):
     def _compiled(self, p: torch.Tensor) -> Callable[..., None] | None:
         """The compiled elementwise pass for ``p`` where ``compile`` asks for it; ``None``: the
         multi-tensor eager pass."""
-        if self.compile is False or (self.compile is None and (p.numel() < _COMPILE_MIN or self._compile_failed)):
+        if self.compile is False or is_dtensor(p) or \
+                (self.compile is None and (p.numel() < _COMPILE_MIN or self._compile_failed)):
             return None
         return self._run_compiled
 
@@ -268,6 +274,8 @@ class LearnedOptimizer(NestoptOptimizer):
 
     # -- any network through its reference update (the MLP chunked) --------------------------------
     def _generic(self, work: list[tuple[dict[str, Any], torch.Tensor]]) -> bool:
+        refuse_sharded(self, [p for _, p in work], f"with net={type(self.net).__name__} (its per-element network "
+                       "normalises over whole tensors)")
         gs = [p.grad for _, p in work]
         if not all(math.isfinite(v) for v in torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)) for g in gs]).tolist()):
             return False

@@ -53,6 +53,7 @@ from torch.optim._muon import muon as _muon_kernel  # the kernel behind torch.op
 from torch.optim.adam import adam as _adam_kernel  # the kernel behind torch.optim.AdamW.step
 
 from .._checks import check_choice, check_int, check_number
+from .distributed import check_process_group, refuse_sharded
 
 ADJUST_LR = ("match_rms_adamw", "original")
 
@@ -107,13 +108,19 @@ class MuonAdamW(Optimizer):
         betas, eps: AdamW's (torch's defaults).
         adjust_lr_fn: ``"match_rms_adamw"`` (default: one rate for both) or ``"original"``.
         fused: AdamW's fused kernel (float parameters on CPU or CUDA).
+        process_group: accepted as every nestopt optimizer accepts it; nothing of the step is
+            rank-local, so DDP needs no sync. Under FSDP2 the Muon half raises (it orthogonalises
+            whole matrices), the AdamW half is elementwise.
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.1, *,
                  momentum: float = 0.95, nesterov: bool = True,
                  ns_coefficients: tuple[float, float, float] = (3.4445, -4.775, 2.0315), ns_steps: int = 5,
                  ns_eps: float = 1e-7, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 adjust_lr_fn: str = "match_rms_adamw", fused: bool = False) -> None:
+                 adjust_lr_fn: str = "match_rms_adamw", fused: bool = False, process_group: Any = "auto") -> None:
+        # nothing of its step comes from a rank's own batch, so there is nothing to sync under
+        # DDP; the argument is taken as every nestopt optimizer takes it
+        self.process_group = check_process_group(process_group)
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=tuple(ns_coefficients), ns_steps=ns_steps, ns_eps=ns_eps,
                         betas=tuple(betas), eps=eps, adjust_lr_fn=adjust_lr_fn, fused=fused)
@@ -179,6 +186,7 @@ class MuonAdamW(Optimizer):
                 a_sq.append(state["exp_avg_sq"])
                 a_steps.append(state["step"])
             if m_params:
+                refuse_sharded(self, m_params, "on its Muon matrices (Newton-Schulz needs each whole matrix)")
                 _muon_kernel(m_params, m_grads, m_bufs, lr=group["lr"], weight_decay=group["weight_decay"],
                              momentum=group["momentum"], nesterov=group["nesterov"],
                              ns_coefficients=group["ns_coefficients"], ns_steps=group["ns_steps"],

@@ -55,7 +55,7 @@ from .._checks import check_choice, check_int, check_number
 from .base import NestoptOptimizer, refuse_sparse
 from .counters import bump
 from .groups import LR_MAX, integer, number, pair
-from .tensors import host_sq_norms
+from .distributed import local, sq_norms, sum_partials, sync_of
 from .transaction import commit, evaluate
 
 SCOPES = ("global", "tensor", "group")
@@ -86,6 +86,8 @@ class Polyak(NestoptOptimizer):
         beta2: averaging coefficient for the ``"rms"`` and ``"hutchinson"`` diagonals (bias-corrected).
         precond_eps: added to ``D``.
         seed: seeds the Hutchinson probe vectors (they are a function of seed and step).
+        process_group: ``"auto"``, ``None`` or a ``ProcessGroup``: over which ranks the loss is
+            averaged and sharded norms are summed (:mod:`nestopt.optim.distributed`).
 
     ``"hutchinson"`` needs Hessian-vector products, so the closure must call
     ``loss.backward(create_graph=True)``; it draws one Rademacher vector per step (exact when the
@@ -104,7 +106,7 @@ class Polyak(NestoptOptimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1.0, *, scope: str = "global", share: str = "norm",
                  f_star: float = 0.0, max_lr: float | None = None, eps: float = 0.0, momentum: float = 0.0,
                  precondition: str | DiagFn | None = None, beta2: float = 0.999, precond_eps: float = 1e-8,
-                 seed: int = 0) -> None:
+                 seed: int = 0, process_group: Any = "auto") -> None:
         check_number("lr", lr, lo=0.0, hi=LR_MAX)
         check_choice("scope", scope, SCOPES)
         check_choice("share", share, SHARES)
@@ -121,6 +123,7 @@ class Polyak(NestoptOptimizer):
         self.scope = scope
         self.share = share
         self.precondition = precondition
+        self.process_group = process_group
         defaults = {"lr": lr, "f_star": f_star, "max_lr": max_lr, "eps": eps, "momentum": momentum,
                     "beta2": beta2, "precond_eps": precond_eps, "seed": seed}
         super().__init__(params, defaults)
@@ -231,14 +234,39 @@ class Polyak(NestoptOptimizer):
         tot = sum(roots)
         return [r / tot for r in roots] if math.isfinite(tot) and tot > 0 else [0.0] * k
 
+    def _init_state(self, items: list[tuple[dict[str, Any], torch.Tensor]]) -> None:
+        """The state a first step makes, as zeros (a step then reads it as it reads its own)."""
+        for group, p in items:
+            st = self.state[p]
+            if group["momentum"] > 0 and "momentum_buffer" not in st:
+                st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if self.precondition in ("rms", "hutchinson") and "diag" not in st:
+                st["diag"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["diag_step"] = 0
+
     def _count(self, key: str) -> None:
         bump(self.param_groups, key)
 
     # -- the step -------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None, *, loss: torch.Tensor | float | None = None):
-        """One Polyak step. Needs the loss: ``step(closure)`` or ``step(loss=...)`` after ``backward``."""
+        """One Polyak step. Needs the loss: ``step(closure)`` or ``step(loss=...)`` after ``backward``.
+
+        Without either, a step whose gradients are all ``None`` does nothing (as torch's optimizers
+        do), and one whose gradients are all zero only makes the state a step would make (what
+        torch's distributed-checkpoint helpers ask of a fresh optimizer); otherwise it raises."""
+        if self.precondition == "hutchinson" and sync_of(self) is not None:
+            raise NotImplementedError(
+                "Polyak(precondition='hutchinson') cannot run data-parallel: it needs loss.backward(create_graph=True), "
+                "which DDP does not synchronise (torch refuses it) and FSDP2 does not support; use precondition='rms', "
+                "or process_group=None for one optimizer per rank")
         if closure is None and loss is None:
+            have = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+            if not have:
+                return None
+            if not any(bool(local(p.grad).any()) for _, p in have):
+                self._init_state(have)
+                return None
             raise ValueError(f"{type(self).__name__}.step needs the loss: call step(closure) or step(loss=value)")
         if closure is not None:
             loss = evaluate(self, closure)
@@ -251,7 +279,9 @@ class Polyak(NestoptOptimizer):
 
     def _step(self, items: list[tuple[dict[str, Any], torch.Tensor]], loss: torch.Tensor | float) -> None:
         grads = [p.grad for _, p in items]
-        sq_v, (loss_v,) = host_sq_norms(grads, loss)  # ||g_p||^2: one read of the gradients, one sync
+        # ||g_p||^2: one read of the gradients, one host sync (and over several ranks one
+        # collective: the loss averaged, sharded norms summed; see nestopt.optim.distributed)
+        sq_v, (loss_v,) = sq_norms(self, grads, loss)
         group0 = items[0][0]
         if not (math.isfinite(loss_v) and all(map(math.isfinite, sq_v))):
             return self._count("nonfinite")
@@ -276,8 +306,8 @@ class Polyak(NestoptOptimizer):
             us, s_p = grads, sq_v  # u = g, so g^T u = ||g||^2, already on the host
         else:
             us = self._directions(items, grads)
-            s_p = torch.stack([torch.dot(g.reshape(-1), u.reshape(-1)).to(torch.float64)
-                               for g, u in zip(grads, us)]).tolist()
+            s_p = sum_partials(self, torch.stack([torch.dot(local(g).reshape(-1), local(u).reshape(-1)).to(torch.float64)
+                                                  for g, u in zip(grads, us)]), grads).tolist()
         commit(self)  # (the directions may have begun it: they update running statistics)
         pieces = self._pieces(items)
         s = [sum(s_p[i] for i in piece) for piece in pieces]
@@ -381,6 +411,14 @@ class PolyakAdam(Polyak):
         for k, v in self.__dict__.get("_adam_defaults", {}).items():
             param_group.setdefault(k, v)
         super().add_param_group(param_group)
+
+    def _init_state(self, items: list[tuple[dict[str, Any], torch.Tensor]]) -> None:
+        for _, p in items:
+            st = self.state[p]
+            if "exp_avg" not in st:
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["adam_step"] = 0
 
     def _directions(self, items: list[tuple[dict[str, Any], torch.Tensor]], grads: list[torch.Tensor]) -> list[torch.Tensor]:
         commit(self)  # the moments update in place from here

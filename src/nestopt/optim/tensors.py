@@ -50,5 +50,5 @@ def fused_ok(ps: list[torch.Tensor]) -> bool:
     Our step counters live on the host (the hypergradient and the learned rates read them every step
     without a device sync). torch's fused CUDA kernel wants them on the GPU, so CUDA tensors take the
     foreach kernel instead, which accepts host counters (torch's own default on CUDA)."""
-    return all(p.device.type == "cpu" and p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    return all(p.device.type == "cpu" and type(p).__name__ != "DTensor" and p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
                and p.dtype == ps[0].dtype for p in ps)

@@ -128,6 +128,12 @@ _add(Published("overhead", ("overhead", "--json", "{out}/overhead.json"), EXPENS
                ignore=("*",)))
 
 
+_add(Published("collectives", ("overhead", "--processes", "2", "--rounds", "5", "--steps", "20", "--json",
+                               "{out}/collectives.json"), EXPENSIVE,
+               ("nestopt.bench.collectives", "nestopt.optim"), "the collectives' cost at 2 processes",
+               result="collectives.json", keep=("collectives.json",), ignore=("*",)))
+
+
 _EVERYTHING = ("nestopt.cli", "nestopt.optim", "nestopt.hyper", "nestopt.schedule", "nestopt.guards", "nestopt.diagnostics",
                "nestopt.games", "nestopt.meta", "nestopt.tasks", "nestopt.nets", "nestopt.bench")
 _add(Published("audit", ("python", "tools/audit.py", "-q", "--json", "{out}/audit.json"), CHEAP, _EVERYTHING,

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..distributed import is_dtensor
 from ..tensors import host_sq_norms
 
 TINY = 1e-30
@@ -164,6 +165,9 @@ class Curvature(Feature):
 
     def update(self, view: StepView, have: list[list[torch.Tensor]]) -> None:
         ps = [p for grp in have for p in grp]
+        if any(is_dtensor(p) for p in ps):
+            raise NotImplementedError("NestedOptimizer's 'curvature' feature does not support FSDP2 (DTensor) "
+                                      "parameters; see the README's 'Scaling out' table: use DDP for it")
         gs = [p.grad for p in ps]
         if self.prev_grad and len(self.prev_grad) == len(ps):
             dg = torch._foreach_sub(gs, self.prev_grad)

@@ -20,6 +20,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .signals import Signal, train_controller
+from ..distributed import mean_values
 from ..transaction import enter
 from .wrapper import call_step_unhooked
 
@@ -146,10 +147,10 @@ class Hindsight(Signal):
         """Each grid multiplier's replay of the window, scored by the closure (parameters, state and
         gradients are left moved: the caller restores them)."""
         w, base, groups = self.w, opt.base, opt.param_groups
-        scores = {}
+        scores: dict[float, float] = {}
+        raw: dict[float, float] = {}
         for m in self.grid:
             if m == 1.0:
-                scores[m] = loss_v if loss_v is not None else math.inf
                 continue
             restore(base, params, w["snap"])
             for grads, lrs in zip(w["grads"], w["lrs"]):
@@ -166,8 +167,12 @@ class Hindsight(Signal):
                 p.grad = None
             enter(opt, f"the hindsight replay's closure (multiplier {m})")
             with torch.enable_grad():
-                val = float(closure().detach())
+                raw[m] = float(closure().detach())
             opt.count("replay_closures")
+        # each rank scored its own batch: the ranks' mean decides (one collective per replay)
+        means = dict(zip(raw, mean_values(opt, list(raw.values()))))
+        for m in self.grid:
+            val = (loss_v if loss_v is not None else math.inf) if m == 1.0 else means[m]
             scores[m] = val if math.isfinite(val) else math.inf
         return scores
 

@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 from ..._checks import check_choice, check_int, check_number
 from ...nets.controller import Controller, RunningNorm
 from ..base import NestoptOptimizer, refuse_sparse
+from ..distributed import group_token, is_dtensor, local, mean_values, sample_view, sq_norms
 from ..counters import bump, ensure
 from ..groups import LR_MAX, check_group, check_loadable, decay_within_rate, finite, number, rate, shape_fits
 from ..tensors import host_sq_norms
@@ -26,7 +27,7 @@ from .signals import Frozen, Proxy, Signal, Validation, noisy
 from .basecheck import base_supports, base_unsupported_why, check_base_values, constructor_keys
 from .packing import old_layout, pack, unpack
 from .undo import keep_controller, undo_point
-from .wrapper import MultRange, raw_step, step_scaled
+from .wrapper import MultRange, call_step_unhooked, raw_step, step_scaled
 
 SIGNALS = ("hindsight", "proxy", "validation", "frozen")
 DEFAULT_GRID = (0.1, 0.5, 1.0, 1.5, 2.0)
@@ -83,7 +84,8 @@ class NestedOptimizer(NestoptOptimizer):
                  scratchpad: int = 0, hidden: int = 32, controller_lr: float = 3e-3, stats_every: int = 8,
                  window: int = 8, period: int = 32, grid: Sequence[float] = DEFAULT_GRID, label_shift: float = 2.0,
                  follow: float = 0.0, explore: float = 0.2,
-                 seed: int = 0, per_tensor_groups: bool = False, **base_kwargs: Any) -> None:
+                 seed: int = 0, per_tensor_groups: bool = False, process_group: Any = "auto",
+                 **base_kwargs: Any) -> None:
         if per_tensor_groups:
             params = list(params)
             if not any(isinstance(g, dict) for g in params):  # groups a user gave are kept as given
@@ -158,6 +160,7 @@ class NestedOptimizer(NestoptOptimizer):
         self._base_keys = constructor_keys(self.base)  # found once: a changed group is checked often
         self._raw_base_step = raw_step(self.base)  # the base's step without torch's hook wrapper
         self._ready = False
+        self.process_group = process_group
         super().__init__(self.base.param_groups, dict(self.base.defaults))
         self.param_groups = self.base.param_groups
         self.state = self.base.state
@@ -240,7 +243,8 @@ class NestedOptimizer(NestoptOptimizer):
     def __getstate__(self) -> dict[str, Any]:
         # torch's keeps only defaults, state and param_groups: a copy would lack its base,
         # controller, features and signal. The unwrapped base step is looked up again on load.
-        return {k: v for k, v in self.__dict__.items() if k != "_raw_base_step"}
+        return {**{k: v for k, v in self.__dict__.items() if k not in ("_raw_base_step", "_sync", "_sync_for")},
+                "_process_group": group_token(self.__dict__.get("_process_group", "auto"))}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -287,6 +291,7 @@ class NestedOptimizer(NestoptOptimizer):
         """Feed a validation loss (call after each evaluation). Drives the ``val`` features and the
         ``"validation"`` signal; a non-finite value is ignored (counted)."""
         v = float(val_loss.detach()) if torch.is_tensor(val_loss) else float(val_loss)
+        v = mean_values(self, [v])[0]  # each rank's own validation batch: the ranks' mean
         if not math.isfinite(v):
             self.count("controller_skipped")
             return
@@ -318,13 +323,15 @@ class NestedOptimizer(NestoptOptimizer):
             raise TypeError(f"step() got {', '.join(sorted(unknown))}: no feature of this optimizer reads "
                             f"{'it' if len(unknown) == 1 else 'them'} (features read: {sorted(self._reads) or 'nothing'})")
         sig = self.signal_impl
+        if closure is None and loss is None and (sig.needs_closure or sig.needs_loss) and self._no_input_step():
+            return None
         if sig.needs_closure and closure is None:
             raise ValueError("signal='hindsight' replays cached gradients and scores them with the closure: "
                              "call step(closure)")
         if closure is not None:
             loss = evaluate(self, closure)
         enter(self, "a feature's step input")
-        inputs = {k: (v() if callable(v) else v) for k, v in inputs.items()}
+        inputs = {k: self._rank_mean(v() if callable(v) else v) for k, v in inputs.items()}
         enter(self, "the step's checks")
         if sig.needs_loss and loss is None:
             raise ValueError("signal='proxy' needs the training loss: call step(closure) or step(loss=...)")
@@ -340,7 +347,9 @@ class NestedOptimizer(NestoptOptimizer):
         sizes = [len(ps) for ps in have]
         # Read in reverse: the base optimizer then starts on the gradients read last (still cached).
         extra = () if loss is None else (loss,)
-        gsq, loss_v = host_sq_norms(grads[::-1], *extra)  # the one host sync of a step
+        # the one host sync of a step (over several ranks also its one collective: the loss
+        # averaged, sharded norms summed; see nestopt.optim.distributed)
+        gsq, loss_v = sq_norms(self, grads[::-1], *extra)
         gsq, loss_v = gsq[::-1], (loss_v[0] if loss_v else None)
         pflat = [p for ps in have for p in ps]
         if not all(map(math.isfinite, gsq)) or (loss_v is not None and not math.isfinite(loss_v)):
@@ -392,6 +401,52 @@ class NestedOptimizer(NestoptOptimizer):
         self.count("steps")
         return loss
 
+    def _rank_mean(self, value: Any) -> Any:
+        """A step input (a number, a tensor, or a list of numbers, such as head statistics) from
+        each rank's own batch, averaged over the ranks (as it is without a sync)."""
+        from ..distributed import sync_of
+
+        if sync_of(self) is None:
+            return value
+        if torch.is_tensor(value):
+            return torch.tensor(mean_values(self, value.detach().double().reshape(-1).tolist()),
+                                dtype=value.dtype, device=value.device).reshape(value.shape)
+        if isinstance(value, int | float):
+            return mean_values(self, [float(value)])[0]
+        if isinstance(value, list | tuple) and all(isinstance(v, int | float) for v in value):
+            return type(value)(mean_values(self, [float(v) for v in value]))
+        if isinstance(value, list | tuple) and all(isinstance(r, list | tuple) and all(isinstance(v, int | float) for v in r)
+                                                   for r in value):
+            flat = mean_values(self, [float(v) for r in value for v in r])
+            out, i = [], 0
+            for r in value:
+                out.append(type(r)(flat[i:i + len(r)]))
+                i += len(r)
+            return type(value)(out)
+        raise TypeError(f"step input of type {type(value).__name__} cannot be averaged over the ranks: give a number, "
+                        "a tensor or a list of numbers, or construct the optimizer with process_group=None")
+
+    def _no_input_step(self) -> bool:
+        """A step given neither closure nor loss, where its signal needs one: with every gradient
+        ``None`` it does nothing (as torch's optimizers do); with every gradient zero it only makes
+        the base optimizer's state, stepping it at rate 0 (what torch's distributed-checkpoint
+        helpers ask of a fresh optimizer). ``False``: the step raises as usual."""
+        grads = [p.grad for p in self._params() if p.grad is not None]
+        if not grads:
+            return True
+        if any(bool(local(g).any()) for g in grads):
+            return False
+        commit(self, "the base optimizer's state")
+        saved = [g["lr"] for g in self.param_groups]
+        try:
+            for g in self.param_groups:
+                g["lr"] = 0.0 * g["lr"] if torch.is_tensor(g["lr"]) else 0.0
+            call_step_unhooked(self.base, self._raw_base_step)
+        finally:
+            for g, lr in zip(self.param_groups, saved):
+                g["lr"] = lr
+        return True
+
     # -- a failed step puts everything back (see :mod:`.undo`) --------------------------------------
     def _undo_point(self) -> Callable[[], None]:
         return undo_point(self)
@@ -408,12 +463,14 @@ class NestedOptimizer(NestoptOptimizer):
             # The update's size from a fixed strided sample of each tensor (at most ~1024
             # elements each, weighted by the stride): no copy of the parameters is made.
             strides = [max(1, p.numel() // _SAMPLE) for p in pflat]
-            sample = [p.detach().reshape(-1)[::k].clone() for p, k in zip(pflat, strides)]
+            sample = [sample_view(p, k).clone() for p, k in zip(pflat, strides)]
         step_scaled(self.base, self.param_groups, mults, self._raw_base_step)
         if sample is not None:
-            after = [p.detach().reshape(-1)[::k] for p, k in zip(pflat, strides)]
+            after = [sample_view(p, k) for p, k in zip(pflat, strides)]
             n, off = len(pflat), 0
-            host, _ = host_sq_norms([*torch._foreach_sub(after, sample), *sample])
+            diffs = [*torch._foreach_sub(after, sample), *sample]
+            sharded = any(map(is_dtensor, pflat))
+            host, _ = sq_norms(self, diffs, partial=True) if sharded else host_sq_norms(diffs)
             for i, g in enumerate(self.param_groups):
                 k = sum(1 for p in g["params"] if p.grad is not None)
                 d = sum(host[j] * strides[j] for j in range(off, off + k))

@@ -203,7 +203,20 @@ def step_ratio(doc: list[dict[str, Any]], name: str, ref: str) -> float:
     return _ms(rows, name) / _ms(rows, REFS[ref])
 
 
+def collectives(doc: dict[str, Any], prov: dict[str, Any]) -> str:
+    head = (f"Each nestopt optimizer's step over {doc['processes']} processes (gloo on 127.0.0.1, "
+            f"{doc['threads_per_process']} thread(s) each) holding the same {doc['n_params'] / 1e6:g}M-parameter model, "
+            "synced (`process_group=\"auto\"`) and per-rank (no collective), interleaved round by round; "
+            "`added` is the difference, the collective's cost with the ranks' wait for each other.")
+    rows = [(f"`{r['name']}`", dec(r["per_rank_ms"]), dec(r["synced_ms"]), dec(r["added_ms"]),
+             dec(r["collectives_per_step"])) for r in doc["rows"]]
+    tail = f"A bare `all_gather` of the same small vector took {dec(doc['bare_all_gather_ms'])} ms."
+    return "\n\n".join([head, table(("optimizer", "per-rank ms/step", "synced ms/step", "added ms", "collectives/step"),
+                                     rows), tail])
+
+
 RENDERERS = {
+    "collectives.table": ("collectives", collectives),
     "bench-quick.setup": ("bench-quick", setup),
     "bench-quick.scores": ("bench-quick", scores),
     "bench-full.table": ("bench-full", full),

@@ -16,7 +16,7 @@ from .refit import headline as _refit
 PAGES = {"bench-quick": "benchmark.md", "bench-full": "benchmark.md", "polyak": "polyak.md", "large-lr": "large-lr.md",
          "learned": "learned.md", "learned-native": "learned.md", "controller": "nested.md", "controller-variants": "nested.md", "hpo": "hypergradients.md",
          "games": "games.md", "overhead": "step-cost.md", "audit": "development.md",
-         "mutation": "development.md", "refit": "refit.md"}
+         "mutation": "development.md", "refit": "refit.md", "collectives": "scaling-out.md"}
 
 
 def _bench(doc: dict[str, Any]) -> str:
@@ -102,6 +102,15 @@ def _overhead(doc: list[dict[str, Any]]) -> str:
     return "; ".join(parts)
 
 
+def _collectives(doc: dict[str, Any]) -> str:
+    synced = [r for r in doc["rows"] if r["collectives_per_step"] > 0]
+    none = [r["name"] for r in doc["rows"] if r["collectives_per_step"] == 0]
+    added = [r["added_ms"] for r in synced]
+    text = (f"at {doc['processes']} processes the synced optimizers ({len(synced)}) add {dec(min(added))} to "
+            f"{dec(max(added))} ms a step" if synced else "no optimizer syncs")
+    return text + (f"; {len(none)} need no collective under DDP" if none else "")
+
+
 def _audit(doc: dict[str, Any]) -> str:
     total = {o: sum(c.get(o, 0) for c in doc["counts"].values()) for o in ("clear", "safe", "unclear", "silent")}
     return (f"{sum(total.values())} bad inputs: {total['clear']} clear errors, {total['safe']} handled safely, "
@@ -116,7 +125,7 @@ def _mutation(doc: dict[str, Any]) -> str:
 HEADLINES: dict[str, Callable[[Any], str]] = {
     "bench-quick": _bench, "bench-full": _bench, "polyak": _polyak, "large-lr": _large_lr, "learned": _learned, "learned-native": _native,
     "controller": _controller, "controller-variants": _variants, "hpo": _hpo, "games": _games, "overhead": _overhead,
-    "audit": _audit, "mutation": _mutation, "refit": _refit,
+    "audit": _audit, "mutation": _mutation, "refit": _refit, "collectives": _collectives,
 }
 
 

@@ -148,3 +148,25 @@ def test_ctrl_c_writes_the_results_gathered_so_far(tmp_path):
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("nestopt: interrupted: ") and str(out / "partial") in last, last
+
+
+def test_version_prints_the_package_version():
+    import subprocess
+    import sys
+
+    from nestopt import __version__
+
+    r = subprocess.run([sys.executable, "-m", "nestopt", "--version"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == f"nestopt {__version__}"
+
+
+@pytest.mark.parametrize("command", ["optimizers", "tasks"])
+def test_a_closed_pipe_ends_the_command_quietly(command):
+    # `nestopt optimizers | head -1`: the reader goes away before the listing is written
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "nestopt", command], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err

@@ -129,6 +129,22 @@ def test_dcp_save_and_load_through_get_and_set_optimizer_state_dict_continue_bit
         assert dcp[0][name]["fresh_differs"]  # the control: the loaded state is what continues the run
 
 
+@pytest.fixture(scope="module")
+def fsdp_dcp(runs):
+    return _load(runs, "fsdp_dcp")
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in FSDP_REFUSED])
+def test_dcp_of_sharded_state_continues_bitwise(fsdp_dcp, name):
+    for r in fsdp_dcp:
+        assert "error" not in r[name], r[name].get("error")
+        assert r[name]["same"]
+
+
+def test_the_worker_and_the_test_agree_on_what_fsdp2_refuses():
+    assert set(W.FSDP_REFUSED) == set(FSDP_REFUSED)
+
+
 # -- one process ---------------------------------------------------------------------------------
 def _data(t: int):
     return W.batch(t, 0)

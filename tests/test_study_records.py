@@ -33,7 +33,7 @@ def test_the_cli_takes_its_study_names_and_options_from_the_records(tmp_path, ca
     st = _study_parser()
     name = next(a for a in st._actions if a.dest == "name")
     assert name.help == "polyak, large-lr, controller, controller-variants, learned, hpo, games or refit"
-    flags = {f for a in st._actions for f in a.option_strings} - {"-h", "--help", "--out", "--force"}
+    flags = {f for a in st._actions for f in a.option_strings} - {"-h", "--help", "--out", "--force", "--log-dir"}
     assert flags == {o.flag for s in registry.records() for o in s.options}
     for s in registry.records():
         assert s.name in st.description

@@ -50,7 +50,10 @@ EXIT_USAGE = 2
 RANKED_COMMANDS = ("meta-train", "bench")  # the commands that spread their work over torchrun's ranks
 LEAVE_GRACE_S = 1.0
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = _Parser(prog="nestopt", description="Nested and learned optimization for PyTorch.")
+    p.add_argument("--version", action="version", version=f"nestopt {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     bench_command.add_parser(sub)
@@ -206,6 +209,7 @@ def _study_parser(sub: Any) -> None:
             kind["metavar"] = o.metavar
         st.add_argument(flag, type=_int if o.type is int else o.type, help=f"{', '.join(owners[flag])}: {o.help}", **kind)
     st.add_argument("--out", required=True, help="output folder for report.md, results.json and figures")
+    st.add_argument("--log-dir", help="also write the figures as TensorBoard images here; needs tensorboard")
     st.add_argument("--force", action="store_true", help=FORCE_HELP)
 
 
@@ -263,6 +267,11 @@ def _cmd_study(args: argparse.Namespace) -> int:
     for line in study.summary(doc):
         print(line)
     print(f"study {args.name}: {time.perf_counter() - t0:.0f} s; wrote {study.wrote(out)}")
+    if args.log_dir is not None:
+        from .integrations import logdir
+
+        logdir.study(args.log_dir, out.glob("*.png"))
+        print(f"study {args.name}: TensorBoard event files (its figures) in {args.log_dir}")
     return 0
 
 
@@ -341,10 +350,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if getattr(args, "log_dir", None) is not None:  # checked before the work, not after it
+            _check_log_dir(args.log_dir)
         # SIGINT and SIGTERM stop every command cleanly, also in a background job (which a shell
         # starts with SIGINT ignored); the handlers before are restored after.
         with interruptible(), _process_group(args.command):
             rc = COMMANDS[args.command](args)
+            sys.stdout.flush()  # (a closed pipe shows here, inside the handler below, not at exit)
         # the shell's convention: 128 + the signal's number (130 for SIGINT, 143 for SIGTERM)
         return 128 + signal.SIGTERM if rc == EXIT_INTERRUPTED and last_signal() == signal.SIGTERM else rc
     except (UsageError, OutputError) as e:
@@ -358,6 +370,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         print(f"nestopt: interrupted{' (SIGTERM)' if isinstance(e, Terminated) else ''}", file=sys.stderr)
         return 128 + signal.SIGTERM if isinstance(e, Terminated) else EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # the reader went away (`nestopt tasks | head`): stop quietly, as `head` asked; stdout is
+        # pointed at /dev/null so the interpreter's last flush raises nothing either
+        _quiet_stdout()
+        return 0
+
+
+def _check_log_dir(path: str) -> None:
+    from pathlib import Path
+
+    if Path(path).exists() and not Path(path).is_dir():
+        raise UsageError(f"--log-dir {path!r} is invalid: it is a file, not a folder")
+    try:
+        import tensorboard  # noqa: F401  (torch's SummaryWriter needs it)
+    except ImportError:
+        raise UsageError(f"--log-dir {path!r} needs the tensorboard package: pip install 'nestopt[integrations]'") from None
+
+
+def _quiet_stdout() -> None:
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real stdout (captured by a test): nothing to point elsewhere
+        pass
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--steps", type=_int, help="step budget for every task (default: each task's own)")
     b.add_argument("--workers", type=_int, help="worker processes (default: one per core)")
     b.add_argument("--out", required=True, help="output folder for results.json, report.md and figures")
+    b.add_argument("--log-dir", help="also write TensorBoard event files here (curves, figures); needs tensorboard")
     b.add_argument("--force", action="store_true", help=FORCE_HELP)
     _figure_flags(b)
     f = sub.add_parser("figures", help="draw a finished bench's figures again, e.g. with --highlight")
@@ -164,6 +165,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     scores = doc["summary"]["scores"]["time"]
     best = sorted(scores.items(), key=lambda kv: -kv[1])
     console.print(f"{len(doc['runs'])} runs in {wall:.1f} s; wrote {out / 'results.json'}, {out / 'report.md'} and figures")
+    if args.log_dir is not None:
+        from ..integrations import logdir
+
+        logdir.bench(args.log_dir, doc["runs"], out.glob("*.png"))
+        console.print(f"  TensorBoard event files in {args.log_dir}")
     for name, sc in best:
         console.print(f"  {name:24s} score {sc:.3f}")
     return 0

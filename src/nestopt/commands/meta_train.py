@@ -39,6 +39,8 @@ def add_parser(sub: Any) -> None:
     m.add_argument("--workers", type=_int, default=1,
                    help="processes for the ES/PES unrolls (default 1; the result does not depend on it)")
     m.add_argument("--out", required=True, help="output folder: net.safetensors, checkpoint.pt, history.json")
+    m.add_argument("--log-dir", help="also write TensorBoard event files here (each outer step's meta-loss); needs "
+                   "tensorboard")
     m.add_argument("--steps", type=_int, default=3000, help="outer steps (default 3000)")
     m.add_argument("--unroll", type=_int, default=20, help="inner steps per truncation (default 20)")
     m.add_argument("--horizon", type=_int, default=200, help="inner steps per task (default 200)")
@@ -148,6 +150,11 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
         raise
     stage.commit()
     print(f"meta-train: {len(history)} outer steps in {wall:.0f} s; wrote {out / 'net.safetensors'}")
+    if args.log_dir is not None:
+        from ..integrations import logdir
+
+        logdir.meta_train(args.log_dir, history)
+        print(f"meta-train: TensorBoard event files in {args.log_dir}")
     return 0
 
 

@@ -136,6 +136,11 @@ class TrainingGuard:
         self.events.append({"step": self.n_steps, "action": action, "reason": reason,
                             **{k: (float(v) if isinstance(v, int | float) else v) for k, v in values.items()}})
 
+    def telemetry(self) -> dict[str, float]:
+        """What a logger reads (the names :mod:`nestopt.integrations` writes): the steps seen and
+        each action's count (``guard/rollback``, ``guard/clip``, ...)."""
+        return {"guard/steps": float(self.n_steps), **{f"guard/{k}": float(v) for k, v in sorted(self.counts.items())}}
+
     def save_log(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps({"counts": self.counts, "events": self.events}, indent=1, default=str))
 

@@ -146,6 +146,90 @@ class NestoptOptimizer(Counted, Optimizer):
         check_loadable(self, state_dict, self.group_spec, self._known, self.state_shape_ok)
         super().load_state_dict(state_dict)
 
+    # -- mixed precision -------------------------------------------------------------------------
+    # ``torch.amp.GradScaler.step(opt)`` then hands this optimizer the scale and whether the scaled
+    # gradients hold an inf or a NaN (``opt.grad_scale``, ``opt.found_inf``) instead of unscaling
+    # them itself; the step unscales them (see :meth:`_from_grad_scaler`)
+    _step_supports_amp_scaling = True
+
+    def _from_grad_scaler(self, closure: Any) -> bool:
+        """A step driven by ``GradScaler.step``: refuse a closure (its backward would leave the
+        gradients scaled), skip where the scaler found an inf or a NaN (``True``), else unscale the
+        gradients in place as ``GradScaler.unscale_`` would (put back if the step fails)."""
+        if closure is not None:
+            raise ValueError(f"{type(self).__name__}: GradScaler.step(opt, closure) would step on scaled gradients "
+                             "(the closure's backward runs after the scaler unscaled them): call "
+                             "scaler.scale(loss).backward(), opt.observe_loss(loss), then scaler.step(opt) without a closure")
+        found, scale = self.__dict__.get("found_inf"), self.__dict__.get("grad_scale")
+        if found is not None and bool(found):  # (GradScaler's own step reads it to the host the same way)
+            from .counters import bump
+
+            self.take_observed_loss()
+            bump(self.param_groups, "nonfinite", 1, getattr(self, "counter_entry", "counters"))
+            return True
+        if scale is not None:
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            if grads:
+                inv = scale.double().reciprocal().float()  # torch's unscale_ uses this very factor
+                torch._foreach_mul_(grads, inv.to(grads[0].device))
+                from .transaction import current
+
+                txn = current(self)
+                if txn is not None:
+                    back = scale.float().to(grads[0].device)
+                    txn.on_rollback(lambda: torch._foreach_mul_(grads, back))
+        return False
+
+    # -- the loss from outside the step ------------------------------------------------------------
+    def observe_loss(self, loss: torch.Tensor | float, weight: float = 1.0) -> None:
+        """Record one micro-batch's loss (as the model computed it, before any division for
+        gradient accumulation) for the next step: an optimizer whose rule reads the loss (Polyak's,
+        the nested optimizer's features and proxy signal) then uses the ``weight``-ed mean of the
+        losses recorded since its last step, whatever the closure returns, and forgets them. This is
+        how a loop that accumulates gradients, Lightning or Hugging Face's ``Trainer`` (see
+        :mod:`nestopt.integrations`) hands it the loss of the whole batch. No host sync: the values
+        stay on their device until the step reads them with its own."""
+        if not (isinstance(weight, int | float) and weight > 0 and weight < float("inf")):
+            raise ValueError(f"weight={weight!r} is invalid: expected a positive finite number")
+        v = loss.detach() if torch.is_tensor(loss) else torch.tensor(float(loss), dtype=torch.float64)
+        if v.numel() != 1:
+            raise ValueError(f"loss has {v.numel()} elements: observe_loss takes the scalar loss of a micro-batch")
+        self.__dict__.setdefault("_observed", []).append((v.reshape(()), float(weight)))
+
+    def take_observed_loss(self) -> torch.Tensor | None:
+        """The weighted mean of the losses recorded since the last step (a float64 tensor), or
+        ``None``; they are forgotten (and put back if the running step fails)."""
+        seen = self.__dict__.pop("_observed", None)
+        if not seen:
+            return None
+        from .transaction import current
+
+        txn = current(self)
+        if txn is not None:
+            txn.on_rollback(lambda: self.__dict__.__setitem__("_observed", seen))
+        dev = seen[0][0].device
+        total = sum(w for _, w in seen)
+        return torch.stack([v.to(dev, torch.float64) * (w / total) for v, w in seen]).sum()
+
+    # -- what a logger reads ---------------------------------------------------------------------
+    def telemetry(self) -> dict[str, float]:
+        """The values worth watching, by name, as Python floats (read when called, never by the
+        step): the counters (``steps``, ``nonfinite`` and the optimizer's own), each group's ``lr``,
+        and what the optimizer sets itself (Polyak's ``eta``, the nested multipliers, the
+        hypergradient scale). A name gets ``/i`` for group ``i`` where there are several groups.
+        :mod:`nestopt.integrations` writes them to TensorBoard, CSV, Lightning and Hugging Face."""
+        out: dict[str, float] = {k: float(v) for k, v in self.counters.items()}
+        for key, values in self._group_telemetry().items():
+            if len(values) == 1:
+                out[key] = float(values[0])
+            else:
+                out.update({f"{key}/{i}": float(v) for i, v in enumerate(values)})
+        return out
+
+    def _group_telemetry(self) -> dict[str, list[float]]:
+        """Per-group values for :meth:`telemetry` (a subclass adds its own)."""
+        return {"lr": [float(g["lr"]) for g in self.param_groups]}
+
     # -- processes ---------------------------------------------------------------------------------
     @property
     def process_group(self) -> Any:

@@ -78,6 +78,9 @@ class _Hypergradient(NestoptOptimizer):
             if "prev_gsq" in old:
                 group.setdefault("hd_prev_gsq", old["prev_gsq"])
 
+    def _group_telemetry(self) -> dict[str, list[float]]:
+        return {**super()._group_telemetry(), "scale": [float(g["hd_scale"]) for g in self.param_groups]}
+
     @staticmethod
     def _new_scale(group: dict[str, Any], dot: float, gsq: float, usq: float) -> float:
         """The scale after this step's hypergradient ``-g_t . u_{t-1}``."""

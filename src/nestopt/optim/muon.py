@@ -149,6 +149,12 @@ class MuonAdamW(Optimizer):
             self.param_groups.pop()
             raise
 
+    def telemetry(self) -> dict[str, float]:
+        """Each group's ``lr`` (``lr/i`` where there are several), as every nestopt optimizer's
+        ``telemetry()`` names it; nothing else of Muon's changes by itself."""
+        lrs = [float(g["lr"]) for g in self.param_groups]
+        return {"lr": lrs[0]} if len(lrs) == 1 else {f"lr/{i}": v for i, v in enumerate(lrs)}
+
     def _uses_muon(self, group: dict[str, Any], p: torch.Tensor) -> bool:
         return p.ndim == 2 if group["muon"] is None else bool(group["muon"])
 

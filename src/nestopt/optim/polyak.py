@@ -250,7 +250,8 @@ class Polyak(NestoptOptimizer):
     # -- the step -------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None, *, loss: torch.Tensor | float | None = None):
-        """One Polyak step. Needs the loss: ``step(closure)`` or ``step(loss=...)`` after ``backward``.
+        """One Polyak step. Needs the loss: ``step(closure)``, ``step(loss=...)`` after ``backward``,
+        or :meth:`observe_loss` for each micro-batch (whose mean then wins over the closure's value).
 
         Without either, a step whose gradients are all ``None`` does nothing (as torch's optimizers
         do), and one whose gradients are all zero only makes the state a step would make (what
@@ -260,7 +261,12 @@ class Polyak(NestoptOptimizer):
                 "Polyak(precondition='hutchinson') cannot run data-parallel: it needs loss.backward(create_graph=True), "
                 "which DDP does not synchronise (torch refuses it) and FSDP2 does not support; use precondition='rms', "
                 "or process_group=None for one optimizer per rank")
-        if closure is None and loss is None:
+        if closure is not None:
+            loss = evaluate(self, closure)
+        # micro-batch losses recorded since the last step (taken after the closure, whose backward
+        # may record the last of them): their mean is the loss the rule reads
+        observed = self.take_observed_loss()
+        if loss is None and observed is None:
             have = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
             if not have:
                 return None
@@ -268,14 +274,14 @@ class Polyak(NestoptOptimizer):
                 self._init_state(have)
                 return None
             raise ValueError(f"{type(self).__name__}.step needs the loss: call step(closure) or step(loss=value)")
-        if closure is not None:
-            loss = evaluate(self, closure)
-        assert loss is not None
         items = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
         refuse_sparse(self, [p.grad for _, p in items])
         if items:
-            self._step(items, loss)
+            self._step(items, observed if observed is not None else loss)  # type: ignore[arg-type]
         return loss
+
+    def _group_telemetry(self) -> dict[str, list[float]]:
+        return {**super()._group_telemetry(), "eta": [float(g["polyak"]["eta"]) for g in self.param_groups]}
 
     def _step(self, items: list[tuple[dict[str, Any], torch.Tensor]], loss: torch.Tensor | float) -> None:
         grads = [p.grad for _, p in items]

@@ -113,7 +113,13 @@ def transactional(step: Callable[..., Any]) -> Callable[..., Any]:
         txn = Transaction(self, closure is not None)
         self.__dict__["_txn"] = txn
         try:
-            return step(self, closure, **kwargs)
+            if "found_inf" in self.__dict__ and self._from_grad_scaler(closure):
+                return None  # GradScaler found an inf or a NaN: the step is skipped (and counted)
+            out = step(self, closure, **kwargs)
+            # losses recorded for this step (observe_loss) and not read by its rule are forgotten
+            # with it: an optimizer that never reads the loss must not keep them for ever
+            self.__dict__.pop("_observed", None)
+            return out
         except BaseException as err:
             txn.rollback(err)
             raise

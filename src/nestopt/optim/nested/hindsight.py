@@ -149,6 +149,9 @@ class Hindsight(Signal):
         w, base, groups = self.w, opt.base, opt.param_groups
         scores: dict[float, float] = {}
         raw: dict[float, float] = {}
+        if loss_v is None:  # scored by a scorer: the current parameters too, on its batch
+            with torch.enable_grad():
+                raw[1.0] = float(closure().detach())
         for m in self.grid:
             if m == 1.0:
                 continue
@@ -172,7 +175,7 @@ class Hindsight(Signal):
         # each rank scored its own batch: the ranks' mean decides (one collective per replay)
         means = dict(zip(raw, mean_values(opt, list(raw.values()))))
         for m in self.grid:
-            val = (loss_v if loss_v is not None else math.inf) if m == 1.0 else means[m]
+            val = loss_v if m == 1.0 and loss_v is not None else means[m]
             scores[m] = val if math.isfinite(val) else math.inf
         return scores
 

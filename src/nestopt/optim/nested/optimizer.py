@@ -282,6 +282,16 @@ class NestedOptimizer(NestoptOptimizer):
         """The multiplier each group stepped with last (1 before the first step)."""
         return [g["nested_mult"] for g in self.param_groups]
 
+    def _group_telemetry(self) -> dict[str, list[float]]:
+        return {**super()._group_telemetry(), "mult": self.multipliers()}
+
+    def telemetry(self) -> dict[str, float]:
+        out = super().telemetry()
+        last = self.last_hindsight
+        if last is not None:
+            out["hindsight_label"] = float(last["best"])
+        return out
+
     def feature_table(self) -> dict[str, list[float]]:
         """Raw (unnormalised) features of the last step, per name, one value per group."""
         return {k: list(v) for k, v in self.last_raw.items()}
@@ -323,17 +333,28 @@ class NestedOptimizer(NestoptOptimizer):
             raise TypeError(f"step() got {', '.join(sorted(unknown))}: no feature of this optimizer reads "
                             f"{'it' if len(unknown) == 1 else 'them'} (features read: {sorted(self._reads) or 'nothing'})")
         sig = self.signal_impl
-        if closure is None and loss is None and (sig.needs_closure or sig.needs_loss) and self._no_input_step():
+        # micro-batch losses recorded since the last step (without a closure: now; with one, after it,
+        # whose backward may record the last of them)
+        observed = self.take_observed_loss() if closure is None else None
+        if closure is None and loss is None and observed is None and (sig.needs_closure or sig.needs_loss) \
+                and self._no_input_step():
             return None
-        if sig.needs_closure and closure is None:
+        scorer = self.__dict__.pop("_scorer", None) if closure is None else None
+        if sig.needs_closure and closure is None and scorer is None:
             raise ValueError("signal='hindsight' replays cached gradients and scores them with the closure: "
-                             "call step(closure)")
+                             "call step(closure), or opt.score_with(fn) before step() (a loop that cannot hand "
+                             "over a closure: Hugging Face's Trainer, GradScaler.step)")
+        if scorer is not None:
+            txn = current(self)
+            if txn is not None:
+                txn.on_rollback(lambda: self.__dict__.__setitem__("_scorer", scorer))
         if closure is not None:
             loss = evaluate(self, closure)
+            observed = self.take_observed_loss()
         enter(self, "a feature's step input")
         inputs = {k: self._rank_mean(v() if callable(v) else v) for k, v in inputs.items()}
         enter(self, "the step's checks")
-        if sig.needs_loss and loss is None:
+        if sig.needs_loss and loss is None and observed is None:
             raise ValueError("signal='proxy' needs the training loss: call step(closure) or step(loss=...)")
         groups = self.param_groups
         params = self._params()
@@ -346,11 +367,15 @@ class NestedOptimizer(NestoptOptimizer):
         refresh = t % self.stats_every == 0
         sizes = [len(ps) for ps in have]
         # Read in reverse: the base optimizer then starts on the gradients read last (still cached).
-        extra = () if loss is None else (loss,)
+        # the loss the features read: the recorded micro-batches' mean where there is one; the
+        # hindsight replay scores against the closure's own value (the same batch as its replays)
+        extra = tuple(x for x in (observed if observed is not None else loss,
+                                  loss if observed is not None else None) if x is not None)
         # the one host sync of a step (over several ranks also its one collective: the loss
         # averaged, sharded norms summed; see nestopt.optim.distributed)
-        gsq, loss_v = sq_norms(self, grads[::-1], *extra)
-        gsq, loss_v = gsq[::-1], (loss_v[0] if loss_v else None)
+        gsq, vals = sq_norms(self, grads[::-1], *extra)
+        gsq, loss_v = gsq[::-1], (vals[0] if vals else None)
+        raw_v = vals[1] if len(vals) > 1 else loss_v
         pflat = [p for ps in have for p in ps]
         if not all(map(math.isfinite, gsq)) or (loss_v is not None and not math.isfinite(loss_v)):
             self.count("nonfinite")
@@ -377,7 +402,8 @@ class NestedOptimizer(NestoptOptimizer):
             self.count("steps")
             return loss
         enter(self, "the hindsight replay")
-        sig.replay(self, closure, loss_v, params)
+        # (with a scorer the replay scores the current parameters with it too: its batch, not the loss's)
+        sig.replay(self, closure if closure is not None else scorer, raw_v if scorer is None else None, params)
         enter(self, "the controller")
         mem_in = self.memory
         z, mem = self.controller.forward_numpy(x, mem_in.double().numpy() if self.controller.scratchpad else None)
@@ -400,6 +426,15 @@ class NestedOptimizer(NestoptOptimizer):
         self._base_step(mults, refresh, pflat)
         self.count("steps")
         return loss
+
+    def score_with(self, fn: Callable[[], torch.Tensor]) -> None:
+        """For the next step without a closure: ``fn()`` returns the loss on the current batch at the
+        current parameters (no backward needed), which the hindsight replay scores its replays with.
+        What a loop that calls ``step()`` itself uses in place of a closure (``NestoptTrainer`` for
+        Hugging Face, a ``GradScaler`` loop); the step forgets it."""
+        if not callable(fn):
+            raise ValueError(f"fn={fn!r} is invalid: expected a function returning the loss")
+        self.__dict__["_scorer"] = fn
 
     def _rank_mean(self, value: Any) -> Any:
         """A step input (a number, a tensor, or a list of numbers, such as head statistics) from

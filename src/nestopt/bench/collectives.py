@@ -12,6 +12,7 @@ them. Each number is rank 0's median over rounds of the mean step time in a roun
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -82,7 +83,7 @@ def _worker(rank: int, world: int, port: int, n_params: int, steps: int, rounds:
                         p.grad = b.grad.clone()
                     opt = build(params)
                     closure = (lambda: loss) if _needs_loss(name) else None
-                    ctx = per_rank() if mode == "per_rank" else _nothing()
+                    ctx = per_rank() if mode == "per_rank" else contextlib.nullcontext()
                     with ctx:
                         for _ in range(2):  # warm-up (the first synced step also checks replication)
                             opt.step(closure) if closure else opt.step()
@@ -113,14 +114,6 @@ def _worker(rank: int, world: int, port: int, n_params: int, steps: int, rounds:
                                              "bare_all_gather_ms": statistics.median(bare), "rows": rows}))
     finally:
         dist.destroy_process_group()
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def measure(processes: int = 2, n_params: int = 1_000_000, steps: int = 10, rounds: int = 3) -> dict[str, Any]:

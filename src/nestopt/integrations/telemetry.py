@@ -17,7 +17,7 @@ no new column. Nothing is read from the optimizer but its ``telemetry()``, when 
 
 from __future__ import annotations
 
-import csv
+import csv as _csv_module
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -64,7 +64,7 @@ class TelemetryWriter:
             path.parent.mkdir(parents=True, exist_ok=True)
             new = not path.exists() or path.stat().st_size == 0
             self._csv_file = path.open("a", newline="")
-            self._csv = _csv_writer(self._csv_file)
+            self._csv = _csv_module.writer(self._csv_file)  # (the module under another name: csv= is an argument)
             if new:
                 self._csv.writerow(["step", "name", "value"])
 
@@ -106,6 +106,3 @@ class TelemetryWriter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def _csv_writer(f: Any) -> Any:
-    return csv.writer(f)

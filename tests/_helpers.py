@@ -69,3 +69,55 @@ OPTIMIZERS = {
     "nested-validation": lambda ps: NestedOptimizer(ps, lr=0.01, signal="validation", **NESTED_SMALL),
     "nested-frozen": lambda ps: NestedOptimizer(ps, torch.optim.SGD, lr=0.01, signal="frozen", **NESTED_SMALL),
 }
+
+
+class HostReads:
+    """Counts the host reads of the code run inside it: every ``aten._local_scalar_dense`` (what
+    ``.item()``, ``float()``, ``int()`` and ``bool()`` of a tensor call, an ``if`` on one too),
+    caught by a ``TorchDispatchMode``, plus ``Tensor.tolist()`` and ``Tensor.numpy()`` (and so
+    ``np.asarray(t)``), which need no copy on the CPU and never reach the dispatcher. ``where``
+    names the line of our code that made each read."""
+
+    def __init__(self) -> None:
+        self.where: list[str] = []
+
+    @property
+    def n(self) -> int:
+        return len(self.where)
+
+    def _note(self, what: str) -> None:
+        import traceback
+
+        frames = [f for f in traceback.extract_stack()[:-2] if "nestopt" in f.filename and "/tests/" not in f.filename]
+        self.where.append(f"{what} at {frames[-1].filename.split('src/')[-1]}:{frames[-1].lineno}" if frames else what)
+
+    def __enter__(self) -> "HostReads":
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._local_scalar_dense.default:
+                    outer._note("item")
+                return func(*args, **(kwargs or {}))
+
+        self._mode = _Mode()
+        self._saved = (torch.Tensor.tolist, torch.Tensor.numpy)
+        tolist, numpy = self._saved
+
+        def _tolist(t, *a, **k):
+            outer._note("tolist")
+            return tolist(t, *a, **k)
+
+        def _numpy(t, *a, **k):
+            outer._note("numpy")
+            return numpy(t, *a, **k)
+
+        torch.Tensor.tolist, torch.Tensor.numpy = _tolist, _numpy
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+        torch.Tensor.tolist, torch.Tensor.numpy = self._saved

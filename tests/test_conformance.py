@@ -4,11 +4,17 @@ An optimizer added to ``nestopt.bench.registry`` is checked for: loss reduction 
 quadratic and on Rosenbrock, a bitwise ``state_dict`` round trip in lockstep, two param groups
 with different learning rates, a torch ``LRScheduler`` driving it, ``step(closure)`` returning the
 loss, and its declared rule for non-finite gradients.
+
+Every nestopt optimizer is in the table twice: as registered, and with ``capturable=True`` (the
+step with no host read, ``[capturable]`` in the test id). The nested optimizer's capturable entry
+uses ``signal="frozen"`` (the only signal that runs on the device) with a controller whose output
+layer is not zero, so its multipliers move.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 
 import pytest
@@ -20,7 +26,31 @@ from _helpers import regression_data, tiny_mlp
 from nestopt.bench import registry
 from nestopt.tasks import AxisQuadratic, Rosenbrock
 
-SPECS = registry.specs()
+def _capturable(spec: registry.OptimizerSpec) -> registry.OptimizerSpec:
+    """``spec`` with ``capturable=True`` (the nested optimizer: frozen, its controller perturbed)."""
+    if spec.name == "nested-adamw":
+        def build(params, lr):
+            from nestopt.nets import Controller
+            from nestopt.optim.nested import DEFAULT_FEATURES, FEATURES, NestedOptimizer
+
+            ctrl = Controller(sum(FEATURES[f] for f in DEFAULT_FEATURES), 8, seed=1)
+            with torch.no_grad():
+                ctrl.net[-1].weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(2))
+            return NestedOptimizer(params, torch.optim.AdamW, lr=lr, weight_decay=0.01, fused=True,
+                                   per_tensor_groups=True, signal="frozen", controller=ctrl, capturable=True)
+        return dataclasses.replace(spec, name=f"{spec.name}[capturable]", build=build, needs_loss=False)
+
+    def build(params, lr):
+        opt = spec.build(params, lr)
+        opt.capturable = True
+        return opt
+    return dataclasses.replace(spec, name=f"{spec.name}[capturable]", build=build)
+
+
+# every nestopt optimizer but the Hutchinson preconditioner (its probes are seeded on the host) and
+# the large-rate recipe (torch's SGD under a schedule)
+SPECS = registry.specs() + [_capturable(s) for s in registry.specs()
+                            if s.origin == "nestopt" and s.name not in ("polyak-hutchinson", "sgd-largelr")]
 ids = [s.name for s in SPECS]
 
 
@@ -84,6 +114,8 @@ def _flat(v, out: list) -> None:
 
 
 def _flat_state(opt) -> list[torch.Tensor]:
+    if hasattr(opt, "sync_host"):  # what a capturable step keeps on the device, written back (its contract)
+        opt.sync_host()
     out: list[torch.Tensor] = []
     for st in opt.state.values():
         for k in sorted(st):

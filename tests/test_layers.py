@@ -19,7 +19,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "nestopt"
 # part -> layer (0 = bottom). A part is a top-level module or subpackage of nestopt.
 LAYERS = {
     "_checks": 0, "_io": 0, "_malloc": 0, "_ranks": 0, "_threads": 0,
-    "nets": 1, "tasks": 1, "schedule": 1,
+    "nets": 1, "tasks": 1, "schedule": 1, "losses": 1,
     "optim": 2, "hyper": 2, "diagnostics": 2, "guards": 2, "games": 2,
     "train": 3, "integrations": 3,
     "bench": 4, "meta": 4,

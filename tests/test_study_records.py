@@ -9,7 +9,7 @@ import pytest
 from nestopt import cli
 from nestopt.studies import registry
 
-STUDIES = ["polyak", "large-lr", "controller", "controller-variants", "learned", "hpo", "games", "refit"]
+STUDIES = ["polyak", "large-lr", "controller", "controller-variants", "learned", "hpo", "games", "refit", "stopping"]
 
 
 def _study_parser() -> argparse.ArgumentParser:
@@ -32,7 +32,7 @@ def test_every_study_has_a_record():
 def test_the_cli_takes_its_study_names_and_options_from_the_records(tmp_path, capsys):
     st = _study_parser()
     name = next(a for a in st._actions if a.dest == "name")
-    assert name.help == "polyak, large-lr, controller, controller-variants, learned, hpo, games or refit"
+    assert name.help == "polyak, large-lr, controller, controller-variants, learned, hpo, games, refit or stopping"
     flags = {f for a in st._actions for f in a.option_strings} - {"-h", "--help", "--out", "--force", "--log-dir"}
     assert flags == {o.flag for s in registry.records() for o in s.options}
     for s in registry.records():
@@ -72,6 +72,8 @@ RESULTS = {
               "gan": {"methods": {"adam": {"final_modes": 8, "final_high_quality": [0.91234]}}}},
     "refit": {"rows": [{"strategy": "warm", "speedup": 1.25, "speedup_ci90": [0.5, 2.0], "val_loss": 0.68412,
                         "pnl_total": 12.4}], "claim": [{"strategy": "learned-meta", "verdict": "false"}]},
+    "stopping": {"prices": [{"d": 2, "s0": 90, "price": 8.07012, "se": 0.0051, "reference": 8.075, "rel_err": -0.000604}],
+                 "verdicts": [{"key": "rates", "verdict": "does not hold", "claim": "c3"}]},
 }
 EXPECT = {
     "polyak": ["exp1  holds      c1"],
@@ -85,6 +87,7 @@ EXPECT = {
               f"GAN {'adam':32s} modes 8 high-quality [0.912]"],
     "refit": [f"{'warm':24s} speedup 1.25 (0.50-2.00)  val loss 0.6841  PnL 12 bp",
               "claim 50-200% faster: learned-meta false"],
+    "stopping": ["price d=2 S0=90: 8.070 ± 0.005 (reference 8.075, -0.06%)", "rates    does not hold c3"],
 }
 
 

@@ -3,10 +3,11 @@
     nestopt bench --suite quick|full [--tasks T,..] [--optimizers O,..] [--seeds N] [--steps N]
                   [--workers N] [--highlight NAME,..] [--label N] --out DIR [--force]
     nestopt figures DIR [--highlight NAME,..] [--label N] [--out DIR2]
-    nestopt study polyak|large-lr|controller|controller-variants|learned|hpo|games|refit --out DIR [--force]
+    nestopt study polyak|large-lr|controller|controller-variants|learned|hpo|games|refit|stopping --out DIR [--force]
                   [--net LABEL=PATH ...] [--peer NAME ...]   (learned)
                   [--variant NAME ... --seeds N]   (controller-variants)
                   [--quick] [--family F] [--cache DIR] [--seeds N] [--train-days LO:HI] [--eval-days LO:HI]   (refit)
+                  [--quick]   (stopping)
     nestopt meta-train [--net hybrid|mlp|mlp-seed|linear|lstm|attention|controller] [--method tbptt|es|pes|surrogate] [--steps N]
                        [--unroll N] [--horizon N] [--pairs N] [--sigma S] [--workers N]
                        [--family F,..] [--days LO:HI] [--seed N] [--resume | --force] --out DIR

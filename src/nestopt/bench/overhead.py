@@ -19,6 +19,13 @@ closures (``create_graph``) are listed but not measured: fixed gradients carry n
 Size: ``n_params`` is at most :func:`max_params` (what fits in the device's memory at
 :data:`BYTES_PER_PARAM` bytes a parameter, and at most :data:`MAX_PARAMS`).
 
+On CUDA every configuration is also measured with its step captured in a CUDA graph
+(``torch.cuda.graph`` after a warm-up on a side stream, as torch documents for ``capturable``
+Adam) and replayed: a row ``NAME [CUDA graph]``, or the reason the capture failed (torch's
+``AdamW(fused=True)`` without ``capturable=True`` refuses it). Two references join there:
+``AdamW(capturable=True)`` (foreach) and ``AdamW(fused=True, capturable=True)``. nestopt's
+optimizers run their capturable step on CUDA by default (:mod:`nestopt.optim.base`).
+
 Interrupted (``KeyboardInterrupt``), :func:`measure` raises :class:`Interrupted`, whose ``rows``
 hold what was measured: every configuration with at least one finished round.
 """
@@ -65,10 +72,20 @@ REFERENCES: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
 }
 
 
+# references for a CUDA device only (torch's capturable path takes no CPU tensors)
+CUDA_REFERENCES: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
+    "torch AdamW(capturable=True)": lambda p: torch.optim.AdamW(p, lr=1e-3, foreach=True, capturable=True),
+    "torch AdamW(fused=True, capturable=True)": lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True, capturable=True),
+}
+GRAPH = " [CUDA graph]"
+
+
 def _nested_frozen(p: list[torch.Tensor]) -> torch.optim.Optimizer:
     from ..optim.nested import NestedOptimizer
 
-    return NestedOptimizer(p, torch.optim.AdamW, signal="frozen", lr=1e-3, fused=True)
+    # (on CUDA its base capturable too: torch's check before a CUDA graph captures the fused step)
+    extra = {"capturable": True} if p and p[0].is_cuda else {}
+    return NestedOptimizer(p, torch.optim.AdamW, signal="frozen", lr=1e-3, fused=True, **extra)
 
 
 def _learned_mlp(p: list[torch.Tensor]) -> torch.optim.Optimizer:
@@ -127,11 +144,42 @@ class Row:
     ms: float
     state_floats_per_param: float
     peak_mb: float | None
+    why: str | None = None  # why it was not measured (a capture that failed)
 
     def as_dict(self) -> dict[str, Any]:
         measured = not math.isnan(self.ms)
-        return {"name": self.name, "ms_per_step": self.ms if measured else None,
-                "state_floats_per_param": self.state_floats_per_param if measured else None, "peak_mb": self.peak_mb}
+        out = {"name": self.name, "ms_per_step": self.ms if measured else None,
+               "state_floats_per_param": self.state_floats_per_param if measured else None, "peak_mb": self.peak_mb}
+        if self.why is not None:
+            out["not_measured"] = self.why
+        return out
+
+
+CAPTURE_ERRORS: dict[str, str] = {}  # the last measurement's failed captures, by configuration
+
+
+def _graph_ms(opt: torch.optim.Optimizer, closure: Callable[[], Any] | None, steps: int) -> float:
+    """ms per replay of ``opt``'s step captured in a CUDA graph (torch's recipe: a warm-up on a
+    side stream, then the capture); raises what the capture raises."""
+    def one() -> None:
+        opt.step(closure) if closure else opt.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            one()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        one()
+    graph.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        graph.replay()
+    torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - t0) / steps
 
 
 def synthetic_params(n_params: int, device: str = "cpu", seed: int = 0) -> list[torch.Tensor]:
@@ -193,6 +241,7 @@ def measure(names: Sequence[str] | None = None, n_params: int = 10_000_000, step
     not finish in two minutes here, with pytorch-optimizer 4.1). Peak
     memory is read over the first round's warm-up steps, timing over the steps after them (see
     :mod:`nestopt._malloc`); the allocator setting is the one before the call afterwards."""
+    CAPTURE_ERRORS.clear()
     with settled(measuring_memory=False):
         return _measure(names, n_params, steps, rounds, warmup, device)
 
@@ -200,6 +249,8 @@ def measure(names: Sequence[str] | None = None, n_params: int = 10_000_000, step
 def _measure(names: Sequence[str] | None, n_params: int, steps: int, rounds: int, warmup: int,
              device: str) -> list[Row]:
     builders: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = dict(REFERENCES)
+    if device.startswith("cuda"):
+        builders.update(CUDA_REFERENCES)
     losses: dict[str, bool] = {}
     skipped: list[str] = []
     default = [s.name for s in opt_registry.specs() if not s.named_only]  # (PSGD-Kron: only when named)
@@ -225,7 +276,13 @@ def _measure(names: Sequence[str] | None, n_params: int, steps: int, rounds: int
     except KeyboardInterrupt as e:
         done = [Row(n, statistics.median(times[n]), state[n], peaks[n]) for n in builders if times[n]]
         raise Interrupted(done, len(builders) + len(skipped)) from e
-    rows = [Row(n, statistics.median(times[n]), state[n], peaks[n]) for n in builders]
+    rows = []
+    for n in builders:
+        rows.append(Row(n, statistics.median(times[n]), state[n], peaks[n]))
+        if times.get(n + GRAPH):
+            rows.append(Row(n + GRAPH, statistics.median(times[n + GRAPH]), state[n], peaks[n]))
+        elif n in CAPTURE_ERRORS:
+            rows.append(Row(n + GRAPH, math.nan, math.nan, None, CAPTURE_ERRORS[n]))
     return rows + [Row(n, math.nan, math.nan, None) for n in skipped]
 
 
@@ -271,6 +328,13 @@ def _rounds(builders: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optim
             if cuda:
                 torch.cuda.synchronize()
             times[name].append(1e3 * (time.perf_counter() - t0) / steps)
+            if cuda and name not in CAPTURE_ERRORS:
+                try:
+                    times.setdefault(name + GRAPH, []).append(_graph_ms(opt, closure, steps))
+                except Exception as e:  # what torch or the optimizer says about capturing its step
+                    CAPTURE_ERRORS[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                    times.pop(name + GRAPH, None)
+                    torch.cuda.synchronize()
             del opt, params
 
 
@@ -284,7 +348,8 @@ def format_table(rows: list[Row], n_params: int, device: str) -> str:
            f"{'state floats/param':>19s} {'peak MB':>8s}"]
     for r in rows:
         if math.isnan(r.ms):
-            out.append(f"{r.name:37s} {'not measured: needs a second-order closure (create_graph=True)':>60s}")
+            why = r.why or "needs a second-order closure (create_graph=True)"
+            out.append(f"{r.name:37s} not measured: {why}")
             continue
         peak = "-" if r.peak_mb is None else f"{r.peak_mb:.0f}"
         out.append(f"{r.name:37s} {r.ms:9.2f} {r.ms / adamw:15.2f} {r.ms / sgd:15.2f} {r.ms / hb:11.2f} "

@@ -125,6 +125,18 @@ class HybridAdamNet(UpdateNet):
         feats = hybrid_features(gm, gg, m_sq, mm, vs, pp, n, t, self.betas, math.exp(float(self.base.detach())))
         return self.log_scale(torch.tensor(feats, dtype=self.base.dtype)), mm, vs
 
+    def tensor_scale_from_sums(self, gm: torch.Tensor, gg: torch.Tensor, pp: torch.Tensor, m_sq: torch.Tensor,
+                               v_sum: torch.Tensor, n: torch.Tensor, t: torch.Tensor
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`scale_from_sums` for many tensors at once, on float64 tensors (one entry per
+        tensor) with no host read: the same operations in the same order, the features of a tensor
+        NaN where the float version gives NaN. For a capturable step."""
+        b1, b2 = self.betas
+        mm = torch.clamp(b1 * b1 * m_sq + 2 * b1 * (1 - b1) * gm + (1 - b1) ** 2 * gg, min=0.0)
+        vs = torch.clamp(b2 * v_sum + (1 - b2) * gg, min=0.0)
+        feats = tensor_hybrid_features(gm, gg, m_sq, mm, vs, pp, n, t, self.betas, torch.exp(self.base.detach().double()))
+        return self.log_scale(feats.to(self.base.dtype)), mm, vs
+
     def update(self, p, g, state, t):  # type: ignore[no-untyped-def]
         b1, b2 = self.betas
         m_prev = state["exp_avg"]
@@ -152,6 +164,21 @@ def hybrid_features(gm: float, gg: float, mm_prev: float, mm: float, vs: float, 
     if not all(map(math.isfinite, (cos, consistency, rel))):
         return [math.nan] * 4  # a diverging run: the caller sees a non-finite step and drops it
     return [cos, math.log(consistency + 1e-8), rel / 10.0, math.log1p(t) / math.log(1e4)]
+
+
+def tensor_hybrid_features(gm: torch.Tensor, gg: torch.Tensor, mm_prev: torch.Tensor, mm: torch.Tensor,
+                           vs: torch.Tensor, pp: torch.Tensor, n: torch.Tensor, t: torch.Tensor,
+                           betas: tuple[float, float], base: torch.Tensor) -> torch.Tensor:
+    """:func:`hybrid_features` on float64 tensors (shape ``(k,)`` each, ``k`` tensors): ``(k, 4)``,
+    a row of NaNs where a feature is not finite."""
+    b1, b2 = betas
+    cos = gm / (torch.sqrt(gg * mm_prev) + 1e-30)
+    consistency = torch.sqrt(mm) / (torch.sqrt(gg) + 1e-30)
+    rms_u = (torch.sqrt(mm / n) / (1 - b1**t)) / (torch.sqrt(vs / n / (1 - b2**t)) + 1e-30)
+    rel = torch.log(torch.clamp(rms_u * base / (torch.sqrt(pp / n) + 1e-3), min=1e-30))
+    finite = torch.isfinite(cos) & torch.isfinite(consistency) & torch.isfinite(rel)
+    feats = torch.stack([cos, torch.log(consistency + 1e-8), rel / 10.0, torch.log1p(t) / math.log(1e4)], 1)
+    return torch.where(finite.unsqueeze(1), feats, math.nan)
 
 
 FEATURE_SETS = ("seed", "extended")
@@ -267,6 +294,14 @@ class LinearUpdate(UpdateNet):
         optimizer's fast path computes once per tensor)."""
         v_bar = 0.999 * v_bar + 0.001 * g_sq_mean
         return v_bar, math.sqrt(v_bar / (1 - 0.999**t) + 1e-30), math.sqrt(p_sq_mean + 1e-30) + 1e-3
+
+    @staticmethod
+    def tensor_scales(g_sq_mean: torch.Tensor, v_bar: torch.Tensor, p_sq_mean: torch.Tensor, t: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`scales` on float64 tensors (one entry per tensor), with no host read: the same
+        operations in the same order. For a capturable step."""
+        v_bar = 0.999 * v_bar + 0.001 * g_sq_mean
+        return v_bar, torch.sqrt(v_bar / (1 - 0.999**t) + 1e-30), torch.sqrt(p_sq_mean + 1e-30) + 1e-3
 
     def update(self, p, g, state, t):  # type: ignore[no-untyped-def]
         m = torch.lerp(state["m"], g, 0.1)

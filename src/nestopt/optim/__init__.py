@@ -3,6 +3,7 @@ schedules, the conformance table's rates) lives in :mod:`nestopt.bench.registry`
 learned and nested optimizers run live in :mod:`nestopt.nets`.
 """
 
+from .averaging import BEMA, EMA
 from .complex import ComplexAdam, ComplexMomentum
 from .hypergradient import HypergradientAdam, HypergradientSGD
 from .learned import LearnedOptimizer
@@ -11,5 +12,5 @@ from ..nets import Controller
 from .nested import NestedOptimizer
 from .polyak import Polyak, PolyakAdam
 
-__all__ = ["ComplexAdam", "ComplexMomentum", "Controller", "HypergradientAdam", "HypergradientSGD", "LearnedOptimizer", "MuonAdamW", "NestedOptimizer", "Polyak",
+__all__ = ["BEMA", "EMA", "ComplexAdam", "ComplexMomentum", "Controller", "HypergradientAdam", "HypergradientSGD", "LearnedOptimizer", "MuonAdamW", "NestedOptimizer", "Polyak",
            "PolyakAdam", "muon_param_groups"]

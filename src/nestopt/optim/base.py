@@ -13,6 +13,19 @@ A subclass declares:
 
 and writes ``step`` as usual, calling ``evaluate(self, closure)`` for the closure and
 ``commit(self)`` right before its first in-place update (see :mod:`.transaction`).
+
+**Capturable steps.** ``capturable=`` (every nestopt optimizer takes it; ``None``, the default,
+means on for CUDA parameters and off elsewhere, and off while the optimizer syncs over ranks)
+chooses the step that never reads a number back to the host: its step sizes, skip decisions and
+counters stay tensors on the parameters' device, a skipped step is masked on the device (as
+``GradScaler``'s ``found_inf`` masks torch's fused Adam), and nothing branches in Python on a
+value the step computed, so the step can run under ``torch.compile`` and inside a CUDA graph
+(``torch.cuda.graph``), as torch's own ``capturable=True`` optimizers do. The group values such a
+step keeps on the device (``live_keys``: Polyak's ``eta``, the hypergradient scale) and its counts
+(:mod:`.counters`) are written back into the param groups when they are read: ``opt.counters``,
+``state_dict()``, ``telemetry()``, ``copy.deepcopy``, ``pickle`` or :meth:`NestoptOptimizer.sync_host`.
+On the CPU the host path is the default because it is faster there (a Python branch costs less
+than masked arithmetic); both paths give the same results (tested).
 """
 
 from __future__ import annotations
@@ -145,6 +158,7 @@ class NestoptOptimizer(Counted, Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         check_loadable(self, state_dict, self.group_spec, self._known, self.state_shape_ok)
         super().load_state_dict(state_dict)
+        self._drop_device()  # the loaded groups' values, from the next step on
 
     # -- mixed precision -------------------------------------------------------------------------
     # ``torch.amp.GradScaler.step(opt)`` then hands this optimizer the scale and whether the scaled
@@ -179,6 +193,80 @@ class NestoptOptimizer(Counted, Optimizer):
                     back = scale.float().to(grads[0].device)
                     txn.on_rollback(lambda: torch._foreach_mul_(grads, back))
         return False
+
+    # -- the capturable (device) path ----------------------------------------------------------
+    # group values a capturable step reads and writes on the device: paths into a group (("hd_scale",),
+    # ("polyak", "eta")) and the value a group without one starts from
+    live_keys: ClassVar[tuple[tuple[tuple[str, ...], float], ...]] = ()
+
+    @property
+    def capturable(self) -> bool | None:
+        """``True``, ``False`` or ``None`` (on for CUDA parameters): whether ``step`` takes the path
+        with no host read (module docstring). Settable between steps."""
+        return self.__dict__.get("_capturable")
+
+    @capturable.setter
+    def capturable(self, value: bool | None) -> None:
+        if not (value is None or isinstance(value, bool)):
+            raise ValueError(f"capturable={value!r} is invalid: expected None (on for CUDA parameters), True or False")
+        self._flush_device()
+        self._drop_device()
+        self.__dict__["_capturable"] = value
+
+    def on_device(self, params: list[torch.Tensor] | None = None) -> bool:
+        """Whether this step takes the capturable path (``capturable``, or for ``None`` whether the
+        parameters are on a CUDA device and no sync over ranks is active)."""
+        from .distributed import sync_of
+
+        value = self.__dict__.get("_capturable")
+        if value is None:
+            if params is None:
+                params = [p for g in self.param_groups for p in g["params"]][:1]
+            value = bool(params) and params[0].device.type == "cuda" and sync_of(self) is None
+        elif value and sync_of(self) is not None:
+            raise NotImplementedError(f"{type(self).__name__}(capturable=True) does not sync over ranks (its step "
+                                      "reads no number back, and the collective combines host values): use "
+                                      "capturable=None or False under DDP/FSDP, or process_group=None")
+        if not value and self._has_device_values():  # the host path from here: it reads the groups
+            self._flush_device()
+            self._drop_device()
+        return value
+
+    def _has_device_values(self) -> bool:
+        return "_live" in self.__dict__ or "_pending" in self.__dict__
+
+    def _drop_device(self) -> None:
+        """Forget the device copies (after :meth:`_flush_device`, or when a load replaces the groups)."""
+        self.__dict__.pop("_live", None)
+
+    def live(self, device: torch.device) -> torch.Tensor:
+        """The ``live_keys`` values of every group as one float64 tensor of shape ``(L, G)`` on
+        ``device``, made from the groups' values at the first capturable step and updated in place
+        by the step from then on."""
+        t = self.__dict__.get("_live")
+        if t is None or t.device != device or t.shape[1] != len(self.param_groups):
+            if t is not None:
+                self._flush_device()
+            rows = [[float(_get(g, path, default)) for g in self.param_groups] for path, default in self.live_keys]
+            t = self.__dict__["_live"] = torch.tensor(rows, dtype=torch.float64, device=device).reshape(
+                len(self.live_keys), len(self.param_groups))
+        return t
+
+    def _flush_device(self) -> None:
+        """Write what a capturable step left on the device (counts, ``live_keys`` values) into the
+        param groups: one read each, only when someone reads them."""
+        super()._flush_device()
+        t = self.__dict__.get("_live")
+        if t is not None:
+            for (path, _), row in zip(self.live_keys, t.tolist()):
+                for g, v in zip(self.param_groups, row):
+                    _set(g, path, v)
+
+    def sync_host(self) -> None:
+        """Bring the param groups' counters and the values a capturable step keeps on the device
+        (``group["polyak"]["eta"]``, ``group["hd_scale"]``...) up to date: one device read. Reading
+        ``opt.counters``, ``telemetry()`` or ``state_dict()`` does it too."""
+        self._flush_device()
 
     # -- the loss from outside the step ------------------------------------------------------------
     def observe_loss(self, loss: torch.Tensor | float, weight: float = 1.0) -> None:
@@ -218,6 +306,7 @@ class NestoptOptimizer(Counted, Optimizer):
         and what the optimizer sets itself (Polyak's ``eta``, the nested multipliers, the
         hypergradient scale). A name gets ``/i`` for group ``i`` where there are several groups.
         :mod:`nestopt.integrations` writes them to TensorBoard, CSV, Lightning and Hugging Face."""
+        self._flush_device()
         out: dict[str, float] = {k: float(v) for k, v in self.counters.items()}
         for key, values in self._group_telemetry().items():
             if len(values) == 1:
@@ -243,7 +332,9 @@ class NestoptOptimizer(Counted, Optimizer):
         self.__dict__.pop("_sync", None)
 
     def __getstate__(self) -> dict[str, Any]:
+        self._flush_device()  # a copy or a pickle carries the device values in its groups
         state = super().__getstate__()
+        state["_capturable"] = self.__dict__.get("_capturable")
         # a ProcessGroup cannot be copied or pickled: it travels as a token of this process
         state["_process_group"] = group_token(self.__dict__.get("_process_group", AUTO))
         return state
@@ -252,9 +343,28 @@ class NestoptOptimizer(Counted, Optimizer):
         state = dict(state)
         # (load_state_dict comes through here too, without the entry: the group in use stays)
         token = state.pop("_process_group", self.__dict__.get("_process_group", AUTO))
+        capturable = state.pop("_capturable", self.__dict__.get("_capturable"))
         super().__setstate__(state)
         self.__dict__["_process_group"] = group_from_token(token, type(self).__name__)
+        self.__dict__["_capturable"] = capturable
+        self._drop_device()
         self.__dict__.pop("_sync", None)
         self.__dict__.pop("_sync_for", None)
         self.__dict__["_seen"] = None
         self.__dict__["_txn"] = None
+
+
+def _get(group: dict[str, Any], path: tuple[str, ...], default: float) -> Any:
+    v: Any = group
+    for k in path:
+        if not isinstance(v, dict) or k not in v:
+            return default
+        v = v[k]
+    return v
+
+
+def _set(group: dict[str, Any], path: tuple[str, ...], value: float) -> None:
+    d = group
+    for k in path[:-1]:
+        d = d.setdefault(k, {})
+    d[path[-1]] = value

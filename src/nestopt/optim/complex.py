@@ -34,6 +34,13 @@ every nestopt optimizer counts (:mod:`nestopt.optim.counters`, scope ``"group"``
 ``param_group["counters"]["nonfinite"]``, next to ``"steps"``; ``opt.counters`` sums the groups.
 One extra read of the gradients.
 
+**Capturable steps** (``capturable=``; see :mod:`nestopt.optim.base`): the same per-group rule
+with no host read. Each group's "all finite" is a device flag, a skipped group is masked on the
+device (its parameters and buffers bitwise as they were: torch's fused SGD kernel's
+``found_inf``, or a select against the old values) while the other groups step, and the counts go
+to a ``(groups, counters)`` tensor on the device until they are read. :class:`ComplexAdam` keeps
+``state["step"]`` on the parameter's device and computes its bias corrections from it there.
+
 Usage::
 
     opt = ComplexMomentum(model.parameters(), lr=0.1, beta=0.9, phase=math.pi / 8)
@@ -53,8 +60,9 @@ import torch
 from .._checks import check_number
 from .distributed import refuse_sharded
 from .base import NestoptOptimizer, refuse_sparse
-from .counters import bump
+from .counters import bump, outcome
 from .groups import LR_MAX, choice, decay_within_rate, number, pair
+from .tensors import pick
 from .transaction import commit, evaluate
 
 # Elements per block on CPU: 2^18 floats = 1 MB per operand, so the five operands of a block
@@ -68,8 +76,15 @@ def _beta(magnitude: float, phase: float) -> tuple[float, float]:
     """``(Re beta, Im beta)``; phase 0 gives an exact ``(magnitude, 0.0)``."""
     if phase == 0.0:
         return magnitude, 0.0
-    b = cmath.rect(magnitude, phase)
-    return b.real, b.imag
+    # cmath.rect's own arithmetic (r cos, r sin), which torch.compile can trace and cmath it cannot
+    return magnitude * math.cos(phase), magnitude * math.sin(phase)
+
+
+def _finite(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Whether the gradients' sums (in float32 at least) are all finite, as a device flag (what
+    :func:`_all_finite` reads)."""
+    sums = [g.sum(dtype=torch.float32) if g.element_size() < 4 else g.sum() for g in grads]
+    return torch.stack(sums).isfinite().all()
 
 
 def _all_finite(grads: list[torch.Tensor]) -> bool:
@@ -79,8 +94,7 @@ def _all_finite(grads: list[torch.Tensor]) -> bool:
     reads faster than ``aminmax`` (1.9 vs 2.4 ms on 10M floats) and a float64 sum costs 15 ms."""
     if not grads:
         return True
-    sums = [g.sum(dtype=torch.float32) if g.element_size() < 4 else g.sum() for g in grads]
-    return bool(torch.stack(sums).isfinite().all())
+    return bool(_finite(grads))
 
 
 # torch's fused SGD kernel (what ``SGD(fused=True)`` calls): ``buf = momentum * buf + grad + wd *
@@ -98,6 +112,11 @@ def _fused(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[tor
                       nesterov=False, maximize=False, is_first_step=False)
 
 
+def _fused_ok() -> bool:
+    """The fused kernel is there and usable: not under ``torch.compile`` (it has no meta kernel)."""
+    return _USE_FUSED and not torch.compiler.is_compiling()
+
+
 def _fusable(beta_re: float, beta_im: float) -> bool:
     """The fused trick's ``wd = -(1 - Re beta) / Im beta`` stays far from float32's range (a tiny
     ``Im beta`` makes it overflow, and ``inf * 0`` NaN: beta = 1e-76 did)."""
@@ -109,7 +128,7 @@ def _rotate(re: list[torch.Tensor], im: list[torch.Tensor], t: list[torch.Tensor
     """``Im m <- Re(beta) Im m + Im(beta) Re m;  Re m <- Re(beta) Re m + t;  theta -= lr Re m``
     (``t = g - Im(beta) Im m`` was computed from the old imaginary plane). The fused kernel takes
     lists of one device and dtype and tensors laid out alike (the caller sees to both)."""
-    if (_USE_FUSED and _fusable(beta_re, beta_im)) if fused is None else fused:
+    if (_fused_ok() and _fusable(beta_re, beta_im)) if fused is None else fused:
         _fused(im, re, [], lr=-beta_im, momentum=0.0, weight_decay=-(1.0 - beta_re) / beta_im)
         _fused(params, t, re, lr=lr, momentum=beta_re, weight_decay=0.0)
         return
@@ -160,7 +179,7 @@ def complex_momentum_step(params: list[torch.Tensor], grads: list[torch.Tensor],
         return
     cache: dict[Any, torch.Tensor] = {} if scratch is None else scratch
     wd_im, lr_im = -(1.0 - beta_re) / beta_im, -beta_im
-    fused = _USE_FUSED and _fusable(beta_re, beta_im)
+    fused = _fused_ok() and _fusable(beta_re, beta_im)
     for p, g, a, b in zip(params, grads, re, im):
         if not p.is_contiguous():  # a strided parameter (a transposed view): whole-tensor plain ops
             _rotate([a], [b], [g.sub(b, alpha=beta_im)], [p], lr=lr, beta_re=beta_re, beta_im=beta_im, fused=False)
@@ -196,8 +215,10 @@ class _SkippingOptimizer(NestoptOptimizer, metaclass=abc.ABCMeta):
 
     counter_scope = "group"
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], process_group: Any = "auto") -> None:
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], process_group: Any = "auto",
+                 capturable: bool | None = None) -> None:
         self.process_group = process_group
+        self.capturable = capturable
         super().__init__(params, defaults)
         self._scratch: dict[Any, torch.Tensor] = {}  # the CPU kernels' block buffers (not state)
 
@@ -231,12 +252,43 @@ class _SkippingOptimizer(NestoptOptimizer, metaclass=abc.ABCMeta):
     def _update(self) -> None:
         """Update every group that :meth:`_groups` yields (called by :meth:`step` under ``no_grad``)."""
 
+    @abc.abstractmethod
+    def _update_group_device(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
+                             ok: torch.Tensor) -> None:
+        """The capturable update of one group, masked where ``ok`` (a device bool) does not hold:
+        then every parameter and buffer of the group stays bitwise as it was."""
+
+    def _update_device(self) -> None:
+        """The capturable step: :meth:`_groups`' rule with each group's decision on the device."""
+        items = []
+        for i, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                grads = [p.grad for p in params]
+                refuse_sparse(self, grads)
+                refuse_sharded(self, params, "(its momentum state has shape (2, *param.shape), real and imaginary planes)")
+                items.append((i, group, params, grads))
+        if not items:
+            return
+        keys = self.count_keys()
+        zero = torch.zeros(len(keys), dtype=torch.int64, device=items[0][2][0].device)
+        rows = [zero] * len(self.param_groups)  # a group with no gradients counts nothing
+        commit(self)
+        for i, group, params, grads in items:
+            ok = _finite(grads)
+            self._update_group_device(group, params, grads, ok)
+            rows[i] = outcome(keys, [("nonfinite", ~ok)], "steps")
+        self._count_on_device(torch.stack(rows))
+
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         loss = None
         if closure is not None:
             loss = evaluate(self, closure)
-        self._update()
+        if self.on_device():
+            self._update_device()
+        else:
+            self._update()
         return loss
 
 
@@ -251,6 +303,11 @@ class ComplexMomentum(_SkippingOptimizer):
         weight_decay: L2 penalty added to the gradient (as in ``torch.optim.SGD``).
         foreach: multi-tensor kernels (default: on for non-CPU parameters, off on CPU where the
             blocked per-tensor path is faster).
+        capturable: ``None`` (on for CUDA parameters), ``True`` or ``False``: the step with no
+            host read (module docstring). With a phase that is not 0 it is the default step's two
+            fused SGD passes over whole tensors, masked by their ``found_inf``; at phase 0 (heavy
+            ball) the default step's kernel with the group's old values put back where it skipped
+            (a copy of each tensor: slower). Bitwise the default step's numbers.
 
     The default ``phase = pi/8`` is an "almost positive" momentum, which the paper suggests as a
     first guess when the game's spectrum is unknown. For a constant gradient the buffer settles at
@@ -275,7 +332,8 @@ class ComplexMomentum(_SkippingOptimizer):
                                   "real pairs with torch.view_as_real)"}
 
     def __init__(self, params: Iterable[Any], lr: float = 0.1, beta: float = 0.9, phase: float = math.pi / 8,
-                 *, weight_decay: float = 0.0, foreach: bool | None = None, process_group: Any = "auto") -> None:
+                 *, weight_decay: float = 0.0, foreach: bool | None = None, process_group: Any = "auto",
+                 capturable: bool | None = None) -> None:
         check_number("lr", lr, lo=0.0, hi=LR_MAX)
         check_number("beta", beta, lo=0.0, hi=1.0, hi_open=True)
         check_number("phase", phase, lo=-math.pi, hi=math.pi)
@@ -283,7 +341,7 @@ class ComplexMomentum(_SkippingOptimizer):
         if foreach is not None and not isinstance(foreach, bool):
             raise ValueError(f"foreach={foreach!r} is invalid: expected None, True or False")
         super().__init__(params, {"lr": lr, "beta": beta, "phase": phase, "weight_decay": weight_decay,
-                                  "foreach": foreach}, process_group)
+                                  "foreach": foreach}, process_group, capturable)
 
     def complex_buffer(self, p: torch.Tensor) -> torch.Tensor:
         """``mu`` of the paper (``-m``) for parameter ``p`` as a complex tensor."""
@@ -292,18 +350,57 @@ class ComplexMomentum(_SkippingOptimizer):
 
     def _update(self) -> None:
         for group, params, grads in self._groups():
-            bufs = []
-            for p in params:
-                st = self.state[p]
-                if "momentum_buffer" not in st:
-                    st["momentum_buffer"] = torch.zeros((2, *p.shape), dtype=p.dtype, device=p.device)
-                bufs.append(st["momentum_buffer"])
+            bufs = self._buffers(params)
             foreach = group["foreach"]
             if foreach is None:
                 foreach = params[0].device.type != "cpu"
             beta_re, beta_im = _beta(group["beta"], group["phase"])
             complex_momentum_step(params, grads, bufs, lr=group["lr"], beta_re=beta_re, beta_im=beta_im,
                                   weight_decay=group["weight_decay"], foreach=foreach, scratch=self._scratch)
+
+    def _buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        bufs = []
+        for p in params:
+            st = self.state[p]
+            if "momentum_buffer" not in st:
+                st["momentum_buffer"] = torch.zeros((2, *p.shape), dtype=p.dtype, device=p.device)
+            bufs.append(st["momentum_buffer"])
+        return bufs
+
+    def _update_group_device(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
+                             ok: torch.Tensor) -> None:
+        bufs = self._buffers(params)
+        beta_re, beta_im = _beta(group["beta"], group["phase"])
+        lr, wd = group["lr"], group["weight_decay"]
+        skip = (~ok).to(torch.float32)
+        kinds: dict[tuple[Any, Any], list[int]] = {}
+        for i, p in enumerate(params):
+            kinds.setdefault((p.device, p.dtype), []).append(i)
+        for (device, dtype), idx in kinds.items():
+            ps, gs, bs = ([x[i] for i in idx] for x in (params, grads, bufs))
+            # the default step's two fused passes, masked by found_inf (bitwise the same where the
+            # default step takes them; heavy ball's fused pass rounds a tensor's tail differently)
+            fused = (_USE_FUSED and beta_im != 0.0 and _fusable(beta_re, beta_im) and device.type in ("cpu", "cuda")
+                     and not torch.compiler.is_compiling()
+                     and all(p.is_contiguous() and g.is_contiguous() for p, g in zip(ps, gs)))
+            if not fused:  # the default kernel, then the old values back where the group skipped
+                old = [x.clone() for x in ps + bs]
+                foreach = group["foreach"]
+                if foreach is None:
+                    foreach = device.type != "cpu"
+                complex_momentum_step(ps, gs, bs, lr=lr, beta_re=beta_re, beta_im=beta_im, weight_decay=wd,
+                                      foreach=foreach, scratch=self._scratch)
+                for x, o in zip(ps + bs, old):
+                    torch.where(ok, x, o, out=x)
+                continue
+            if wd != 0.0:
+                gs = torch._foreach_add(gs, ps, alpha=wd)
+            re, im = [b[0] for b in bs], [b[1] for b in bs]
+            t = torch._foreach_sub(gs, im, alpha=beta_im)  # from the old imaginary plane (see _rotate)
+            torch._fused_sgd_(im, re, [], weight_decay=-(1.0 - beta_re) / beta_im, momentum=0.0, lr=-beta_im,
+                              dampening=0.0, nesterov=False, maximize=False, is_first_step=False, found_inf=skip)
+            torch._fused_sgd_(ps, t, re, weight_decay=0.0, momentum=beta_re, lr=lr, dampening=0.0, nesterov=False,
+                              maximize=False, is_first_step=False, found_inf=skip)
 
 
 def _complex_adam_blocks(p: torch.Tensor, g: torch.Tensor, re: torch.Tensor, im: torch.Tensor, v: torch.Tensor,
@@ -356,6 +453,13 @@ class ComplexAdam(_SkippingOptimizer):
     ``[Re m, Im m]``, stored real for the reason given in the module docstring. Non-finite
     gradients skip the group's step (counted in ``group["counters"]["nonfinite"]``).
 
+    ``capturable`` (``None``: on for CUDA parameters) takes the step with no host read (module
+    docstring): ``state["step"]`` on the parameter's device, the bias corrections from it there
+    (the complex one, ``1 / (1 - beta1^t e^{i t phase})``, in real arithmetic from ``cos`` and
+    ``sin`` of ``t phase``), the new moments selected against the old ones where the group skips.
+    At phase 0 its numbers are the default step's bitwise; at other phases to float32 rounding (the
+    complex bias correction and ``Re(c m)`` round differently).
+
     Example::
 
         >>> import math, torch
@@ -373,7 +477,7 @@ class ComplexAdam(_SkippingOptimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  phase: float = math.pi / 8, eps: float = 1e-8, *, weight_decay: float = 0.0,
-                 process_group: Any = "auto") -> None:
+                 process_group: Any = "auto", capturable: bool | None = None) -> None:
         check_number("lr", lr, lo=0.0, hi=LR_MAX)
         if not isinstance(betas, tuple | list) or len(betas) != 2:
             raise ValueError(f"betas={betas!r} is invalid: expected a pair (beta1, beta2)")
@@ -383,7 +487,7 @@ class ComplexAdam(_SkippingOptimizer):
         check_number("eps", eps, lo=0.0)
         check_number("weight_decay", weight_decay, lo=0.0)
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "phase": phase, "eps": eps,
-                                  "weight_decay": weight_decay}, process_group)
+                                  "weight_decay": weight_decay}, process_group, capturable)
 
     def _update(self) -> None:
         for group, params, grads in self._groups():
@@ -417,3 +521,52 @@ class ComplexAdam(_SkippingOptimizer):
                 if strided:
                     p.copy_(pc)
                     v.copy_(vc)
+
+    def _update_group_device(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
+                             ok: torch.Tensor) -> None:
+        beta1, beta2 = group["betas"]
+        phase = group["phase"]
+        b_re, b_im = _beta(beta1, phase)
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        okf = ok.to(torch.float32)
+        for p, g in zip(params, grads):
+            st = self.state[p]
+            if not st:
+                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                st["exp_avg"] = torch.zeros((2, *p.shape), dtype=p.dtype, device=p.device)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if st["step"].device != p.device:
+                st["step"] = st["step"].to(p.device)
+            st["step"].add_(okf)
+            t = st["step"].to(torch.float64)
+            m, v = st["exp_avg"], st["exp_avg_sq"]
+            re, im = m[0], m[1]
+            if wd != 0.0:
+                p.mul_(pick(ok, 1 - lr * wd, 1.0, p))
+            # the new moments as the default step computes them, kept only where the group steps
+            if b_im == 0.0:
+                new_re = torch.lerp(re, g, 1 - beta1)
+                im.mul_(pick(ok, b_re, 1.0, im))
+            else:
+                new_re = torch.mul(re, b_re).add_(im, alpha=-b_im).add_(g, alpha=1 - b_re)
+                new_im = torch.mul(im, b_re).add_(re, alpha=b_im).add_(g, alpha=-b_im)
+                torch.where(ok, new_im, im, out=im)
+            torch.where(ok, new_re, re, out=re)
+            torch.where(ok, torch.mul(v, beta2).addcmul_(g, g, value=1 - beta2), v, out=v)
+            denom = (v.sqrt() / torch.sqrt(1 - torch.pow(beta2, t))).add_(eps)
+            wide = re.float() if re.dtype in (torch.float16, torch.bfloat16) else re  # addcdiv's precision
+            if b_im == 0.0:  # p + (-lr / bc1) re / denom, as Adam's addcdiv rounds it
+                u = wide * (-lr / (1 - torch.pow(beta1, t)))
+            else:  # c = 1 / (1 - r e^{i theta}), r = beta1^t, theta = t phase; p - lr Re(c m) / denom
+                r, theta = torch.pow(beta1, t), t * phase
+                d_re, d_im = 1 - r * torch.cos(theta), r * torch.sin(theta)  # 1 - beta1^t = d_re - i d_im
+                mag = d_re * d_re + d_im * d_im
+                u = torch.mul(wide, d_re / mag).addcmul_(im, -d_im / mag).mul_(-lr)  # c = (d_re + i d_im) / |d|^2
+            u.div_(denom)
+            p.add_(torch.where(ok, u, 0.0))  # + 0.0 where the group skips: p bitwise as it was
+
+    def _drop_device(self) -> None:
+        super()._drop_device()
+        for st in self.__dict__.get("state", {}).values():  # the default step counts on the host
+            if torch.is_tensor(st.get("step")) and st["step"].device.type != "cpu":
+                st["step"] = st["step"].cpu()

@@ -33,6 +33,14 @@ optimizer, is a read-only live view of the optimizer's counts as above:
 is a snapshot, and assigning to it raises ``TypeError``. Per-group numbers are in
 ``opt.param_groups[i]["counters"]``.
 
+**On the device.** A capturable step (``capturable=True``, the default for CUDA parameters; see
+:mod:`nestopt.optim.base`) never reads a number back to the host, so it cannot add to these ints:
+it adds its outcome to a small integer tensor on the parameters' device instead
+(:meth:`Counted._count_on_device`), and the pending counts join the ints in the groups when
+someone reads them: ``opt.counters``, ``state_dict()``, ``telemetry()``, ``copy.deepcopy`` and
+``pickle`` (one device read each, at that moment). ``param_groups[i]["counters"]`` read directly
+lags behind until then.
+
 **Old state dicts.** Loading fills in zeros for a missing ``"counters"`` entry or a missing key
 in it; an optimizer that used another layout before converts it (:meth:`Counted._migrate_group`),
 so older checkpoints load into the new classes.
@@ -110,6 +118,9 @@ class CounterView(Mapping[str, int]):
             raise ValueError(f"counter_scope={self._scope!r} is invalid: expected one of {SCOPES}")
 
     def _now(self) -> dict[str, int]:
+        flush = getattr(self._opt, "_flush_device", None)
+        if flush is not None:  # counts a capturable step left on the device
+            flush()
         return read(self._opt.param_groups, self._scope, getattr(self._opt, "counter_entry", KEY))
 
     def __getitem__(self, key: str) -> int:
@@ -152,20 +163,74 @@ class Counted:
         """Convert a group loaded in an older layout, in place (before :func:`ensure` fills it in)."""
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._flush_device()  # pending device counts belong to the groups there were
+        self.__dict__.pop("_pending", None)
         super().add_param_group(param_group)  # type: ignore[misc]
         ensure(self.param_groups[-1], self.counter_reasons, self.counter_entry)  # type: ignore[attr-defined]
 
+    # -- counts a capturable step keeps on the device (module docstring) ---------------------------
+    def count_keys(self) -> tuple[str, ...]:
+        """The counter names in their fixed order (``"steps"``, ``"nonfinite"``, the reasons)."""
+        return tuple(fresh(self.counter_reasons))
+
+    def _count_on_device(self, counts: torch.Tensor) -> None:
+        """Add ``counts`` (integer tensor: shape ``(K,)`` over :meth:`count_keys` for scope
+        ``"optimizer"``, ``(G, K)`` for scope ``"group"``) to the pending counts, on the device and
+        in place (what a CUDA graph replays)."""
+        pending = self.__dict__.get("_pending")
+        if pending is None or pending.shape != counts.shape or pending.device != counts.device:
+            self._flush_counts()
+            pending = self.__dict__["_pending"] = torch.zeros(counts.shape, dtype=torch.int64, device=counts.device)
+        pending.add_(counts)
+
+    def _flush_device(self) -> None:
+        """Write what a capturable step left on the device into the groups (a subclass adds its own)."""
+        self._flush_counts()
+
+    def _flush_counts(self) -> None:
+        """Move the pending device counts into the groups' ints (one device read)."""
+        pending = self.__dict__.get("_pending")
+        if pending is None:
+            return
+        host = pending.tolist()
+        pending.zero_()  # in place: a captured graph keeps adding into the same memory
+        keys = self.count_keys()
+        entry = self.counter_entry
+        groups = self.param_groups  # type: ignore[attr-defined]
+        rows = [host] * len(groups) if pending.dim() == 1 else host
+        for g, row in zip(groups, rows):
+            for k, n in zip(keys, row):
+                g[entry][k] += int(n)
+
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # load_state_dict, pickle and deepcopy all come through here
+        # load_state_dict, pickle and deepcopy all come through here (a copy's counts were read out
+        # by its __getstate__; a loaded state replaces the counts)
+        self.__dict__.pop("_pending", None)
         super().__setstate__(state)  # type: ignore[misc]
         for g in self.param_groups:  # type: ignore[attr-defined]
             self._migrate_group(g)
             ensure(g, self.counter_reasons, self.counter_entry)
 
     def state_dict(self) -> dict[str, Any]:
+        self._flush_device()
         sd = super().state_dict()  # type: ignore[misc]
         for g in sd["param_groups"]:  # torch's groups are shallow copies: detach nested dicts too
             for k, v in g.items():
                 if isinstance(v, dict):
                     g[k] = dict(v)
         return sd
+
+
+def outcome(keys: tuple[str, ...], conditions: list[tuple[str, torch.Tensor]], otherwise: str) -> torch.Tensor:
+    """A step's outcome as counts over ``keys`` (an int64 one-hot on the conditions' device): the
+    first of ``conditions`` (``(key, bool tensor)``, in order of precedence) that holds, else
+    ``otherwise``. No host read: what a capturable step hands :meth:`Counted._count_on_device`."""
+    taken = torch.zeros((), dtype=torch.bool, device=conditions[0][1].device)
+    hits: dict[str, torch.Tensor] = {}
+    for key, cond in conditions:
+        hit = cond & ~taken
+        hits[key] = hits[key] | hit if key in hits else hit
+        taken = taken | hit
+    hits[otherwise] = hits[otherwise] | ~taken if otherwise in hits else ~taken
+    zero = torch.zeros((), dtype=torch.bool, device=taken.device)
+    return torch.stack([hits.get(k, zero) for k in keys]).to(torch.int64)

@@ -55,7 +55,9 @@ from .._checks import check_choice, check_int, check_number
 from .base import NestoptOptimizer, refuse_sparse
 from .counters import bump
 from .groups import LR_MAX, integer, number, pair
+from .counters import outcome
 from .distributed import local, sq_norms, sum_partials, sync_of
+from .tensors import device_sq_norms, masked_sub_, pick
 from .transaction import commit, evaluate
 
 SCOPES = ("global", "tensor", "group")
@@ -88,6 +90,13 @@ class Polyak(NestoptOptimizer):
         seed: seeds the Hutchinson probe vectors (they are a function of seed and step).
         process_group: ``"auto"``, ``None`` or a ``ProcessGroup``: over which ranks the loss is
             averaged and sharded norms are summed (:mod:`nestopt.optim.distributed`).
+        capturable: ``None`` (on for CUDA parameters), ``True`` or ``False``: the step with no host
+            read (:mod:`nestopt.optim.base`): ``eta``, the skip decisions and the counts stay on
+            the device, a skipped step is masked there (torch's fused SGD kernel with a tensor
+            rate and ``found_inf``), and ``group["polyak"]["eta"]`` is written back when read
+            (``opt.telemetry()``, ``state_dict()``, ``opt.sync_host()``). Not with
+            ``precondition="hutchinson"``, whose probe vectors are seeded by the host's count of
+            steps taken.
 
     ``"hutchinson"`` needs Hessian-vector products, so the closure must call
     ``loss.backward(create_graph=True)``; it draws one Rademacher vector per step (exact when the
@@ -96,6 +105,7 @@ class Polyak(NestoptOptimizer):
     """
 
     counter_reasons = ("zero_grad", "at_target")  # whole-optimizer counts (module docstring)
+    live_keys = ((("polyak", "eta"), 0.0),)  # what a capturable step keeps on the device
     needs_loss = True  # step() needs the loss: a closure or loss=
     unsupported_why = {"complex": "its preconditioner reads g * g, which is not |g|^2 for complex g",
                        "float16": "precond_eps underflows and the preconditioned dot product overflows in float16"}
@@ -106,7 +116,7 @@ class Polyak(NestoptOptimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1.0, *, scope: str = "global", share: str = "norm",
                  f_star: float = 0.0, max_lr: float | None = None, eps: float = 0.0, momentum: float = 0.0,
                  precondition: str | DiagFn | None = None, beta2: float = 0.999, precond_eps: float = 1e-8,
-                 seed: int = 0, process_group: Any = "auto") -> None:
+                 seed: int = 0, process_group: Any = "auto", capturable: bool | None = None) -> None:
         check_number("lr", lr, lo=0.0, hi=LR_MAX)
         check_choice("scope", scope, SCOPES)
         check_choice("share", share, SHARES)
@@ -124,6 +134,10 @@ class Polyak(NestoptOptimizer):
         self.share = share
         self.precondition = precondition
         self.process_group = process_group
+        self.capturable = capturable  # (checked first: what follows reads it)
+        if capturable and precondition == "hutchinson":
+            raise ValueError("capturable=True is invalid with precondition='hutchinson': its probe vectors are seeded "
+                             "by the number of steps taken, a host count; use precondition='rms' or capturable=False")
         defaults = {"lr": lr, "f_star": f_star, "max_lr": max_lr, "eps": eps, "momentum": momentum,
                     "beta2": beta2, "precond_eps": precond_eps, "seed": seed}
         super().__init__(params, defaults)
@@ -284,6 +298,11 @@ class Polyak(NestoptOptimizer):
         return {**super()._group_telemetry(), "eta": [float(g["polyak"]["eta"]) for g in self.param_groups]}
 
     def _step(self, items: list[tuple[dict[str, Any], torch.Tensor]], loss: torch.Tensor | float) -> None:
+        if self.on_device([items[0][1]]):
+            if self.precondition == "hutchinson":
+                raise ValueError("capturable=True is invalid with precondition='hutchinson' (see Polyak's docstring): "
+                                 "set opt.capturable = False")
+            return self._step_device(items, loss)
         grads = [p.grad for _, p in items]
         # ||g_p||^2: one read of the gradients, one host sync (and over several ranks one
         # collective: the loss averaged, sharded norms summed; see nestopt.optim.distributed)
@@ -347,7 +366,145 @@ class Polyak(NestoptOptimizer):
         self._count("steps")
 
 
+    # -- the capturable step: the same rule as tensors on the device, masked, no host read ----------
+    def _step_device(self, items: list[tuple[dict[str, Any], torch.Tensor]], loss: torch.Tensor | float) -> None:
+        grads = [p.grad for _, p in items]
+        dev = grads[0].device
+        sq = device_sq_norms(grads)
+        lv = (loss.detach().reshape(()).to(dev, torch.float64) if torch.is_tensor(loss)
+              else torch.tensor(float(loss), dtype=torch.float64, device=dev))
+        group0 = items[0][0]
+        finite = torch.isfinite(lv) & torch.isfinite(sq).all()
+        at = lv <= group0["f_star"]
+        total = sq.sum()
+        zero = total == 0.0
+        gap = lv - group0["f_star"]
+        live = self.live(dev)
+        gidx = {id(g): i for i, g in enumerate(self.param_groups)}
+        keys = self.count_keys()
+        plain = self.precondition is None and type(self)._directions is Polyak._directions
+        if plain and group0 is items[-1][0] and self.scope != "tensor" and group0["momentum"] == 0:
+            eta, valid = _eta_device(group0, 1.0, gap, total)
+            ok = finite & ~at & ~zero & valid
+            commit(self)
+            masked_sub_([p for _, p in reversed(items)], grads[::-1], eta * group0["lr"], ~ok)
+            i = gidx[id(group0)]
+            live[0, i] = torch.where(ok, eta, live[0, i])
+            self._count_on_device(outcome(keys, [("nonfinite", ~finite), ("at_target", at), ("zero_grad", zero),
+                                                 ("nonfinite", ~valid)], "steps"))
+            return
+        go = finite & ~at & ~zero  # the checks passed: the direction's statistics update
+        if plain:
+            us, s_p = grads, sq
+        else:
+            safe = [torch.where(go, g, torch.zeros((), dtype=g.dtype, device=g.device)) for g in grads]
+            us = self._directions_device(items, safe, go)
+            s_p = torch.stack([torch.dot(g.reshape(-1), u.reshape(-1)).to(torch.float64) for g, u in zip(safe, us)])
+        commit(self)
+        pieces = self._pieces(items)
+        s = torch.stack([s_p[piece[0]:piece[-1] + 1].sum() for piece in pieces])  # (pieces are runs of items)
+        shares = self._shares_device(s)
+        stepped = torch.zeros((), dtype=torch.bool, device=dev)
+        for j in reversed(range(len(pieces))):
+            piece = pieces[j]
+            eta_i, valid_i = _eta_device(items[piece[0]][0], shares[j], gap, s[j])
+            take = go & valid_i
+            stepped = stepped | valid_i
+            for group, idx in _by_group(items, piece):
+                ps = [items[i][1] for i in reversed(idx)]
+                ds = [us[i] for i in reversed(idx)]
+                if group["momentum"] > 0:
+                    bufs = []
+                    for p in ps:
+                        st = self.state[p]
+                        if "momentum_buffer" not in st:
+                            st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        bufs.append(st["momentum_buffer"])
+                    torch._foreach_mul_(bufs, pick(go, group["momentum"], 1.0, bufs[0]))
+                    masked_sub_(bufs, ds, -eta_i, ~take)
+                    masked_sub_(ps, bufs, torch.full_like(eta_i, group["lr"]), ~go)
+                else:
+                    masked_sub_(ps, ds, eta_i * group["lr"], ~take)
+                i = gidx[id(group)]
+                live[0, i] = torch.where(go, torch.where(valid_i, eta_i, 0.0), live[0, i])
+        self._count_on_device(outcome(keys, [("nonfinite", ~finite), ("at_target", at), ("zero_grad", zero),
+                                             ("zero_grad", ~stepped)], "steps"))
+
+    def _shares_device(self, s: torch.Tensor) -> torch.Tensor:
+        """:meth:`_shares` on the device."""
+        k = s.numel()
+        if self.scope == "global" or k == 1 or self.share == "whole":
+            return torch.ones_like(s)
+        if self.share == "equal":
+            return torch.full_like(s, 1.0 / k)
+        x = s if self.share == "global" else torch.sqrt(torch.clamp(s, min=0.0))
+        tot = x.sum()
+        good = torch.isfinite(tot) & (tot > 0)
+        return torch.where(good, x / torch.where(good, tot, 1.0), 0.0)
+
+    def _device_steps(self, p: torch.Tensor, key: str) -> torch.Tensor:
+        """The per-parameter step count ``state[p][key]`` as an int64 tensor on ``p``'s device, kept
+        in the state while capturable (as torch's capturable optimizers keep ``state["step"]``)."""
+        st = self.state[p]
+        t = st.get(key, 0)
+        if not torch.is_tensor(t) or t.device != p.device:
+            t = st[key] = torch.tensor(int(t), dtype=torch.int64).to(p.device)
+        return t
+
+    def _advance(self, ps: list[torch.Tensor], key: str, go: torch.Tensor) -> list[torch.Tensor]:
+        """Each parameter's device step count ``key``, one up where ``go`` holds (in place)."""
+        steps = [self._device_steps(p, key) for p in ps]
+        taken = go.to(torch.int64)
+        for t in steps:
+            t.add_(taken)
+        return steps
+
+    def _drop_device(self) -> None:
+        super()._drop_device()
+        for st in self.__dict__.get("state", {}).values():  # the host step counts in Python ints
+            for key in ("diag_step", "adam_step"):
+                if torch.is_tensor(st.get(key)):
+                    st[key] = int(st[key])
+
+    def _directions_device(self, items: list[tuple[dict[str, Any], torch.Tensor]], grads: list[torch.Tensor],
+                           go: torch.Tensor) -> list[torch.Tensor]:
+        """:meth:`_directions` on the device: the statistics advance only where ``go`` holds
+        (``grads`` are zero elsewhere)."""
+        pre = self.precondition
+        if callable(pre):
+            return [g / (pre(p).abs() + group["precond_eps"]) for (group, p), g in zip(items, grads)]
+        commit(self)
+        out: list[torch.Tensor] = [grads[0]] * len(items)
+        for group, idx in _by_group(items, range(len(items))):
+            ps = [items[i][1] for i in idx]
+            gs = [grads[i] for i in idx]
+            self._init_state([(group, p) for p in ps])
+            steps = self._advance(ps, "diag_step", go)
+            diags = [self.state[p]["diag"] for p in ps]
+            beta2 = group["beta2"]
+            torch._foreach_mul_(diags, pick(go, beta2, 1.0, diags[0]))
+            torch._foreach_addcmul_(diags, gs, gs, value=1 - beta2)
+            denom = [d / (1 - beta2 ** t.double()) for d, t in zip(diags, steps)]
+            torch._foreach_sqrt_(denom)
+            torch._foreach_add_(denom, group["precond_eps"])
+            for i, u in zip(idx, torch._foreach_div(gs, denom)):
+                out[i] = u
+        return out
+
+
 _STEP_MAX = 1e38  # float32's largest is 3.4e38
+
+
+def _eta_device(group: dict[str, Any], w: torch.Tensor | float, gap: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_eta` on the device: ``(eta, valid)`` with ``eta`` 0 where it is not valid."""
+    se = s + group["eps"]
+    eta = w * gap / se
+    valid = torch.isfinite(s) & (se > 0.0) & torch.isfinite(eta) & (eta > 0.0) & \
+        (eta * group["lr"] * torch.sqrt(torch.clamp(se, min=0.0)) < _STEP_MAX)
+    cap = group["max_lr"]
+    if cap is not None:
+        eta = torch.clamp(eta, max=cap)
+    return torch.where(valid, eta, 0.0), valid
 
 
 def _eta(group: dict[str, Any], w: float, gap: float, s: float) -> float | None:
@@ -425,6 +582,33 @@ class PolyakAdam(Polyak):
                 st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["adam_step"] = 0
+
+    def _directions_device(self, items: list[tuple[dict[str, Any], torch.Tensor]], grads: list[torch.Tensor],
+                           go: torch.Tensor) -> list[torch.Tensor]:
+        commit(self)
+        out: list[torch.Tensor] = [grads[0]] * len(items)
+        for group, idx in _by_group(items, range(len(items))):
+            b1, b2 = group["betas"]
+            ps = [items[i][1] for i in idx]
+            gs = [grads[i] for i in idx]
+            self._init_state([(group, p) for p in ps])
+            steps = self._advance(ps, "adam_step", go)
+            ms = [self.state[p]["exp_avg"] for p in ps]
+            vs = [self.state[p]["exp_avg_sq"] for p in ps]
+            w1 = pick(go, 1 - b1, 0.0, ms[0])
+            for m, g in zip(ms, gs):
+                m.lerp_(g, w1)
+            torch._foreach_mul_(vs, torch.where(go, b2, 1.0).to(vs[0].dtype))
+            torch._foreach_addcmul_(vs, gs, gs, value=1 - b2)
+            ts = [t.double() for t in steps]
+            denom = [v / (1 - b2**t) for v, t in zip(vs, ts)]
+            torch._foreach_sqrt_(denom)
+            torch._foreach_add_(denom, group["adam_eps"])
+            us = torch._foreach_div(ms, denom)
+            us = [u / (1 - b1**t) for u, t in zip(us, ts)]
+            for i, u in zip(idx, us):
+                out[i] = u
+        return out
 
     def _directions(self, items: list[tuple[dict[str, Any], torch.Tensor]], grads: list[torch.Tensor]) -> list[torch.Tensor]:
         commit(self)  # the moments update in place from here

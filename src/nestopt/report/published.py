@@ -95,6 +95,9 @@ _add(Published("polyak", ("study", "polyak", "--out", "{out}"), CHEAP, ("nestopt
 _add(Published("large-lr", ("study", "large-lr", "--out", "{out}"), CHEAP, ("nestopt.studies.large_lr",),
                "the large-learning-rate claims on a spurious-cue task", files=_STUDY_FILES,
                ignore=("diagnostics_overhead",)))
+_add(Published("stopping", ("study", "stopping", "--out", "{out}"), CHEAP, ("nestopt.studies.stopping",),
+               "deep optimal stopping against the paper's prices; BEMA, JAL and the note's five claims",
+               files=_STUDY_FILES, drop=("rates/runs/*/curve",)))
 # The command line: the parser and the argument checks every command goes through.
 CLI_FILES = ("nestopt/cli.py", "nestopt/_cli_args.py", "nestopt/commands/__init__.py", "nestopt/commands/bench.py")
 _LEARNED_PEERS = ("--peer", "muon", "--peer", "prodigy", "--peer", "schedulefree-adamw")

@@ -276,6 +276,18 @@ def _refit_summary(doc: Result) -> list[str]:
     return rows + [f"claim 50-200% faster: {c['strategy']} {c['verdict']}" for c in doc["claim"]]
 
 
+def _stopping(out: Path, quick: bool) -> Result:
+    from .stopping import Plan, run_study
+
+    return run_study(out, Plan.quick_plan() if quick else Plan())
+
+
+def _stopping_summary(doc: Result) -> list[str]:
+    return [f"price d={r['d']} S0={r['s0']}: {r['price']:.3f} ± {r['se']:.3f} (reference {r['reference']:.3f}, "
+            f"{100 * r['rel_err']:+.2f}%)" for r in doc["prices"]] + \
+        [f"{v['key']:8s} {v['verdict']:13s} {v['claim']}" for v in doc["verdicts"]]
+
+
 register(Study("polyak", "the Polyak note's experiments 1-5: a verdict per expected claim", _polyak, _polyak_summary))
 register(Study("large-lr", "do large learning rates buy robustness to a spurious cue and compressibility?",
                _large_lr, _large_lr_summary))
@@ -310,3 +322,7 @@ register(Study("refit", "daily refits of one walk-forward market: learned and ne
                                metavar="LO:HI"),
                         Option("--eval-days", "the evaluation days (default 60:90)", metavar="LO:HI")),
                prepare=_refit_prepare))
+register(Study("stopping", "deep optimal stopping against the paper's prices; BEMA, JAL and the note's five claims",
+               _stopping, _stopping_summary,
+               options=(Option("--quick", "a smoke test of every part (one price, two rates, one seed, 30 steps)",
+                               switch=True),)))

@@ -14,7 +14,8 @@ Tasks, in registration order: the analytic problems (``quad-scalar``, ``quad-sym
 generated temporal-order sequence task (:mod:`.sequence`); ``wide-mlp``, a ~1M-parameter MLP on
 digits (:mod:`.supervised`); ``diabetes-mlp`` (regression, :mod:`.supervised`);
 ``charlm-transformer`` (:mod:`.charlm`); ``trading-multihorizon`` (:mod:`.trading`);
-``logic-gates`` (:mod:`.logic_gates`). Families: ``quadratic``, ``teacher-mlp``, ``digits-mlp``,
+``logic-gates`` (:mod:`.logic_gates`); ``stopping-maxcall-d2``, ``stopping-maxcall-d5`` and
+``stopping-exit``, deep optimal stopping (:mod:`.stopping`). Families: ``quadratic``, ``teacher-mlp``, ``digits-mlp``,
 ``trading``, ``digits-cnn``, ``gru-seq`` (:mod:`.families`), ``logic-gates`` (:mod:`.logic_gates`) and
 ``trading-daily``, one walk-forward market refit every day (:mod:`.daily`).
 
@@ -41,6 +42,7 @@ from .families import (DigitsCNNFamily, DigitsMLPFamily, GRUSeqFamily, Quadratic
 from .games import BilinearGame, DiracGAN, Game, MixtureGAN, game_names, get_game, mixture_centers, mode_stats
 from .logic_gates import LogicGatesFamily, logic_gates
 from .sequence import GRUClassifier, gru_sequence
+from .stopping import MaxCall, StoppingTask, TradeExit, exit_task, maxcall_task
 from .supervised import ArrayTask, DigitsCNN, diabetes_mlp, digits_cnn, digits_logreg, digits_mlp, wide_mlp
 from .trading import HORIZON_BARS, HORIZON_NAMES, MarketConfig, TradingTask, auc
 
@@ -60,6 +62,9 @@ _TASKS: dict[str, Callable[[], Task]] = {
     "charlm-transformer": CharLMTask,
     "trading-multihorizon": TradingTask,
     "logic-gates": logic_gates,
+    "stopping-maxcall-d2": lambda: maxcall_task(2),
+    "stopping-maxcall-d5": lambda: maxcall_task(5),
+    "stopping-exit": exit_task,
 }
 
 _FAMILIES: dict[str, Callable[[], TaskFamily]] = {
@@ -168,8 +173,8 @@ __all__ = [
     "AnalyticTask", "ArrayTask", "AxisQuadratic", "BilinearGame", "CharLMTask", "DailyMarketConfig",
     "DailyTradingTask", "DayRange", "DigitsCNN", "DigitsCNNFamily",
     "DiracGAN", "GRUClassifier", "GRUSeqFamily", "Game", "HORIZON_BARS", "HORIZON_NAMES", "LogicGatesFamily",
-    "MarketConfig", "Point", "RotatedQuadratic", "Rosenbrock", "ScalarQuadratic", "Task", "TaskFamily",
-    "TradingDailyFamily", "TradingTask", "auc", "diabetes_mlp", "digits_cnn", "digits_logreg", "digits_mlp", "family", "family_names",
-    "game_names", "generator", "get", "get_game", "gru_sequence", "logic_gates", "MixtureGAN", "mixture_centers",
+    "MarketConfig", "MaxCall", "Point", "RotatedQuadratic", "Rosenbrock", "ScalarQuadratic", "StoppingTask", "Task", "TaskFamily", "TradeExit",
+    "TradingDailyFamily", "TradingTask", "auc", "diabetes_mlp", "digits_cnn", "exit_task", "digits_logreg", "digits_mlp", "family", "family_names",
+    "game_names", "generator", "get", "get_game", "gru_sequence", "logic_gates", "maxcall_task", "MixtureGAN", "mixture_centers",
     "mode_stats", "names", "register", "wide_mlp",
 ]

@@ -52,6 +52,8 @@ def check_base_values(base: Optimizer, group: dict[str, Any], where: str, seen: 
     before = seen.get(where)
     if before is not None and before == now:
         return
+    if torch.compiler.is_compiling():  # a compiled step cannot build a probe optimizer: its eager steps check
+        return
     probe = torch.zeros(1, requires_grad=True)
     try:
         type(base)([probe], **{k: group[k] for k in keys if k in group})

@@ -27,6 +27,7 @@ from .signals import Frozen, Proxy, Signal, Validation, noisy
 from .basecheck import base_supports, base_unsupported_why, check_base_values, constructor_keys
 from .packing import old_layout, pack, unpack
 from .undo import keep_controller, undo_point
+from . import device
 from .wrapper import MultRange, call_step_unhooked, raw_step, step_scaled
 
 SIGNALS = ("hindsight", "proxy", "validation", "frozen")
@@ -85,7 +86,7 @@ class NestedOptimizer(NestoptOptimizer):
                  window: int = 8, period: int = 32, grid: Sequence[float] = DEFAULT_GRID, label_shift: float = 2.0,
                  follow: float = 0.0, explore: float = 0.2,
                  seed: int = 0, per_tensor_groups: bool = False, process_group: Any = "auto",
-                 **base_kwargs: Any) -> None:
+                 capturable: bool | None = None, **base_kwargs: Any) -> None:
         if per_tensor_groups:
             params = list(params)
             if not any(isinstance(g, dict) for g in params):  # groups a user gave are kept as given
@@ -161,6 +162,7 @@ class NestedOptimizer(NestoptOptimizer):
         self._raw_base_step = raw_step(self.base)  # the base's step without torch's hook wrapper
         self._ready = False
         self.process_group = process_group
+        self.capturable = capturable
         super().__init__(self.base.param_groups, dict(self.base.defaults))
         self.param_groups = self.base.param_groups
         self.state = self.base.state
@@ -194,6 +196,8 @@ class NestedOptimizer(NestoptOptimizer):
             ensure(g, self.counter_reasons, self.counter_entry)
             for f in feats:
                 f.add_group()
+        if capturable:
+            device.check(self)
 
     def supported(self) -> frozenset[str]:
         return base_supports(self.__dict__.get("base"))
@@ -243,7 +247,10 @@ class NestedOptimizer(NestoptOptimizer):
     def __getstate__(self) -> dict[str, Any]:
         # torch's keeps only defaults, state and param_groups: a copy would lack its base,
         # controller, features and signal. The unwrapped base step is looked up again on load.
-        return {**{k: v for k, v in self.__dict__.items() if k not in ("_raw_base_step", "_sync", "_sync_for")},
+        self._flush_device()
+        return {**{k: v for k, v in self.__dict__.items()
+                   if k not in ("_raw_base_step", "_sync", "_sync_for", "_pending", "_live", device.KEY,
+                                "_device_controller", "_device_strides")},
                 "_process_group": group_token(self.__dict__.get("_process_group", "auto"))}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -280,6 +287,7 @@ class NestedOptimizer(NestoptOptimizer):
 
     def multipliers(self) -> list[float]:
         """The multiplier each group stepped with last (1 before the first step)."""
+        self._flush_device()
         return [g["nested_mult"] for g in self.param_groups]
 
     def _group_telemetry(self) -> dict[str, list[float]]:
@@ -294,6 +302,7 @@ class NestedOptimizer(NestoptOptimizer):
 
     def feature_table(self) -> dict[str, list[float]]:
         """Raw (unnormalised) features of the last step, per name, one value per group."""
+        self._flush_device()
         return {k: list(v) for k, v in self.last_raw.items()}
 
     # -- validation ------------------------------------------------------------------------------
@@ -302,6 +311,8 @@ class NestedOptimizer(NestoptOptimizer):
         ``"validation"`` signal; a non-finite value is ignored (counted)."""
         v = float(val_loss.detach()) if torch.is_tensor(val_loss) else float(val_loss)
         v = mean_values(self, [v])[0]  # each rank's own validation batch: the ranks' mean
+        self._flush_device()  # the host values, which this updates (a capturable step re-reads them)
+        self._drop_device()
         if not math.isfinite(v):
             self.count("controller_skipped")
             return
@@ -371,6 +382,9 @@ class NestedOptimizer(NestoptOptimizer):
         # hindsight replay scores against the closure's own value (the same batch as its replays)
         extra = tuple(x for x in (observed if observed is not None else loss,
                                   loss if observed is not None else None) if x is not None)
+        if self._device_step(grads):
+            device.step(self, extra[0] if extra else None)
+            return loss
         # the one host sync of a step (over several ranks also its one collective: the loss
         # averaged, sharded norms summed; see nestopt.optim.distributed)
         gsq, vals = sq_norms(self, grads[::-1], *extra)
@@ -426,6 +440,31 @@ class NestedOptimizer(NestoptOptimizer):
         self._base_step(mults, refresh, pflat)
         self.count("steps")
         return loss
+
+    def _device_step(self, grads: list[torch.Tensor]) -> bool:
+        """Whether this step runs on the device (:mod:`.device`): ``capturable=True`` (checked), or
+        ``None`` with CUDA parameters where the device step can run."""
+        if self.__dict__.get("_capturable") is None and grads[0].device.type == "cuda":
+            try:
+                device.check(self)
+            except ValueError:
+                return False
+        if not self.on_device(grads[:1]):
+            return False
+        device.check(self)
+        return True
+
+    # -- what a capturable step keeps on the device (see :mod:`.device`) ------------------------------
+    def _flush_device(self) -> None:
+        super()._flush_device()
+        device.flush(self)
+
+    def _has_device_values(self) -> bool:
+        return super()._has_device_values() or device.KEY in self.__dict__
+
+    def _drop_device(self) -> None:
+        super()._drop_device()
+        self.__dict__.pop(device.KEY, None)
 
     def score_with(self, fn: Callable[[], torch.Tensor]) -> None:
         """For the next step without a closure: ``fn()`` returns the loss on the current batch at the
@@ -544,6 +583,7 @@ class NestedOptimizer(NestoptOptimizer):
         ``param_groups[0]["nested"]`` (see :mod:`nestopt.optim.nested`). ``controller=False`` leaves out
         the controller's weights and its optimizer: loading such a state keeps the ones in use
         (how the meta-trainer rewinds a run while it changes the controller)."""
+        self._flush_device()
         sd = self.base.state_dict()
         groups = [{k: (dict(v) if isinstance(v, dict) else v) for k, v in g.items()} for g in sd["param_groups"]]
         own = {"controller": copy.deepcopy(self.controller.state_dict()),
@@ -603,3 +643,4 @@ class NestedOptimizer(NestoptOptimizer):
         for f in self.features:
             f.load_state_dict(copy.deepcopy(nested["features"].get(f.name, f.state_dict())), dev)
         self.signal_impl.load_state_dict(nested["signal"], params)
+        self._drop_device()

@@ -12,14 +12,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..store import ReportError, load, stored
-from . import bench, controller, dev, games, hpo, refit, studies, summary
+from . import bench, controller, dev, games, hpo, refit, stopping, studies, summary
 from .fmt import missing, source
 
 Renderer = Callable[..., str]
 
 RENDERERS: dict[str, tuple[str | tuple[str, ...], Renderer]] = {
     **studies.RENDERERS, **bench.RENDERERS, **dev.RENDERERS, **controller.RENDERERS, **hpo.RENDERERS, **games.RENDERERS,
-    **refit.RENDERERS,
+    **refit.RENDERERS, **stopping.RENDERERS,
 }
 
 

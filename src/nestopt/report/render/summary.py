@@ -12,11 +12,13 @@ from ..store import load, stored
 from .bench import REFS, _entries, limits
 from .fmt import dec, of, ratio, table
 from .refit import headline as _refit
+from .stopping import headline as _stopping
 
 PAGES = {"bench-quick": "benchmark.md", "bench-full": "benchmark.md", "polyak": "polyak.md", "large-lr": "large-lr.md",
          "learned": "learned.md", "learned-native": "learned.md", "controller": "nested.md", "controller-variants": "nested.md", "hpo": "hypergradients.md",
          "games": "games.md", "overhead": "step-cost.md", "audit": "development.md",
-         "mutation": "development.md", "refit": "refit.md", "collectives": "scaling-out.md"}
+         "mutation": "development.md", "refit": "refit.md", "collectives": "scaling-out.md",
+         "stopping": "stopping.md"}
 
 
 def _bench(doc: dict[str, Any]) -> str:
@@ -125,7 +127,7 @@ def _mutation(doc: dict[str, Any]) -> str:
 HEADLINES: dict[str, Callable[[Any], str]] = {
     "bench-quick": _bench, "bench-full": _bench, "polyak": _polyak, "large-lr": _large_lr, "learned": _learned, "learned-native": _native,
     "controller": _controller, "controller-variants": _variants, "hpo": _hpo, "games": _games, "overhead": _overhead,
-    "audit": _audit, "mutation": _mutation, "refit": _refit, "collectives": _collectives,
+    "audit": _audit, "mutation": _mutation, "refit": _refit, "collectives": _collectives, "stopping": _stopping,
 }
 
 

@@ -120,8 +120,14 @@ def test_verdicts_follow_their_rules():
     mixed = {v["key"]: v["verdict"] for v in verdicts(_doc(0.4, 0.1, [81, 81], [100, 100], 0.5, 0.5,
                                                            ({"mean": 0.01, "se": 0.002}, {"mean": -0.01, "se": 0.005}),
                                                            (0.02, 0.005)))}
-    assert mixed == {"rates": "does not hold", "speed": "does not hold", "pruning": "mixed", "jal": "mixed",
+    assert mixed == {"rates": "does not hold", "speed": "does not hold", "pruning": "mixed", "jal": "does not hold",
                      "ood": "mixed"}
+    # better at every noise rate by the same margin as on clean labels: a better loss, not robustness
+    doc = _doc(0.4, 0.1, [81, 81], [100, 100], 0.5, 0.5, ({"mean": 0.01, "se": 0.001}, {"mean": 0.01, "se": 0.001}),
+               (0.02, 0.005))
+    doc["jal"]["diff"]["0"] = {"mean": 0.01, "se": 0.001}
+    jal = next(v for v in verdicts(doc) if v["key"] == "jal")
+    assert jal["verdict"] == "does not hold" and "better at every noise rate, not more robust" in jal["evidence"]
 
 
 def test_study_smoke_writes_prices_verdicts_and_figures(tmp_path):

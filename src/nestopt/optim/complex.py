@@ -563,7 +563,7 @@ class ComplexAdam(_SkippingOptimizer):
                 mag = d_re * d_re + d_im * d_im
                 u = torch.mul(wide, d_re / mag).addcmul_(im, -d_im / mag).mul_(-lr)  # c = (d_re + i d_im) / |d|^2
             u.div_(denom)
-            p.add_(torch.where(ok, u, 0.0))  # + 0.0 where the group skips: p bitwise as it was
+            torch.where(ok, p + u, p, out=p)  # (a skipped step leaves p bitwise, -0.0 too)  # + 0.0 where the group skips: p bitwise as it was
 
     def _drop_device(self) -> None:
         super()._drop_device()

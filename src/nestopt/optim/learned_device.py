@@ -57,7 +57,7 @@ class DeviceSteps:
         if out is None:
             if len(cache) > 64:
                 cache.clear()
-            lr, wd, n = (torch.tensor(col, dtype=torch.float64, device=device) for col in zip(*key[1]))
+            lr, wd, n = (_vector(col, device) for col in zip(*key[1]))
             out = cache[key] = {"lr": lr, "wd": wd, "n": n}
         return out
 
@@ -279,3 +279,11 @@ def _mlp_chunk(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, m_slow: torch.
     out = torch.nn.functional.linear(h, w3, b3)
     step = (-step_mult * out[:, 0] * torch.exp(exp_mult * out[:, 1])).to(p.dtype)
     p.copy_(torch.where(ok, torch.add(p, step, alpha=alpha), p))
+
+
+def _vector(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """``values`` as a float64 vector on ``device``: on a GPU made by fill kernels (no copy from the
+    host, which would wait for the device when a scheduler changes a rate every step)."""
+    if device.type == "cpu":
+        return torch.tensor(values, dtype=torch.float64)
+    return torch.stack([torch.full((), float(v), dtype=torch.float64, device=device) for v in values])

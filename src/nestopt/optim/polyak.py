@@ -298,7 +298,8 @@ class Polyak(NestoptOptimizer):
         return {**super()._group_telemetry(), "eta": [float(g["polyak"]["eta"]) for g in self.param_groups]}
 
     def _step(self, items: list[tuple[dict[str, Any], torch.Tensor]], loss: torch.Tensor | float) -> None:
-        if self.on_device([items[0][1]]):
+        # (the Hutchinson probes need the host's count: capturable=None keeps the host step for them)
+        if not (self.precondition == "hutchinson" and self.capturable is None) and self.on_device([items[0][1]]):
             if self.precondition == "hutchinson":
                 raise ValueError("capturable=True is invalid with precondition='hutchinson' (see Polyak's docstring): "
                                  "set opt.capturable = False")

@@ -86,7 +86,9 @@ def masked_sub_(targets: list[torch.Tensor], sources: list[torch.Tensor], coef: 
     fusable = all(type(t).__name__ != "DTensor" and t.dtype in _FUSED_SGD and t.device.type in ("cpu", "cuda")
                   and t.dtype == targets[0].dtype and s.dtype == t.dtype and t.device == s.device
                   for t, s in zip(targets, sources))
-    if fusable and not torch.compiler.is_compiling():
+    # (torch's CUDA kernel reads a float32 rate: float64 tensors there take the exact select)
+    cuda64 = targets[0].dtype == torch.float64 and targets[0].device.type == "cuda"
+    if fusable and not cuda64 and not torch.compiler.is_compiling():
         lr = coef.to(torch.float64 if targets[0].dtype == torch.float64 else torch.float32)
         torch._fused_sgd_(targets, sources, [], weight_decay=0.0, momentum=0.0, lr=lr, dampening=0.0, nesterov=False,
                           maximize=False, is_first_step=False, found_inf=skip.to(torch.float32))
